@@ -165,6 +165,7 @@ def test_viz_notebook_in_jupyterlab(lab):
             attr.scroll_into_view_if_needed()
             aimg = attr.locator('img').first
             asrc = aimg.get_attribute('src') or ''
+            attr.locator('.widget-dropdown select').first.select_option(index=1)   # another image: a new picture
             attr.locator('button', has_text='Attribute').click()
             page.wait_for_function('([el, s]) => (el.getAttribute("src") || "") !== s && el.naturalWidth > 100',
                                    arg=[aimg.element_handle(), asrc], timeout=60_000)
