@@ -55,3 +55,57 @@ def test_cli_errors(tmp_path, capsys):
         ev._splits('tset')
     with pytest.raises(ev.EvalError, match='unknown task'):
         ev._tasks('retrieval,captions')
+
+
+def _word_tokenizer(words, kind):
+    "A tiny word-level fast tokenizer: BERT-like ([CLS] ... [SEP], bos [DEC]) for the Q-Former, OPT-like (</s> first) for the LLM."
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, normalizers
+    from transformers import PreTrainedTokenizerFast
+    if kind == 'bert':
+        specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[DEC]']
+    else:
+        specials = ['<s>', '<pad>', '</s>', '<unk>']
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]' if kind == 'bert' else '<unk>'))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == 'bert':
+        tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
+                                       sep_token='[SEP]', mask_token='[MASK]', bos_token='[DEC]')
+    tk.post_processor = processors.TemplateProcessing(single='</s> $A', special_tokens=[('</s>', 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='<pad>', unk_token='<unk>', bos_token='</s>', eos_token='</s>')
+
+
+def _tiny_words(cfg, n):
+    from blip2_lab.data import get_dataset
+    from collections import Counter
+    ds = get_dataset(cfg.data, 'train')
+    c = Counter(w for i in range(len(ds)) for t in ds.captions(i) + [q.question for q in ds.questions(i)] + [q.answers[0] for q in ds.questions(i)]
+                for w in t.lower().replace('?', ' ').replace('.', ' ').replace(',', ' ').split())
+    return [w for w, _ in c.most_common(n)] + [':', '?', 'question', 'short', 'answer']
+
+
+def test_evaluate_hf_blip2_folders(tmp_path):
+    "evaluate() runs unchanged on transformers BLIP-2 folders (save_pretrained): a retrieval one and a generation one."
+    from blip2_lab.config import get_preset
+    from blip2_lab.interop import tiny_hf_blip2
+    cfg = get_preset('tiny')
+    cfg.eval.n_images = 4; cfg.eval.num_beams = 2
+    words = _tiny_words(cfg, 80)
+    ret_dir, gen_dir = tmp_path/'hf-itm', tmp_path/'hf-opt'
+    hf = tiny_hf_blip2('retrieval'); hf.save_pretrained(ret_dir)
+    _word_tokenizer(words[:110], 'bert').save_pretrained(ret_dir)
+    hf = tiny_hf_blip2('generation'); hf.save_pretrained(gen_dir)
+    _word_tokenizer(words[:90], 'opt').save_pretrained(gen_dir)
+    res = ev.evaluate(cfg, gen_dir, split='test', out=tmp_path/'eval', stage1_ckpt=ret_dir, progress=False)
+    t = res['splits']['test']
+    assert set(t) == {'retrieval', 'caption', 'vqa'}, t.keys()
+    assert t['retrieval']['n_images'] == 4 and 0 <= t['retrieval']['itm']['txt_r10'] <= 100
+    assert list(t['caption']) == ['llm']          # a HF retrieval folder has no ITG head
+    assert {'model', 'blind', 'majority'} <= set(t['vqa'])
+    assert all(isinstance(s['model'], str) for s in t['vqa']['samples'])
+    assert (tmp_path/'eval'/'results.md').read_text().count('|') > 20
+    # the retrieval folder alone: retrieval only, the rest skipped with a reason
+    res = ev.evaluate(cfg, ret_dir, split='test', tasks='retrieval,vqa', progress=False)
+    assert 'stage-2' in res['splits']['test']['skipped']['vqa']
