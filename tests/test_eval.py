@@ -109,3 +109,23 @@ def test_evaluate_hf_blip2_folders(tmp_path):
     # the retrieval folder alone: retrieval only, the rest skipped with a reason
     res = ev.evaluate(cfg, ret_dir, split='test', tasks='retrieval,vqa', progress=False)
     assert 'stage-2' in res['splits']['test']['skipped']['vqa']
+
+
+def test_cli_eval_stage1_checkpoint(tmp_path, capsys):
+    "`blip2-lab eval` on a tiny stage-1 checkpoint: overrides apply, files are written, skipped tasks are said."
+    from blip2_lab.config import get_preset
+    from blip2_lab.train import train
+    s1 = train(get_preset('tiny'), 1, tmp_path/'s1', progress=False)
+    rc = cli_main(['eval', '--ckpt', str(s1), '--tasks', 'retrieval,vqa', '--out', str(tmp_path/'ev'), '--no-progress',
+                   'eval.n_images=5', 'eval.k_test=2'])
+    assert rc == 0
+    res = json.loads((tmp_path/'ev'/'results.json').read_text())
+    rt = res['splits']['test']['retrieval']
+    assert (rt['n_images'], rt['k_test']) == (5, 2)
+    assert 'stage-2' in res['splits']['test']['skipped']['vqa']
+    out = capsys.readouterr().out
+    assert 'ITC + ITM rerank' in out and 'written to' in out
+    assert cli_main(['eval', '--ckpt', str(s1), '--split', 'tset']) == 2
+    assert 'choose test, ood' in capsys.readouterr().err
+    assert cli_main(['eval', '--ckpt', str(s1), 'eval.k_test=0']) == 2
+    assert 'eval.k_test' in capsys.readouterr().err
