@@ -47,7 +47,7 @@ def write_settings(folder: Path):
     settings = {
         '@jupyterlab/docmanager-extension/plugin.jupyterlab-settings': {'autosave': False},
         '@jupyterlab/apputils-extension/notification.jupyterlab-settings': {'fetchNews': 'false', 'checkForUpdates': False},
-        '@jupyterlab/notebook-extension/tracker.jupyterlab-settings': {'windowingMode': 'none'},
+        '@jupyterlab/notebook-extension/tracker.jupyterlab-settings': {'windowingMode': 'none', 'autoStartDefaultKernel': True},
     }
     for name, value in settings.items():
         p = folder / name; p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(value))
@@ -96,6 +96,22 @@ def _prompts(page) -> list:
     return page.eval_on_selector_all('.jp-CodeCell .jp-InputPrompt', 'els => els.map(e => e.textContent.trim())')
 
 
+def _wait_kernel_idle(page, timeout_s: float = 90):
+    "Wait for the kernel to be idle, accepting a 'Select Kernel' dialog (the default python3) if one shows."
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        dialog = page.locator('.jp-Dialog')
+        if dialog.count() and dialog.first.is_visible():
+            text = dialog.first.inner_text()
+            if 'Kernel' not in text:
+                page.screenshot(path=str(ARTIFACTS / 'viz_dialog.png'))
+                raise AssertionError(f'unexpected JupyterLab dialog: {text[:500]}')
+            dialog.locator('.jp-mod-accept').first.click()
+        if page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count(): return
+        page.wait_for_timeout(500)
+    raise AssertionError(f'the kernel did not become idle within {timeout_s}s')
+
+
 def _run_all(page):
     "Run every cell through the Run menu and wait until no cell is pending; return the prompts."
     page.locator('.lm-MenuBar-itemLabel', has_text='Run').first.click()
@@ -129,11 +145,7 @@ def test_viz_notebook_in_jupyterlab(lab):
             page = browser.new_page(viewport={'width': 1500, 'height': 1100})
             page.goto(f'{lab}/lab/tree/{NB}', timeout=60_000)
             page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=60_000)
-            dialog = page.locator('.jp-Dialog .jp-mod-accept')       # "Select Kernel" when the notebook names none
-            try:
-                dialog.first.wait_for(timeout=5_000); dialog.first.click()
-            except Exception: pass
-            page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=60_000, state='attached')
+            _wait_kernel_idle(page)
             prompts = _run_all(page)
             errors = _errors(page)
             page.screenshot(path=str(ARTIFACTS / 'viz_notebook_top.png'))
