@@ -154,6 +154,9 @@ def test_coco_karpathy_lavis_and_original(fx):
     (fx/'coco_karpathy_train.json').write_text(json.dumps(lavis_train))
     ds = D.get_dataset(cfg_for(fx, source='coco', annotations=str(fx/'coco_karpathy_{split}.json')), 'train')
     assert ds.image_ids == ['coco_1', 'coco_2'] and ds.captions(0) == ['a grey square', 'grey'] and ds.hflip_ok
+    fp = ds.fingerprint
+    (fx/'coco_karpathy_train.json').write_text(json.dumps(lavis_train[:2]))
+    assert D.get_dataset(cfg_for(fx, source='coco', annotations=str(fx/'coco_karpathy_{split}.json')), 'train').fingerprint != fp
     assert ds.images_uint8([0, 1], size=24).shape == (2, 24, 24, 3)
     orig = dict(images=[dict(filepath='', filename=f'COCO_val2014_{k:012d}.jpg', cocoid=k, split=sp, sentences=[dict(raw=f'cap {k}')])
                         for k, sp in ((1, 'train'), (2, 'restval'), (3, 'test'))])
