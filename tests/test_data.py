@@ -43,6 +43,7 @@ def test_same_seed_same_bytes_other_seed_different(tmp_path, built):
 
 def test_cache_is_reused_and_parameters_invalidate_it(tmp_path, capsys):
     out = tmp_path/'d'
+    (tmp_path/'.d.tmp-999999').mkdir()  # left behind by a killed build: cleaned up by the next one
     D.cli_data(['--preset', 'tiny', '--out', str(out), '--quiet'])
     assert 'built ShapesWorld' in capsys.readouterr().out
     t = (out/'train.npy').stat().st_mtime_ns
