@@ -129,3 +129,17 @@ def test_cli_eval_stage1_checkpoint(tmp_path, capsys):
     assert 'choose test, ood' in capsys.readouterr().err
     assert cli_main(['eval', '--ckpt', str(s1), 'eval.k_test=0']) == 2
     assert 'eval.k_test' in capsys.readouterr().err
+
+
+def test_evaluate_encoder_decoder_stage2(tmp_path):
+    "A FlanT5-style (encoder-decoder) stage-2 model evaluates with the paper's length penalty -1 for VQA."
+    from blip2_lab.config import get_preset, apply_overrides
+    from blip2_lab.train import train
+    cfg = apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder', 'llm.model=tiny-random-t5', 'stage1.enabled=false',
+                                               'stage2.steps=2', 'eval.n_images=2'])
+    s2 = train(cfg, 2, tmp_path/'s2', progress=False)
+    res = ev.evaluate(cfg, s2, split='ood', tasks=('caption', 'vqa'), progress=False)
+    assert res['settings']['vqa_length_penalty'] == -1.0 and res['settings']['llm_kind'] == 'encoder-decoder'
+    t = res['splits']['ood']
+    assert list(t['caption']) == ['llm'] and {'model', 'blind', 'majority'} <= set(t['vqa'])
+    assert ev._llm_length_penalty(get_preset('tiny'), 'decoder') == 0.0
