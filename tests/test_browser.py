@@ -182,6 +182,15 @@ def test_viz_notebook_in_jupyterlab(lab):
             page.wait_for_function('([el, s]) => (el.getAttribute("src") || "") !== s && el.naturalWidth > 100',
                                    arg=[aimg.element_handle(), asrc], timeout=60_000)
             attr.screenshot(path=str(ARTIFACTS / 'viz_attribution_explorer.png'))
+            gen = page.locator('.blip2lab-generation-explorer').first      # Generate: the step-by-step view
+            gen.scroll_into_view_if_needed()
+            gimg = gen.locator('img').first
+            gsrc = gimg.get_attribute('src') or ''
+            gen.locator('.widget-dropdown select').first.select_option(index=1)
+            gen.locator('button', has_text='Generate').click()
+            page.wait_for_function('([el, s]) => (el.getAttribute("src") || "") !== s && el.naturalWidth > 100',
+                                   arg=[gimg.element_handle(), gsrc], timeout=60_000)
+            gen.screenshot(path=str(ARTIFACTS / 'viz_generation_explorer.png'))
             for name in ('masks', 'itc', 'generation', 'attribution'):
                 fig = page.locator(f'.jp-Cell:has(.jp-InputArea:has-text("fig_{name} =")) .jp-OutputArea-output img').first
                 if fig.count():

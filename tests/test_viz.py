@@ -54,6 +54,21 @@ def test_attribution_explorer_click_and_error():
     assert 'error' in ax.status.value and 'non-empty' in ax.status.value and ax.view.value == good
 
 
+def test_view_explorer_redraws_on_change_and_button():
+    me = viz.mask_explorer(num_query=3, text_len=4, pad=0)
+    fired = []
+    me.controls['num_query'].observe(lambda ch: fired.append(ch['new']), names='value')
+    png = me.view.value
+    me.controls['num_query'].value = 5
+    assert fired == [5] and me.view.value != png and me.status.value == ''
+    draws = []
+    ve = viz.ViewExplorer(lambda n: draws.append(n) or viz.plot_masks(viz.attention_masks(n, 3, 0), n),
+                          {'n': me.controls['text_len']}, button='Draw')
+    assert draws == [] and ve.view.value == b''          # with a button, nothing is drawn until it is pressed
+    ve.button.click()
+    assert draws == [4] and ve.view.value[:4] == b'\x89PNG'
+
+
 def test_bad_inputs_name_the_fix():
     with pytest.raises(Blip2LabError, match='no cross-attention'): viz.pick_attention(synthetic_attention(0), 1)
     with pytest.raises(Blip2LabError, match='n_prefix=0'): viz.attention_grid(torch.ones(9))
