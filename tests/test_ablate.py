@@ -1,0 +1,111 @@
+"""The ablation lab end to end at the tiny preset, through papermill: parameters reach the notebook,
+a failing run is isolated and reported, a second call resumes (skips finished runs), the CLI exits
+non-zero on failure, and `run-arm` writes the same metrics as the notebook path.
+
+One batch (three papermill runs) is shared by the assertions; the whole file takes about two minutes."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('MPLBACKEND', 'Agg')
+from blip2_lab.ablate import ARMS, CLAIMS, ablate, cli_run_arm, read_metrics
+
+SEED = 7                      # not the notebook's default (0): proves injection
+OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
+BROKEN = ['device=cuda:99']   # a valid config that raises inside the notebook (no such device)
+ARMS_T = {'full': ARMS['full'], 'no_stage1': ARMS['no_stage1'], 'broken': BROKEN}
+
+
+@pytest.fixture(scope='module')
+def batch(tmp_path_factory):
+    out = tmp_path_factory.mktemp('lab')
+    t = time.time()
+    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False)
+    return out, res, time.time() - t
+
+
+def test_failure_isolated_and_reported(batch):
+    out, res, _ = batch
+    assert [(f['arm'], f['seed']) for f in res['failures']] == [('broken', SEED)]
+    f = res['failures'][0]
+    assert isinstance(f['cell_index'], int) and f['ename'] and f['evalue'], f
+    nb = nbformat.read(out/'broken'/f'seed{SEED}'/'experiment.ipynb', as_version=4)
+    bad = [i for i, c in enumerate(nb.cells) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
+    assert bad == [f['notebook_cell']] and 'run_arm(' in nb.cells[bad[0]].source   # the error cell is the one that trains
+    assert 'run_arm(' in f['cell_source']
+    assert json.loads((out/'broken'/f'seed{SEED}'/'failed.json').read_text())['ename'] == f['ename']
+    for arm in ('full', 'no_stage1'):                              # the others finished
+        assert read_metrics(out/arm/f'seed{SEED}') is not None, arm
+    md = (out/'results.md').read_text()
+    assert 'Failed runs' in md and 'broken seed 7' in md
+
+
+def test_parameters_reach_the_notebook(batch):
+    out, _, _ = batch
+    run = out/'full'/f'seed{SEED}'
+    rec = json.loads((run/'metrics.json').read_text())
+    assert rec['seed'] == SEED and rec['config']['stage1']['seed'] == SEED and rec['config']['stage2']['seed'] == SEED
+    assert rec['overrides'] == OVERRIDES and rec['config']['stage2']['steps'] == 3
+    nb = nbformat.read(run/'experiment.ipynb', as_version=4)       # the executed notebook is kept
+    assert nb.metadata.papermill.parameters['seed'] == SEED
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
+    assert (run/'loss_stage1.png').exists() and (run/'loss_stage2.png').exists()
+
+
+def test_missing_retrieval_is_missing_not_zero(batch):
+    out, res, _ = batch
+    rec = read_metrics(out/'no_stage1'/f'seed{SEED}')
+    assert rec['headline']['retrieval_r1'] is None and 'retrieval' in rec['missing']
+    assert read_metrics(out/'full'/f'seed{SEED}')['headline']['retrieval_r1'] is not None
+    assert 'retrieval_r1' not in res['summary']['no_stage1']
+    v = {x['claim']: x for x in res['verdicts']}
+    assert set(v) == {CLAIMS[0]['claim']}                           # no_itg not in this batch
+    assert v[CLAIMS[0]['claim']]['status'] in ('reproduced', 'not reproduced', 'inconclusive')
+    assert 'spread unknown' in v[CLAIMS[0]['claim']]['text']       # one seed
+    assert (out/'results.csv').read_text().startswith('arm,metric,n,mean,std')
+    assert sorted(p.name for p in (out/'plots').glob('*.png')) == sorted(['vqa_accuracy.png', 'i2t_r1.png', 't2i_r1.png', 'cider.png'])
+
+
+def test_resume_skips_finished_runs(batch):
+    out, _, _ = batch
+    mt = {p: p.stat().st_mtime_ns for p in out.glob('*/seed*/metrics.json')}
+    assert len(mt) == 2
+    t = time.time()
+    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False)
+    assert res['skipped'] == 2 and len(res['failures']) == 1           # the failed run is retried, and fails again
+    assert {p: p.stat().st_mtime_ns for p in out.glob('*/seed*/metrics.json')} == mt
+    print(f'resume: {time.time() - t:.1f} s')
+
+
+def test_cli_exit_code_nonzero_on_failure(tmp_path):
+    exe = Path(sys.executable).parent/'blip2-lab'
+    p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--out', str(tmp_path), *BROKEN],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert 'no_stage1 seed 0 failed' in p.stderr
+    assert (tmp_path/'no_stage1'/'seed0'/'experiment.ipynb').exists() and (tmp_path/'results.md').exists()
+
+
+def test_run_arm_cli_writes_the_same_metrics(batch, tmp_path):
+    out, _, _ = batch
+    assert cli_run_arm(['--preset', 'tiny', '--arm', 'no_stage1', '--seed', str(SEED), '--out', str(tmp_path), *OVERRIDES]) == 0
+    a, b = read_metrics(tmp_path), read_metrics(out/'no_stage1'/f'seed{SEED}')
+    for k in ('arm', 'seed', 'preset', 'overrides', 'arm_overrides', 'config', 'missing', 'tasks'):
+        assert a[k] == b[k], k
+    assert a['metrics'].keys() == b['metrics'].keys()
+    for k, v in a['metrics'].items():
+        assert v == pytest.approx(b['metrics'][k], abs=1e-6), k
+
+
+def test_notebook_parameters_documented():
+    "papermill --help-notebook lists every parameter with its help (one '=' per line, or papermill skips it)."
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+    from blip2_lab.ablate import experiment_notebook
+    ps = {p.name: p for p in _infer_parameters(load_notebook_node(str(experiment_notebook())))}
+    assert set(ps) == {'preset', 'arm', 'seed', 'out_dir', 'overrides', 'arm_overrides'}
+    assert all(p.help and p.inferred_type_name != 'None' for p in ps.values())
+    assert ps['preset'].default == "'tiny'"
