@@ -132,7 +132,7 @@ def test_cli_eval_stage1_checkpoint(tmp_path, capsys):
 
 
 def test_evaluate_encoder_decoder_stage2(tmp_path):
-    "A FlanT5-style (encoder-decoder) stage-2 model evaluates with the paper's length penalty -1 for VQA."
+    "A FlanT5-style (encoder-decoder) stage-2 model evaluates (VQA with the paper's length penalty -1)."
     from blip2_lab.config import get_preset, apply_overrides
     from blip2_lab.train import train
     cfg = apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder', 'llm.model=tiny-random-t5', 'stage1.enabled=false',
@@ -142,4 +142,3 @@ def test_evaluate_encoder_decoder_stage2(tmp_path):
     assert res['settings']['vqa_length_penalty'] == -1.0 and res['settings']['llm_kind'] == 'encoder-decoder'
     t = res['splits']['ood']
     assert list(t['caption']) == ['llm'] and {'model', 'blind', 'majority'} <= set(t['vqa'])
-    assert ev._llm_length_penalty(get_preset('tiny'), 'decoder') == 0.0
