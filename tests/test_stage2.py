@@ -78,3 +78,57 @@ def test_bad_inputs(model):
         model(dict(image_embeds=torch.randn(2, 17, model.vision.width), text=['a']))
     with pytest.raises(Stage2Error, match='llm.kind'):
         Blip2Stage2(apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder']), vision=model.vision, llm=model.llm)
+
+
+# --- 2 gloo processes x B == 1 process x 2B (prefix splits drawn for all rows, token means over all processes)
+import socket, tempfile
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TEXTS = ['a red circle left of a blue square', 'two stars', 'a green star above a red circle and a cross',
+         'a yellow triangle', 'one red square right of a circle', 'blue', 'three shapes in a row', 'a small red star']
+
+
+def _cfg(kind):
+    o = ['qformer.hidden_dropout_prob=0', 'qformer.attention_probs_dropout_prob=0']
+    if kind == 't5': o += ['llm.model=tiny-random-t5', 'llm.kind=encoder-decoder', 'llm.prefix_split=random']
+    return apply_overrides(get_preset('tiny'), o)
+
+
+def _step(kind, lo, hi):
+    torch.manual_seed(0)
+    m = Blip2Stage2(_cfg(kind)).eval()
+    emb = torch.randn(8, 17, m.vision.width, generator=torch.Generator().manual_seed(3))
+    loss = m(dict(image_embeds=emb[lo:hi], text=TEXTS[lo:hi]))['loss']
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, world, port, path):
+    import os
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        res = {}
+        for kind in ('opt', 't5'):
+            loss, grads = _step(kind, rank * 4, rank * 4 + 4)
+            dist.all_reduce(loss); res[kind + '_loss'] = loss / world
+            for g in grads.values(): dist.all_reduce(g); g /= world
+            res[kind + '_grads'] = grads
+        torch.save(res, f'{path}/rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_procs_equal_one():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(2, port, d), nprocs=2, join=True, start_method='spawn')
+        res = torch.load(f'{d}/rank0.pt', weights_only=False)
+    for kind in ('opt', 't5'):
+        loss, grads = _step(kind, 0, 8)
+        assert torch.allclose(res[kind + '_loss'], loss, atol=1e-5), (kind, res[kind + '_loss'], loss)
+        assert grads.keys() == res[kind + '_grads'].keys()
+        worst = max((res[kind + '_grads'][n] - g).abs().max().item() for n, g in grads.items())
+        assert worst < 1e-5, (kind, worst)
