@@ -178,3 +178,12 @@ def test_stage2_starts_from_stage1(tmp_path):
     for k in shared: assert torch.equal(w1[k], w2[k]), k
     rows = [json.loads(l) for l in (tmp_path/'s1'/'metrics.jsonl').read_text().splitlines()]
     assert rows
+
+
+@pytest.mark.skipif(not _has('stage1', 'Blip2Stage1'), reason='Blip2Stage1 has not landed yet')
+def test_bench_stage1_same_losses_as_hf_built_step(tmp_path, capsys):
+    assert T.bench_stage1(['--preset', 'tiny', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--json', str(tmp_path/'b.json')]) == 0
+    res = json.loads((tmp_path/'b.json').read_text())
+    assert res['ours_samples_per_s'] > 0 and res['hf_samples_per_s'] > 0
+    assert all(v < 1e-5 for v in res['loss_abs_diff_eval'].values()), res['loss_abs_diff_eval']
+    assert json.loads(capsys.readouterr().out) == res
