@@ -96,7 +96,7 @@ def test_evaluate_hf_blip2_folders(tmp_path):
     ret_dir, gen_dir = tmp_path/'hf-itm', tmp_path/'hf-opt'
     hf = tiny_hf_blip2('retrieval'); hf.save_pretrained(ret_dir)
     _word_tokenizer(words[:110], 'bert').save_pretrained(ret_dir)
-    hf = tiny_hf_blip2('generation'); hf.save_pretrained(gen_dir)
+    hf = tiny_hf_blip2('generation'); hf.half().save_pretrained(gen_dir)   # released folders are fp16
     _word_tokenizer(words[:90], 'opt').save_pretrained(gen_dir)
     res = ev.evaluate(cfg, gen_dir, split='test', out=tmp_path/'eval', stage1_ckpt=ret_dir, progress=False)
     t = res['splits']['test']
