@@ -140,10 +140,8 @@ def test_ddp_stage1_itc_itm_equivalence(runs):
 
 
 @pytest.mark.skipif(not _have_stage1(), reason='blip2_lab.stage1.Blip2Stage1 has not landed yet')
-def test_ddp_stage1_itg_equivalence(runs):
+def test_ddp_stage1_all_three_losses_equivalence(runs):
+    "ITG too: stage1 averages the token losses over the caption tokens of all ranks (a per-rank mean would not match)."
     one, two = runs
-    l1, l2 = _losses(one, 'stage1'), _losses(two, 'stage1')
-    if abs(l1['itg_loss'] - l2['itg_loss']) >= 1e-5:
-        pytest.xfail(f"ITG is a per-rank token mean ({l1['itg_loss']:.6f} vs {l2['itg_loss']:.6f}): ranks with different numbers "
-                     "of caption tokens weigh them differently; needs itg_loss normalised by the global token count (stage1)")
-    _check_step(one, two, 'stage1')
+    l = _check_step(one, two, 'stage1')
+    assert {'itc_loss', 'itm_loss', 'itg_loss'} <= set(l)
