@@ -32,7 +32,9 @@ def test_total_size_under_40mb():
     assert total < 40 * 2**20, total
 
 
-BAR = pytest.mark.xfail(reason='the shipped backbones do not meet the quality bar yet (see their manifests)', strict=False)
+# The shipped LLMs do not meet issue 4's 90% bar yet (see their manifests). strict=True: the day they
+# do, these tests XPASS and fail, so the marker must be removed and the bar is enforced from then on.
+BAR = pytest.mark.xfail(reason='the shipped LLMs do not meet the 90% QA bar yet (see their manifests)', strict=True)
 
 
 @BAR
@@ -110,8 +112,7 @@ def test_frozen_llm_inside_a_training_step():
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
 
 
-@BAR
-def test_shipped_clip_retrieves_val_images():
+def test_shipped_clip_retrieves_val_images():   # the ViT meets its bar: enforced
     import numpy as np
     from blip2_lab.data import make_records, render_scene
     cfg = get_preset('lab')
