@@ -108,6 +108,20 @@ def test_views_on_blip2_stage2(stage2):
     assert stage2.training is False and stage2.qformer.training is False
 
 
+def test_generation_steps_on_an_encoder_decoder_llm():
+    "The lab preset's LLM is T5-style: its encoder and decoder stacks must switch to eager attention too."
+    from blip2_lab.train import build_model
+    from blip2_lab.config import apply_overrides
+    cfg = apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder', 'llm.model=tiny-random-t5'])
+    torch.manual_seed(0)
+    m = build_model(cfg, 2, seed=0).eval()
+    impl = lambda: [x.config._attn_implementation for x in m.llm.model.modules() if hasattr(x, 'set_attn_implementation')]
+    before = impl()
+    steps = viz.generation_steps(m, _images(cfg, 1)[0], prompt='Question: what colour? Short answer:', max_new_tokens=3)
+    assert steps and all(0 < s['visual_share'] <= 1 for s in steps)
+    assert impl() == before and len(before) == 3    # T5ForConditionalGeneration + its two stacks, restored after
+
+
 def test_trained_lab_checkpoint(tmp_path):
     "A checkpoint folder written by the trainer opens with load_viz_model, and the views run on it."
     from blip2_lab.train import train
