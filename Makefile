@@ -30,7 +30,7 @@ $(STAMP): setup.py settings.ini constraints.txt
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(BIN)/blip2-lab ablate --preset lab --out runs/lab
+	$(BIN)/blip2-lab ablate --preset lab --out runs/lab --jobs 2
 
 data: $(STAMP)
 	$(BIN)/blip2-lab data --preset lab --seed 0 --out data/shapesworld

@@ -14,7 +14,7 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
 __all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'AblateError', 'arm_overrides_for', 'arm_config', 'headline',
            'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics', 'is_finished',
            'summarize', 'verdict', 'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
-           'ablate', 'cli_ablate', 'cli_run_arm']
+           'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -123,9 +123,12 @@ def plot_loss_curves(run_dir) -> list:
     return paths
 
 def run_arm(preset: str, arm: str, seed: int, out_dir, overrides=(), arm_overrides=None,
-            progress: bool = True, train_fn=None, eval_fn=None) -> dict:
+            progress: bool = True, train_fn=None, eval_fn=None,
+            threads: int = 0) -> dict:   # torch CPU threads for this run (0: leave torch's default)
     "Train (stage 1 if enabled, then stage 2) and evaluate one arm with one seed; write out_dir/metrics.json; return its record."
     t_start = time.time()
+    if threads:
+        import torch; torch.set_num_threads(int(threads))
     cfg = arm_config(preset, arm, seed, overrides, arm_overrides)
     arm_overrides = arm_overrides_for(arm) if arm_overrides is None else list(arm_overrides)
     out = resolve_path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -336,13 +339,50 @@ def preflight(cfg) -> None:
                           "regenerate the embedded backbones with `blip2-lab pretrain-backbones`, or override those keys")
 
 # %% ../nbs/09_ablate.ipynb #65ad0ca0
+def run_threads(jobs: int) -> int:
+    "torch CPU threads for each of `jobs` runs side by side: the cores shared out, at least 1 (0 = torch's default when jobs is 1)."
+    return 0 if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
+
+def _arm_subprocess(r: dict, preset: str, overrides: list, arm_overrides: list, threads: int):
+    "One run as `blip2-lab run-arm` in a child process (parallel batches without papermill); its output goes to log.txt."
+    import subprocess
+    d = r['dir']; d.mkdir(parents=True, exist_ok=True)
+    code = ('import sys; from blip2_lab.ablate import cli_run_arm; sys.exit(cli_run_arm(sys.argv[1:]))')
+    args = [sys.executable, '-c', code, '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
+            '--threads', str(threads), '--arm-overrides', json.dumps(list(arm_overrides)), *overrides]
+    with open(d/'log.txt', 'w') as log:
+        rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc: raise AblateError(f"run-arm exited with status {rc}: see {d/'log.txt'}")
+
+def _execute(r: dict, preset: str, overrides: list, arm_overrides: list, papermill: bool, timeout, runner,
+             progress: bool, threads: int, parallel: bool):
+    "Run one planned run by the chosen route; (record, None) when it wrote a valid metrics.json, else (None, failure)."
+    (r['dir']/'failed.json').unlink(missing_ok=True)
+    try:
+        if papermill and runner is None:
+            _papermill_run(r, dict(preset=preset, arm=r['arm'], seed=r['seed'], out_dir=str(r['dir']),
+                                   overrides=list(overrides), arm_overrides=arm_overrides, threads=threads), timeout)
+        elif runner is None and parallel:
+            _arm_subprocess(r, preset, list(overrides), arm_overrides, threads)
+        else:
+            (runner or run_arm)(preset, r['arm'], r['seed'], r['dir'], overrides=list(overrides),
+                                arm_overrides=arm_overrides, progress=progress and not parallel)
+        rec = read_metrics(r['dir'])
+        if rec is None: raise AblateError(f"the run ended without writing a valid {r['dir']/'metrics.json'}")
+        return rec, None
+    except KeyboardInterrupt: raise
+    except Exception as e: return None, _failure(r, e)
+
 def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,), out='runs/lab', overrides=(),
-           papermill: bool = True, progress: bool = True, timeout=None, runner=None) -> dict:
+           papermill: bool = True, progress: bool = True, timeout=None, runner=None,
+           jobs: int = 1) -> dict:   # runs side by side, each with cores/jobs torch threads
     "Run every arm x seed (skipping finished runs), aggregate into out/results.{md,csv} and plots; return the summary."
     from tqdm.auto import tqdm
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     arm_defs = {a: arm_overrides_for(a) for a in arms} if not isinstance(arms, dict) else {a: list(o) for a, o in arms.items()}
     if not arm_defs or not list(seeds): raise AblateError("nothing to run: give at least one arm and one seed")
     if preset not in PRESETS: raise AblateError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if int(jobs) < 1: raise AblateError(f"jobs={jobs}: run at least one run at a time (--jobs 1 or more)")
     runs, out = plan_runs(arm_defs, seeds, out), resolve_path(out)
     cfgs = [arm_config(preset, r['arm'], r['seed'], overrides, arm_defs[r['arm']]) for r in runs]   # bad overrides fail here, before any run
     if runner is None:
@@ -351,29 +391,34 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
     done = [is_finished(r['dir'], c, r['arm'], r['seed']) for r, c in zip(runs, cfgs)]
     failures, bar = [], tqdm(total=len(runs), desc=f'ablation {preset}', unit='run', disable=not progress)
     say = bar.write if progress else (lambda s: None)
-    for i, (r, fin) in enumerate(zip(runs, done)):
-        name = f"[{i + 1}/{len(runs)}] {r['arm']} seed {r['seed']}"
-        if fin:
-            say(f"{name}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update(); continue
-        say(f"{name}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if papermill and runner is None else ''))
-        (r['dir']/'failed.json').unlink(missing_ok=True)
+    todo = []
+    for i, (r, c, fin) in enumerate(zip(runs, cfgs, done)):
+        r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']} seed {r['seed']}"
+        if fin: say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update()
+        else: todo.append((r, c))
+    jobs = min(int(jobs), max(1, len(todo)))
+    if jobs > 1: todo.sort(key=lambda rc: not rc[1].stage1.enabled)   # the longest runs (with stage 1) start first
+    threads = run_threads(jobs)
+    def start(r):
+        say(f"{r['name']}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if runner is None and (papermill or jobs > 1) else '')
+            + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else ''))
         t = time.time()
-        try:
-            if papermill and runner is None:
-                _papermill_run(r, dict(preset=preset, arm=r['arm'], seed=r['seed'], out_dir=str(r['dir']),
-                                       overrides=list(overrides), arm_overrides=arm_defs[r['arm']]), timeout)
-            else:
-                (runner or run_arm)(preset, r['arm'], r['seed'], r['dir'], overrides=list(overrides),
-                                    arm_overrides=arm_defs[r['arm']], progress=progress)
-            rec = read_metrics(r['dir'])
-            if rec is None: raise AblateError(f"the run ended without writing a valid {r['dir']/'metrics.json'}")
+        return _execute(r, preset, overrides, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
+    def report(r, res, secs):
+        rec, f = res
+        if f is None:
             h = ', '.join(f'{k} {v:.4g}' for k, v in rec['headline'].items() if v is not None)
-            say(f"{name}: ok in {time.time() - t:.0f} s: {h}")
-        except KeyboardInterrupt: raise
-        except Exception as e:
-            f = _failure(r, e); failures.append(f)
-            say(f"{name}: FAILED after {time.time() - t:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
+            say(f"{r['name']}: ok in {secs:.0f} s: {h}")
+        else:
+            failures.append(f)
+            say(f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
         bar.update()
+    if jobs == 1:
+        for r, _ in todo: report(r, *start(r))
+    else:
+        with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
+            futs = {pool.submit(start, r): r for r, _ in todo}
+            for fut in as_completed(futs): report(futs[fut], *fut.result())
     bar.close()
     records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
     res = write_results(out, records, list(arm_defs), failures, title=f"preset {preset}, seeds {', '.join(map(str, seeds))}")
@@ -401,10 +446,12 @@ def cli_ablate(argv=None) -> int:
     p.add_argument('--out', default=None, help='batch folder (default runs/<preset>)')
     p.add_argument('--no-papermill', action='store_true', help='run the arms in-process instead of through the experiment notebook')
     p.add_argument('--timeout', type=float, default=None, help='seconds one notebook cell may run (default: no limit)')
+    p.add_argument('--jobs', type=int, default=1, help='runs side by side, each with cores/jobs torch threads (default 1; '
+                   'on a 2-core CPU, 2 finishes the lab sooner: small models use a second thread poorly)')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides for every run')
     a = p.parse_args(argv)
     res = ablate(a.preset, _csv_list(a.arms), _seeds(a.seeds), a.out or f'runs/{a.preset}', _override_list(a.overrides),
-                 papermill=not a.no_papermill, timeout=a.timeout)
+                 papermill=not a.no_papermill, timeout=a.timeout, jobs=a.jobs)
     print(res['md'].read_text())
     for f in res['failures']:
         print(f"error: run {f['arm']} seed {f['seed']} failed: {f['ename']}: {f['evalue']}", file=sys.stderr)
@@ -417,9 +464,13 @@ def cli_run_arm(argv=None) -> int:
     p.add_argument('--arm', default='full', help=f"one of {', '.join(ARMS)} (default full)")
     p.add_argument('--seed', type=int, default=0, help='training seed of both stages (default 0)')
     p.add_argument('--out', required=True, help='run folder: checkpoints, metrics.json, plots')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default 0: torch decides)')
+    p.add_argument('--arm-overrides', default=None, help='JSON list of the overrides that define the arm (default: ARMS[arm])')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides')
     a = p.parse_args(argv)
-    rec = run_arm(a.preset, a.arm, a.seed, a.out, _override_list(a.overrides))
+    try: arm_def = None if a.arm_overrides is None else list(json.loads(a.arm_overrides))
+    except ValueError: raise AblateError(f"--arm-overrides {a.arm_overrides!r} is not a JSON list, e.g. '[\"stage1.itg_weight=0\"]'") from None
+    rec = run_arm(a.preset, a.arm, a.seed, a.out, _override_list(a.overrides), arm_def, threads=a.threads)
     print(json.dumps({'arm': rec['arm'], 'seed': rec['seed'], 'headline': rec['headline'], 'missing': rec['missing'],
                       'wall_s': rec['wall_s'], 'metrics_json': str(resolve_path(a.out)/'metrics.json')}, indent=1))
     return 0

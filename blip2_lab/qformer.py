@@ -354,14 +354,14 @@ def itm_logits(self: Blip2QFormer, image_embeds, input_ids, attention_mask):
     return self.itm_head(out.query_output).mean(1)
 
 @patch
-def itg_logits(self: Blip2QFormer, input_ids,   # (B, Lt) starting with [DEC]
+def itg_hidden(self: Blip2QFormer, input_ids,   # (B, Lt) starting with [DEC]
                attention_mask,                  # (B, Lt)
                image_embeds=None,               # raw image features (queries recomputed), or
                query_past_key_values=None):     # the cache of image_forward(..., use_cache=True)
-    "Next-token logits (B, Lt, V) under the multimodal-causal mask."
+    "Text hidden states (B, Lt, D) under the multimodal-causal mask: what the LM head turns into next-token logits."
     _check_text(self, input_ids, attention_mask)
     if (image_embeds is None) == (query_past_key_values is None):
-        raise QFormerError("itg_logits needs exactly one of image_embeds or query_past_key_values")
+        raise QFormerError("itg_hidden needs exactly one of image_embeds or query_past_key_values")
     if query_past_key_values is not None:
         nq = query_past_key_values[0][0].shape[2]
         if query_past_key_values[0][0].shape[0] != input_ids.shape[0]:
@@ -373,7 +373,12 @@ def itg_logits(self: Blip2QFormer, input_ids,   # (B, Lt) starting with [DEC]
         img = _ln_image(self, image_embeds)
         out = self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids, image_embeds=img,
                            attention_mask=multimodal_causal_mask(self.num_query, attention_mask))
-    return self.lm_head(out.text_output)
+    return out.text_output
+
+@patch
+def itg_logits(self: Blip2QFormer, input_ids, attention_mask, image_embeds=None, query_past_key_values=None):
+    "Next-token logits (B, Lt, V) under the multimodal-causal mask (the LM head on `itg_hidden`)."
+    return self.lm_head(self.itg_hidden(input_ids, attention_mask, image_embeds, query_past_key_values))
 
 @patch
 def image_feats(self: Blip2QFormer, image_embeds):

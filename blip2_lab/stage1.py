@@ -15,7 +15,8 @@ from .config import Blip2LabError, Config, resolve_path
 # %% auto #0
 __all__ = ['Stage1Error', 'dist_info', 'concat_all_gather', 'all_gather_with_grad', 'global_mean', 'itc_similarity',
            'itc_targets', 'itc_loss', 'hard_negative_mask', 'sample_hard_negatives', 'itm_batch', 'itm_loss',
-           'itg_inputs', 'itg_loss', 'pad_to_global_length', 'caption_items', 'Blip2Stage1', 'plot_losses']
+           'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'pad_to_global_length', 'caption_items', 'Blip2Stage1',
+           'plot_losses']
 
 # %% ../nbs/04_stage1.ipynb #8ae49b03
 class Stage1Error(Blip2LabError, ValueError):
@@ -190,6 +191,21 @@ def itg_loss(logits: torch.Tensor,   # (B, T, vocab) next-token logits at the te
     return global_mean(total, (target != -100).sum())   # mean over the caption tokens of all processes
 
 # %% ../nbs/04_stage1.ipynb #a3aa8de6
+def itg_loss_at_targets(hidden: torch.Tensor,   # (B, T, D) text hidden states (Blip2QFormer.itg_hidden)
+                        labels: torch.Tensor,   # (B, T) from itg_inputs
+                        lm_head,                # hidden (.., D) -> logits (.., vocab)
+                        label_smoothing: float = 0.1):
+    "`itg_loss(lm_head(hidden), labels)`, with the LM head applied only at positions that have a target."
+    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+        raise Stage1Error(f"itg_loss_at_targets needs hidden (B, T, D) and labels (B, T), got {tuple(hidden.shape)} "
+                          f"and {tuple(labels.shape)}: pass Blip2QFormer.itg_hidden's output and itg_inputs' labels")
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = lm_head(hidden[:, :-1][keep])              # (number of targets, vocab)
+    total = F.cross_entropy(logits.float(), target[keep], label_smoothing=label_smoothing, reduction='sum')
+    return global_mean(total, keep.sum())
+
+# %% ../nbs/04_stage1.ipynb #ab73813c
 def _image_id_tensor(ids) -> torch.Tensor:
     "Image ids as a long tensor (strings are mapped to stable integers)."
     import zlib
@@ -317,8 +333,8 @@ class Blip2Stage1(nn.Module):
             loss = loss + w.itm_weight * out['itm_loss']
         if w.itg_weight:
             dec, labels = itg_inputs(ids, att, self.tokenizer.bos_token_id)
-            logits = q.itg_logits(dec, att, query_past_key_values=img_out.past_key_values)
-            out['itg_loss'] = itg_loss(logits, labels, w.label_smoothing)
+            hidden = q.itg_hidden(dec, att, query_past_key_values=img_out.past_key_values)
+            out['itg_loss'] = itg_loss_at_targets(hidden, labels, q.lm_head, w.label_smoothing)
             loss = loss + w.itg_weight * out['itg_loss']
         return {'loss': loss, **out}
 

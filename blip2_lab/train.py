@@ -216,7 +216,8 @@ def build_feature_cache(model, dataset, device, batch_size=64, cache_dir=None, k
     feats = torch.cat(out)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix('.tmp'); save_file({'feats': feats.contiguous()}, str(tmp)); os.replace(tmp, path)
+        tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp')   # runs side by side (ablate --jobs) may write it at once
+        save_file({'feats': feats.contiguous()}, str(tmp)); os.replace(tmp, path)
     return FeatureCache(feats, row_of)
 
 # %% ../nbs/06_train.ipynb #17bde3f9

@@ -2,7 +2,8 @@
 a failing run is isolated and reported, a second call resumes (skips finished runs), the CLI exits
 non-zero on failure, and `run-arm` writes the same metrics as the notebook path.
 
-One batch (three papermill runs) is shared by the assertions; the whole file takes about two minutes."""
+One batch (three papermill runs, two at a time: `jobs=2`) is shared by the assertions; the resume
+call runs one at a time, so both routes are exercised. The whole file takes about two minutes."""
 import json, os, subprocess, sys, time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
-from blip2_lab.ablate import ARMS, CLAIMS, ablate, cli_run_arm, read_metrics
+from blip2_lab.ablate import ARMS, CLAIMS, ablate, cli_run_arm, read_metrics, run_threads
 
 SEED = 7                      # not the notebook's default (0): proves injection
 OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
@@ -23,7 +24,7 @@ ARMS_T = {'full': ARMS['full'], 'no_stage1': ARMS['no_stage1'], 'broken': BROKEN
 def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp('lab')
     t = time.time()
-    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False)
+    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False, jobs=2)
     return out, res, time.time() - t
 
 
@@ -51,6 +52,7 @@ def test_parameters_reach_the_notebook(batch):
     assert rec['overrides'] == OVERRIDES and rec['config']['stage2']['steps'] == 3
     nb = nbformat.read(run/'experiment.ipynb', as_version=4)       # the executed notebook is kept
     assert nb.metadata.papermill.parameters['seed'] == SEED
+    assert nb.metadata.papermill.parameters['threads'] == run_threads(2) >= 1   # jobs=2: the cores shared out
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
     assert (run/'loss_stage1.png').exists() and (run/'loss_stage2.png').exists()
 
@@ -74,7 +76,7 @@ def test_resume_skips_finished_runs(batch):
     mt = {p: p.stat().st_mtime_ns for p in out.glob('*/seed*/metrics.json')}
     assert len(mt) == 2
     t = time.time()
-    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False)
+    res = ablate('tiny', ARMS_T, seeds=[SEED], out=out, overrides=OVERRIDES, progress=False)   # jobs=1: one at a time
     assert res['skipped'] == 2 and len(res['failures']) == 1           # the failed run is retried, and fails again
     assert {p: p.stat().st_mtime_ns for p in out.glob('*/seed*/metrics.json')} == mt
     print(f'resume: {time.time() - t:.1f} s')
@@ -91,7 +93,8 @@ def test_cli_exit_code_nonzero_on_failure(tmp_path):
 
 def test_run_arm_cli_writes_the_same_metrics(batch, tmp_path):
     out, _, _ = batch
-    assert cli_run_arm(['--preset', 'tiny', '--arm', 'no_stage1', '--seed', str(SEED), '--out', str(tmp_path), *OVERRIDES]) == 0
+    assert cli_run_arm(['--preset', 'tiny', '--arm', 'no_stage1', '--seed', str(SEED), '--out', str(tmp_path),
+                        '--threads', str(run_threads(2)), *OVERRIDES]) == 0   # the batch ran with jobs=2's threads
     a, b = read_metrics(tmp_path), read_metrics(out/'no_stage1'/f'seed{SEED}')
     for k in ('arm', 'seed', 'preset', 'overrides', 'arm_overrides', 'config', 'missing', 'tasks'):
         assert a[k] == b[k], k
@@ -106,6 +109,6 @@ def test_notebook_parameters_documented():
     from papermill.iorw import load_notebook_node
     from blip2_lab.ablate import experiment_notebook
     ps = {p.name: p for p in _infer_parameters(load_notebook_node(str(experiment_notebook())))}
-    assert set(ps) == {'preset', 'arm', 'seed', 'out_dir', 'overrides', 'arm_overrides'}
+    assert set(ps) == {'preset', 'arm', 'seed', 'out_dir', 'overrides', 'arm_overrides', 'threads'}
     assert all(p.help and p.inferred_type_name != 'None' for p in ps.values())
     assert ps['preset'].default == "'tiny'"
