@@ -69,7 +69,7 @@ def test_lab_preset_loads_the_shipped_llms_fp32_and_frozen():
         assert llm.kind == kind and llm.dtype == torch.float32
         assert not any(p.requires_grad for p in llm.parameters())
         assert len(AutoTokenizer.from_pretrained(ROOT/FOLDERS[name])) == llm.model.config.vocab_size
-    assert load_llm(get_preset('lab').llm).kind == 'encoder-decoder'   # the lab preset reads with the T5
+    assert load_llm(get_preset('lab').llm).kind == 'decoder'   # the lab preset's LLM is the OPT
 
 
 @BAR
