@@ -112,6 +112,7 @@ class TrainConfig:
     itc_weight: float = bounded(1.0, 0.0)    # stage 1 loss weights: 0 turns an objective off
     itm_weight: float = bounded(1.0, 0.0)
     itg_weight: float = bounded(1.0, 0.0)
+    itm_negatives: str = choice('hard', 'hard', 'random')  # ITM negatives: sampled by ITC similarity (paper, from ALBEF) or uniformly
     seed: int = 0                            # run seed: same seed, same weights (on CPU)
     log_every: int = bounded(10, 1)          # steps between metric lines
     ckpt_every: int = bounded(100, 1)        # steps between checkpoints

@@ -326,7 +326,9 @@ class Blip2Stage1(nn.Module):
             loss_itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, temp, image_ids, w.label_smoothing)
             if w.itc_weight: out['itc_loss'] = loss_itc; loss = loss + w.itc_weight * loss_itc
         if w.itm_weight:
-            neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, self.generator)
+            hard = w.itm_negatives == 'hard'   # 'random': zero similarities make every valid candidate equally likely
+            neg_img, neg_txt = sample_hard_negatives(sim_i2t if hard else torch.zeros_like(sim_i2t),
+                                                     sim_t2i if hard else torch.zeros_like(sim_t2i), image_ids, self.generator)
             embeds3, ids3, att3, labels3 = itm_batch(image_embeds, ids, att, concat_all_gather(image_embeds),
                                                      concat_all_gather(ids), concat_all_gather(att), neg_img, neg_txt)
             out['itm_loss'] = itm_loss(q.itm_logits(embeds3, ids3, att3), labels3)
