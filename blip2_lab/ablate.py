@@ -347,8 +347,8 @@ def _arm_subprocess(r: dict, preset: str, overrides: list, arm_overrides: list, 
     "One run as `blip2-lab run-arm` in a child process (parallel batches without papermill); its output goes to log.txt."
     import subprocess
     d = r['dir']; d.mkdir(parents=True, exist_ok=True)
-    code = ('import sys; from blip2_lab.ablate import cli_run_arm; sys.exit(cli_run_arm(sys.argv[1:]))')
-    args = [sys.executable, '-c', code, '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
+    code = 'import sys; from blip2_lab.cli import main; sys.exit(main())'   # exactly `blip2-lab run-arm ...`
+    args = [sys.executable, '-c', code, 'run-arm', '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
             '--threads', str(threads), '--arm-overrides', json.dumps(list(arm_overrides)), *overrides]
     with open(d/'log.txt', 'w') as log:
         rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode

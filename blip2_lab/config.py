@@ -201,7 +201,7 @@ def _lab() -> Config:
     # prefix carries most of the prefix-LM loss and the soft prompt learns little; see the README).
     c.llm = LLMConfig(kind='decoder', model='data/backbones/opt-lab')
     # No dropout: a few hundred steps over 10,000 images never come near over-fitting, and at this size
-    # the dropout masks cost about a fifth of a stage-1 step (the paper's BERT setting is 0.1).
+    # drawing and applying the dropout masks took about a tenth of a profiled stage-1 step (the paper's BERT setting is 0.1).
     c.qformer.hidden_dropout_prob = 0.0; c.qformer.attention_probs_dropout_prob = 0.0
     # Sized for `make lab` (three arms, one seed, two at a time on a 2-core CPU): goal 20 minutes (README).
     c.stage1 = TrainConfig(steps=400, batch_size=32, lr=2e-3, warmup_steps=30, min_lr=1e-4, ckpt_every=200)
