@@ -11,10 +11,10 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
                               config_diff, save_config, repo_root, resolve_path)
 
 # %% auto #0
-__all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'AblateError', 'arm_overrides_for', 'arm_config', 'headline',
-           'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics', 'is_finished',
-           'summarize', 'verdict', 'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
-           'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
+__all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for', 'arm_config',
+           'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
+           'is_finished', 'summarize', 'verdict', 'baseline_check', 'write_results', 'plot_metric',
+           'experiment_notebook', 'plan_runs', 'preflight', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -54,6 +54,9 @@ KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is th
     'i2t_r1':       ('image-to-text R@1 % (TR@1)', ('retrieval.itm.txt_r1',)),
     't2i_r1':       ('text-to-image R@1 % (IR@1)', ('retrieval.itm.img_r1',)),
     'cider':        ('caption CIDEr (stage 2)', ('caption.llm.cider',)),
+    'vqa_majority': ('majority-answer VQA accuracy % (train priors)', ('vqa.majority.overall',)),
+    'cider_blind':  ('blind-LLM caption CIDEr (no image)', ('caption.blind.cider',)),
+    'cider_constant': ('best constant caption CIDEr', ('caption.constant.cider',)),
 }
 PLOT_METRICS = ['vqa_accuracy', 'i2t_r1', 't2i_r1', 'cider']  # one bar plot each
 
@@ -219,6 +222,26 @@ def verdict(claim: dict, summary: dict) -> dict:
     return {**out, 'status': status, 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}"}
 
 # %% ../nbs/09_ablate.ipynb #75cbf603
+BASELINE_CHECKS = [  # each: the metric, and the baselines it must beat (headline metrics)
+    dict(metric='vqa_accuracy', baselines=('vqa_blind', 'vqa_majority')),
+    dict(metric='cider', baselines=('cider_blind', 'cider_constant')),
+]
+
+def baseline_check(check: dict, summary: dict, arm: str) -> dict | None:
+    "Margin of `arm`'s metric over its best baseline against the seed spread: dict(status, margin, spread, text); None if missing."
+    m, have = check['metric'], summary.get(arm, {})
+    bases = [b for b in check['baselines'] if b in have]
+    if m not in have or not bases: return None
+    (mean, std, n), best = have[m], max(bases, key=lambda b: have[b][0])
+    margin = mean - have[best][0]
+    status = ('not above' if margin <= 0 else 'spread unknown' if std is None
+              else 'above' if margin > std else 'within the spread')
+    spread = 'one seed' if std is None else f"seed spread {std:.3g} (n={n})"
+    label = KEY_METRICS[m][0] if m in KEY_METRICS else m
+    return dict(arm=arm, metric=m, status=status, margin=margin, spread=std, best=best,
+                text=f"{label} {mean:.4g} vs {best} {have[best][0]:.4g}: margin {margin:+.3g}, {spread}")
+
+# %% ../nbs/09_ablate.ipynb #aa11bc59
 def _fmt(stat) -> str:
     if stat is None: return 'missing'
     mean, std, n = stat
@@ -242,13 +265,17 @@ def write_results(out, records: list, arms: list, failures=(), title: str = '') 
     lines += [f"| {a} | " + ' | '.join(_fmt(summary.get(a, {}).get(k)) for k in KEY_METRICS) + ' |' for a in arms]
     lines += ['', '## Paper claims', '']
     lines += [f"- **{v['status']}**: {v['claim']}. {v['text']}." for v in verdicts] or ['- (no claim has both of its arms in this batch)']
+    checks = [c for a in arms for bc in BASELINE_CHECKS if (c := baseline_check(bc, summary, a))]
+    if checks:
+        lines += ['', '## Above the baselines (by more than the seed spread)?', '']
+        lines += [f"- {c['arm']}: **{c['status']}**. {c['text']}." for c in checks]
     if failures:
         lines += ['', '## Failed runs', '']
         lines += [f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})" for f in failures]
     lines += ['', f"All metrics: results.csv. Plots: {', '.join(f'plots/{m}.png' for m in PLOT_METRICS)}.", '']
     _write_text(out/'results.md', '\n'.join(lines))
     plots = [plot_metric(records, m, arms, out/'plots'/f'{m}.png') for m in PLOT_METRICS]
-    return dict(summary=summary, verdicts=verdicts, csv=out/'results.csv', md=out/'results.md', plots=plots)
+    return dict(summary=summary, verdicts=verdicts, baseline_checks=checks, csv=out/'results.csv', md=out/'results.md', plots=plots)
 
 def _where(f: dict) -> str:
     "Where a failed run failed, for humans."

@@ -15,9 +15,9 @@ from .config import Blip2LabError, Config, apply_overrides, get_preset, resolve_
 __all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java',
            'caption_metrics', 'normalize_answer', 'vqa_accuracy', 'RetrievalView', 'GenerationView',
            'evaluate_retrieval', 'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions',
-           'vqa_items', 'question_type', 'majority_answers', 'majority_answer', 'answer_questions', 'vqa_table',
-           'load_views', 'evaluate_split', 'evaluate_vqa', 'results_markdown', 'plot_results', 'write_results',
-           'evaluate', 'cli_eval', 'HFStage2']
+           'constant_caption_scores', 'constant_caption', 'blind_caption', 'vqa_items', 'question_type',
+           'majority_answers', 'majority_answer', 'answer_questions', 'vqa_table', 'load_views', 'evaluate_split',
+           'evaluate_vqa', 'results_markdown', 'plot_results', 'write_results', 'evaluate', 'cli_eval', 'HFStage2']
 
 # %% ../nbs/07_eval.ipynb #c27b7f20
 class EvalError(Blip2LabError):
@@ -316,6 +316,47 @@ def itg_captions(view: RetrievalView, ds, idx: list, transform, cfg: Config, pro
         out.update({_image_id(ds, i): c for i, c in zip(ids, caps)})
     return out
 
+# %% ../nbs/07_eval.ipynb #47f2a6dc
+def _simple_tokens(s: str) -> str:
+    "Lowercase words and numbers only: PTB tokenisation for these plain captions, without starting Java."
+    return ' '.join(re.findall(r'[a-z0-9]+', s.lower()))
+
+def constant_caption_scores(candidates: list,   # captions to try, each given for every reference image
+                            refs: list,         # one list of reference captions per image
+                            exact: bool = True, # one pycocoevalcap call per candidate (else one call for all: see above)
+                            ) -> list:
+    "Mean CIDEr-D (x100) of each candidate caption when it is the prediction for every image of `refs`."
+    from pycocoevalcap.cider.cider import Cider
+    if not candidates or not refs or any(not r for r in refs):
+        raise EvalError("constant_caption_scores needs at least one candidate and one non-empty reference list per image")
+    gts = [[_simple_tokens(x) for x in r] for r in refs]
+    if exact:
+        return [100.0 * float(Cider().compute_score(dict(enumerate(gts)), {i: [_simple_tokens(c)] for i in range(len(gts))})[0])
+                for c in candidates]
+    keys = [(j, i) for j in range(len(candidates)) for i in range(len(gts))]
+    _, scores = Cider().compute_score({k: gts[k[1]] for k in keys}, {k: [_simple_tokens(candidates[k[0]])] for k in keys})
+    n = len(gts)
+    return [100.0 * float(sum(scores[j * n:(j + 1) * n])) / n for j in range(len(candidates))]
+
+def constant_caption(train_ds, n_candidates: int = 60, n_refs: int = 100, n_exact: int = 5) -> str:
+    "The train caption (first caption of each of the first `n_candidates` images) with the best CIDEr-D on the next `n_refs` train images."
+    n = len(train_ds)
+    if n < 2: raise EvalError(f"constant_caption needs a train split with at least 2 images, it has {n}")
+    k = min(n_candidates, n - 1); m = min(n_refs, n - k)
+    cands = [_captions(train_ds, i)[0] for i in range(k)]
+    refs = [_captions(train_ds, i) for i in range(k, k + m)]
+    rough = constant_caption_scores(cands, refs, exact=False)
+    top = sorted(range(k), key=lambda j: -rough[j])[:n_exact]
+    exact = constant_caption_scores([cands[j] for j in top], refs)
+    return cands[top[max(range(len(top)), key=exact.__getitem__)]]
+
+@torch.no_grad()
+def blind_caption(gen: GenerationView, cfg: Config) -> str:
+    "The caption the stage-2 LLM writes with the captioning prompt and decoding but no image."
+    e = cfg.eval
+    return gen.generate(None, [caption_prompt(cfg)], e.num_beams, e.caption_max_new_tokens, e.caption_min_new_tokens,
+                        length_penalty=1.0, use_image=False)[0]
+
 # %% ../nbs/07_eval.ipynb #07416289
 def vqa_items(ds, idx: list) -> list:
     "(image index, QA) pairs for every question of images `idx`."
@@ -452,6 +493,14 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
         if ret is not None and getattr(ret, 'has_itg', True):
             preds = itg_captions(ret, ds, idx, tf, run, progress)
             cap['itg'] = {'decoding': 'greedy', **caption_metrics(preds, refs), 'samples': _samples(preds, refs)}
+        if cap:   # the baselines: the LLM without the image, and the best constant train caption
+            if gen is not None:
+                c = blind_caption(gen, run)
+                cap['blind'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
+            try:
+                c = constant_caption(get_dataset(run.data, 'train'))
+                cap['constant'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
+            except Blip2LabError as err: cap['constant_skipped'] = str(err)
         if cap: res['caption'] = cap
         else: skipped['caption'] = 'needs a stage-1 or stage-2 model'
     if 'vqa' in tasks:
@@ -494,10 +543,12 @@ def results_markdown(results: dict) -> str:
             L.append('')
         if 'caption' in r:
             L += ['### Captioning', '', '| generator | BLEU-4 | CIDEr | example |', '|---|---|---|---|']
-            for key, name in (('llm', 'stage 2 (LLM, beam)'), ('itg', 'stage 1 (Q-Former ITG, greedy)')):
+            for key, name in (('llm', 'stage 2 (LLM, beam)'), ('itg', 'stage 1 (Q-Former ITG, greedy)'),
+                              ('blind', 'baseline: blind LLM (no image)'), ('constant', 'baseline: best constant train caption')):
                 if key in r['caption']:
-                    c = r['caption'][key]; ex = c['samples'][0]['caption'].replace('|', '/') if c['samples'] else ''
-                    L.append(f"| {name} | {_fmt(c['bleu4'])} | {_fmt(c['cider'])} | {ex} |")
+                    c = r['caption'][key]
+                    ex = c['caption'] if 'caption' in c else c['samples'][0]['caption'] if c.get('samples') else ''
+                    L.append(f"| {name} | {_fmt(c['bleu4'])} | {_fmt(c['cider'])} | {ex.replace('|', '/')} |")
             L.append('')
         if 'vqa' in r:
             v = r['vqa']; skills = [k for k in v['model'] if k != 'overall'] + ['overall']

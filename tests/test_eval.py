@@ -102,7 +102,8 @@ def test_evaluate_hf_blip2_folders(tmp_path):
     t = res['splits']['test']
     assert set(t) == {'retrieval', 'caption', 'vqa'}, t.keys()
     assert t['retrieval']['n_images'] == 4 and 0 <= t['retrieval']['itm']['txt_r10'] <= 100
-    assert list(t['caption']) == ['llm']          # a HF retrieval folder has no ITG head
+    assert list(t['caption']) == ['llm', 'blind', 'constant']   # a HF retrieval folder has no ITG head
+    assert t['caption']['blind']['caption'] and 0 <= t['caption']['constant']['cider']
     assert {'model', 'blind', 'majority'} <= set(t['vqa'])
     assert all(isinstance(s['model'], str) for s in t['vqa']['samples'])
     assert (tmp_path/'eval'/'results.md').read_text().count('|') > 20
@@ -141,4 +142,4 @@ def test_evaluate_encoder_decoder_stage2(tmp_path):
     res = ev.evaluate(cfg, s2, split='ood', tasks=('caption', 'vqa'), progress=False)
     assert res['settings']['vqa_length_penalty'] == -1.0 and res['settings']['llm_kind'] == 'encoder-decoder'
     t = res['splits']['ood']
-    assert list(t['caption']) == ['llm'] and {'model', 'blind', 'majority'} <= set(t['vqa'])
+    assert list(t['caption']) == ['llm', 'blind', 'constant'] and {'model', 'blind', 'majority'} <= set(t['vqa'])
