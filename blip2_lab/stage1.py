@@ -18,7 +18,7 @@ __all__ = ['NEGATIVE_KINDS', 'Stage1Error', 'dist_info', 'concat_all_gather', 'a
            'itc_similarity', 'itc_targets', 'itc_loss', 'hard_negative_mask', 'sample_hard_negatives', 'itm_batch',
            'itm_loss', 'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'pad_to_global_length', 'caption_items',
            'Blip2Stage1', 'negative_kind', 'hard_negative_report', 'word_classes', 'itg_image_reliance',
-           'feature_probe', 'plot_losses', 'diagnose', 'diagnose_markdown', 'cli_diagnose']
+           'word_embedding_similarity', 'feature_probe', 'plot_losses', 'diagnose', 'diagnose_markdown', 'cli_diagnose']
 
 # %% ../nbs/04_stage1.ipynb #8ae49b03
 class Stage1Error(Blip2LabError, ValueError):
@@ -419,6 +419,21 @@ def itg_image_reliance(model: 'Blip2Stage1', ds, n_images: int = 128, batch_size
             sums[c][0] += int(mk.sum()); sums[c][1] += float(ce[0][mk].sum()); sums[c][2] += float(ce[1][mk].sum())
     return {c: (k, a / k, b / k) for c, (k, a, b) in sums.items() if k}
 
+# %% ../nbs/04_stage1.ipynb #38c9a01a
+@torch.no_grad()
+def word_embedding_similarity(model: 'Blip2Stage1', classes: dict | None = None) -> dict:
+    "{class: mean pairwise cosine of its (single-token) words' Q-Former embeddings}, plus 'across classes' (first word of each)."
+    classes = classes or word_classes()
+    W, tok = model.qformer.qformer.embeddings.word_embeddings.weight, model.tokenizer
+    def ids(words): return [t[0] for w in words if len(t := tok(w, add_special_tokens=False)['input_ids']) == 1]
+    def mean_cos(ix):
+        if len(ix) < 2: return None
+        v = F.normalize(W[ix].float(), dim=-1); c = v @ v.T
+        return float((c.sum() - c.diag().sum()) / (len(ix) * (len(ix) - 1)))
+    out = {c: mean_cos(ids(ws)) for c, ws in classes.items()}
+    out['across classes'] = mean_cos(ids([ws[0] for ws in classes.values()]))
+    return {k: v for k, v in out.items() if v is not None}
+
 # %% ../nbs/04_stage1.ipynb #7e0da1e6
 @torch.no_grad()
 def _probe_features(model, ds, idx: list, source: str, batch_size: int = 128) -> torch.Tensor:
@@ -483,7 +498,8 @@ def diagnose(ckpt, split: str = 'val', n_images: int = 256, n_batches: int = 20,
     res = dict(ckpt=str(ckpt), split=split, itm_negatives=cfg.stage1.itm_negatives,
                hard_negatives=hard_negative_report(model, train_ds, n_batches=n_batches, batch_size=cfg.stage1.batch_size),
                itg_reliance={c: dict(tokens=k, matched=a, shuffled=b) for c, (k, a, b) in
-                             itg_image_reliance(model, eval_ds, n_images=n_images).items()})
+                             itg_image_reliance(model, eval_ds, n_images=n_images).items()},
+               embedding_cosine=word_embedding_similarity(model))
     if probes:
         res['probes'] = {src: {a: dict(accuracy=acc, chance=ch) for a, (acc, ch) in feature_probe(model, train_ds, eval_ds, src).items()}
                          for src in ('frozen', 'queries')}
@@ -498,6 +514,9 @@ def diagnose_markdown(res: dict) -> str:
     L += ['', f"## Which words ITG reads from the image (cross-entropy on `{res['split']}`, lower is better)", '',
           '| words | tokens | matched image | another image | gain |', '|---|---|---|---|---|']
     L += [f"| {c} | {v['tokens']} | {v['matched']:.3f} | {v['shuffled']:.3f} | {v['shuffled'] - v['matched']:+.3f} |" for c, v in res['itg_reliance'].items()]
+    L += ['', '## Word embeddings (mean pairwise cosine within each class; the ITG head is tied to them)', '',
+          '| ' + ' | '.join(res['embedding_cosine']) + ' |', '|' + '---|' * len(res['embedding_cosine']),
+          '| ' + ' | '.join(f"{v:.2f}" for v in res['embedding_cosine'].values()) + ' |']
     if 'probes' in res:
         attrs = list(next(iter(res['probes'].values())))
         L += ['', '## Linear probes on single-object images (test accuracy %, chance in brackets)', '',
