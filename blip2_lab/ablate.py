@@ -298,6 +298,11 @@ def plot_metric(records: list, metric: str, arms: list, path=None):
         if not v: ax.text(i, 0, 'missing', ha='center', va='bottom', rotation=90, color='grey'); continue
         ax.bar(i, statistics.fmean(v), yerr=statistics.stdev(v) if len(v) > 1 else None, color=f'C{i}', alpha=0.7, capsize=4)
         ax.plot([i] * len(v), v, 'k.', ms=6)
+    bases = next((bc['baselines'] for bc in BASELINE_CHECKS if bc['metric'] == metric), ())
+    for j, b in enumerate(bases):   # the baselines it must beat: dashed lines at their mean over all runs
+        v = [r['headline'].get(b) for r in records if r['headline'].get(b) is not None]
+        if v: ax.axhline(statistics.fmean(v), ls='--', lw=1, color=f'C{len(arms) + j}', label=f'{b}: {statistics.fmean(v):.3g}')
+    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='lower right')
     ax.set_xticks(range(len(arms)), arms); ax.set_ylabel(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric)
     ax.set_ylim(bottom=0); fig.tight_layout()
     if path is None: return fig
