@@ -373,7 +373,8 @@ def hard_negative_report(model: 'Blip2Stage1', ds, n_batches: int = 10, batch_si
         pv = torch.stack([tf(ds.image(i)) for i in idx])
         ids, att = model.tokenize([ds.captions(i)[0] for i in idx], dev)
         img = F.normalize(q.vision_proj(q.image_forward(model.encode_image(pv).to(dev)).query_output), dim=-1)
-        sim_i2t, sim_t2i = itc_similarity(img, q.text_feat(ids, att), img, q.text_feat(ids, att))
+        txt = q.text_feat(ids, att)
+        sim_i2t, sim_t2i = itc_similarity(img, txt, img, txt)   # one process: local = all
         image_ids = torch.tensor(idx, device=dev)
         for name, (a, b) in {'hard': (sim_i2t / q.temp, sim_t2i / q.temp), 'uniform': (torch.zeros_like(sim_i2t),) * 2}.items():
             _, neg_txt = sample_hard_negatives(a, b, image_ids, g, offset=0)
