@@ -16,8 +16,9 @@ __all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at
            'caption_metrics', 'normalize_answer', 'vqa_accuracy', 'RetrievalView', 'GenerationView',
            'evaluate_retrieval', 'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions',
            'constant_caption_scores', 'constant_caption', 'blind_caption', 'vqa_items', 'question_type',
-           'majority_answers', 'majority_answer', 'answer_questions', 'vqa_table', 'load_views', 'evaluate_split',
-           'evaluate_vqa', 'results_markdown', 'plot_results', 'write_results', 'evaluate', 'cli_eval', 'HFStage2']
+           'majority_answers', 'majority_answer', 'answer_questions', 'vqa_table', 'two_step_prompt',
+           'answer_from_captions', 'load_views', 'evaluate_split', 'evaluate_vqa', 'results_markdown', 'plot_results',
+           'write_results', 'evaluate', 'cli_eval', 'HFStage2']
 
 # %% ../nbs/07_eval.ipynb #c27b7f20
 class EvalError(Blip2LabError):
@@ -409,6 +410,25 @@ def vqa_table(items: list, preds: list) -> dict:
     out['overall'] = 100.0 * sum(sum(v) for v in per.values()) / max(1, sum(len(v) for v in per.values()))
     return out
 
+# %% ../nbs/07_eval.ipynb #19d56c4d
+def two_step_prompt(caption: str, question: str, vqa_prompt: str) -> str:
+    "The second step's text prompt: the model's own caption, then the VQA prompt (the LLM pretraining format)."
+    caption = caption.strip()
+    return f"{caption} {vqa_prompt.format(question)}" if caption else vqa_prompt.format(question)
+
+@torch.no_grad()
+def answer_from_captions(gen: GenerationView, ds, items: list, captions: dict, cfg: Config, progress: bool = True) -> list:
+    "Two-step zero-shot answers: `captions` (image id -> the model's caption) given to the LLM as text, no soft prompt."
+    e, out = cfg.eval, []
+    missing = sorted({_image_id(ds, i) for i, _ in items} - set(captions))
+    if missing: raise EvalError(f"answer_from_captions: no caption for images {missing[:3]}...: generate captions for every evaluated image first")
+    for s in tqdm(range(0, len(items), e.batch_size), desc='VQA (two-step)', disable=not progress, leave=False):
+        chunk = items[s:s + e.batch_size]
+        prompts = [two_step_prompt(captions[_image_id(ds, i)], qa.question, e.vqa_prompt) for i, qa in chunk]
+        out += gen.generate(None, prompts, e.num_beams, e.vqa_max_new_tokens, e.vqa_min_new_tokens,
+                            e.length_penalty, use_image=False)
+    return out
+
 # %% ../nbs/07_eval.ipynb #e4fdd112
 TASKS = ('retrieval', 'caption', 'vqa')
 
@@ -481,6 +501,7 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
     idx = list(range(min(run.eval.n_images, len(ds))))
     tf = image_transform(run.vision.image_size, train=False)
     res, skipped, e = {}, {}, run.eval
+    llm_captions = None   # the stage-2 captions, reused by two-step VQA when the caption task ran
     if 'retrieval' in tasks:
         if ret is None: skipped['retrieval'] = 'needs the stage-1 model (ITC/ITM heads): pass stage1_ckpt (--stage1-ckpt DIR)'
         else: res['retrieval'] = evaluate_retrieval(ret, ds, idx, tf, e.k_test, e.batch_size, progress)
@@ -488,7 +509,7 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
         refs = {_image_id(ds, i): _captions(ds, i) for i in idx}
         cap = {}
         if gen is not None:
-            preds = generate_captions(gen, ds, idx, tf, run, progress)
+            preds = llm_captions = generate_captions(gen, ds, idx, tf, run, progress)
             cap['llm'] = {'prompt': caption_prompt(run), **caption_metrics(preds, refs), 'samples': _samples(preds, refs)}
         if ret is not None and getattr(ret, 'has_itg', True):
             preds = itg_captions(ret, ds, idx, tf, run, progress)
@@ -505,19 +526,22 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
         else: skipped['caption'] = 'needs a stage-1 or stage-2 model'
     if 'vqa' in tasks:
         if gen is None: skipped['vqa'] = 'needs the stage-2 model (the LLM): pass a stage-2 checkpoint as ckpt'
-        else: res['vqa'] = evaluate_vqa(gen, ds, idx, tf, run, progress)
+        else: res['vqa'] = evaluate_vqa(gen, ds, idx, tf, run, progress, captions=llm_captions)
     return res, skipped
 
-def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, progress: bool = True) -> dict:
-    "Per-skill zero-shot VQA accuracy of the model, the blind LLM and the train-split majority answer."
+def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, progress: bool = True, captions: dict|None = None) -> dict:
+    "Per-skill zero-shot VQA accuracy of the model (paper protocol and two-step), the blind LLM and the train-split majority answer."
     items = vqa_items(ds, idx)
     if not items: raise EvalError(f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)")
     preds = answer_questions(gen, ds, items, transform, run, True, progress)
     blind = answer_questions(gen, ds, items, transform, run, False, progress)
+    if captions is None: captions = generate_captions(gen, ds, idx, transform, run, progress)
+    two = answer_from_captions(gen, ds, items, captions, run, progress)
     out = {'prompt': run.eval.vqa_prompt, 'model': vqa_table(items, preds), 'blind': vqa_table(items, blind),
+           'two_step': vqa_table(items, two), 'two_step_prompt': two_step_prompt('<caption>', '{}', run.eval.vqa_prompt),
            'n_questions': dict(Counter(qa.skill or 'all' for _, qa in items)),
-           'samples': [{'question': qa.question, 'answers': qa.answers[:3], 'skill': qa.skill, 'model': p, 'blind': b}
-                       for (_, qa), p, b in list(zip(items, preds, blind))[:10]]}
+           'samples': [{'question': qa.question, 'answers': qa.answers[:3], 'skill': qa.skill, 'model': p, 'blind': b, 'two_step': t}
+                       for (_, qa), p, b, t in list(zip(items, preds, blind, two))[:10]]}
     try:
         from blip2_lab.data import get_dataset
         maj = majority_answers(get_dataset(run.data, 'train'))
@@ -552,7 +576,8 @@ def results_markdown(results: dict) -> str:
             L.append('')
         if 'vqa' in r:
             v = r['vqa']; skills = [k for k in v['model'] if k != 'overall'] + ['overall']
-            cols = [('model', 'BLIP-2 (zero-shot)'), ('blind', 'blind LLM (no image)'), ('majority', 'majority (train)')]
+            cols = [('model', 'BLIP-2 (zero-shot)'), ('two_step', 'two-step: own caption as text'), ('blind', 'blind LLM (no image)'),
+                    ('majority', 'majority (train)')]
             cols = [(k, n) for k, n in cols if k in v]
             L += [f"### Zero-shot VQA accuracy (%), prompt `{v['prompt']}`", '',
                   '| skill | questions | ' + ' | '.join(n for _, n in cols) + ' |', '|---|---|' + '---|' * len(cols)]
@@ -582,7 +607,7 @@ def plot_results(results: dict):
         ax = row[1]
         if 'vqa' in r:
             v = r['vqa']; skills = [k for k in v['model'] if k != 'overall'] + ['overall']
-            keys = [k for k in ('model', 'blind', 'majority') if k in v]
+            keys = [k for k in ('model', 'two_step', 'blind', 'majority') if k in v]
             for j, k in enumerate(keys):
                 ax.bar([x + j / (len(keys) + 1) for x in range(len(skills))], [v[k].get(s, 0) for s in skills], 1 / (len(keys) + 1), label=k)
             ax.set_xticks([x + 0.3 for x in range(len(skills))], skills, rotation=20, fontsize=8); ax.set_ylim(0, 100); ax.legend(fontsize=8)

@@ -12,15 +12,15 @@ from torch import nn
 import torch.nn.functional as F
 import numpy as np
 from tqdm.auto import tqdm
-from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, repo_root, LLMConfig, VisionConfig
+from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, resolve_device, repo_root, LLMConfig, VisionConfig
 from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_encoder, build_open_clip,
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
 
 # %% auto #0
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json',
            'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt', 'normalize_answer', 'new_lm', 'lm_batch',
-           'lm_loss', 'train_loop', 'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens',
-           'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
+           'lm_loss', 'to_device', 'train_loop', 'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir',
+           'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
            'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
            'backbones_dir', 'load_manifest', 'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar']
 
@@ -103,7 +103,7 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96) -> di
     if kind == 'opt':
         enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        n_prompt = [len(tok(l[:l.rindex('Short answer:') + len('Short answer:')]).input_ids) for l in lines]
+        n_prompt = [len(x) for x in tok([l[:l.rindex('Short answer:') + len('Short answer:')] for l in lines]).input_ids]  # one call
         answer_mask = (torch.arange(labels.shape[1])[None] >= torch.tensor(n_prompt)[:, None]) & (labels != -100)
         return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
     src, tgt = [], []
@@ -127,16 +127,23 @@ def lm_loss(model, b: dict, answer_weight: float = 0.0):
     return out.loss + answer_weight * F.cross_entropy(logits[m].float(), tgt[m])
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #d7a79f72
+def to_device(b, device):
+    "Batch `b` (a tensor, or a dict/tuple/list of them) moved to `device`."
+    if torch.is_tensor(b): return b.to(device, non_blocking=True)
+    if isinstance(b, dict): return {k: to_device(v, device) for k, v in b.items()}
+    if isinstance(b, (tuple, list)): return type(b)(to_device(v, device) for v in b)
+    return b
+
 def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int = 50, wd: float = 0.01, clip: float = 1.0, loss_fn=None):
-    "Train `model` for `steps` AdamW steps on `make_batch(step)`; return the list of losses."
+    "Train `model` for `steps` AdamW steps on `make_batch(step)` (moved to the model's device); return the list of losses."
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': wd}, {'params': rest, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98))
-    model.train(); losses = []
+    model.train(); losses = []; dev = next(model.parameters()).device
     bar = tqdm(range(steps), desc=desc, mininterval=5, file=sys.stderr)
     for step in bar:
         for g in opt.param_groups: g['lr'] = lr_at(step, steps, lr, min(warmup, steps // 5 + 1))
-        batch = make_batch(step)
+        batch = to_device(make_batch(step), dev)
         loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         if not torch.isfinite(loss): raise PretrainError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
         opt.zero_grad(set_to_none=True); loss.backward()
@@ -171,7 +178,7 @@ def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
     return replace_dir(tmp, out)
 
 def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, lr: float = 1e-3, seed: int = 0, sizes=None,
-                answer_weight: float = 0.0, init=None):
+                answer_weight: float = 0.0, init=None, device: str = 'cpu'):
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
     torch.manual_seed(seed); rng = random.Random(seed)
     t0 = time.time()
@@ -182,13 +189,14 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
     else:
         tok = make_tokenizer('decoder' if kind == 'opt' else 'encoder-decoder', lines, vocab_size=LM_VOCAB)
         model = new_lm(kind, tok, sizes)
+    model.to(device)
     losses = train_loop(model, lambda s: lm_batch(kind, tok, rng.sample(lines, min(batch_size, len(lines))), rng),
                         steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
-    llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out)))
-    info = dict(train_seconds=round(secs, 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, params=n_params(model),
+    llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
+    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, params=n_params(model),
                 vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 config=config)
     return llm, info
@@ -434,6 +442,8 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--batch-size', type=int, default=48); ap.add_argument('--vit-batch-size', type=int, default=64)
     ap.add_argument('--n-val', type=int, default=1000, help='val images for the quality checks')
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    ap.add_argument('--device', default='cpu', help='LMs: train and measure on cpu | cuda | auto (weights are saved the same way)')
+    ap.add_argument('--lm-sizes', default='', help='LMs from scratch: JSON of config sizes over LM_SIZES, e.g. \'{"hidden_size": 256}\'')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
@@ -443,6 +453,9 @@ def cli_pretrain(argv=None) -> int:
     bad = [m for m in models if m not in BACKBONES]
     if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")
     if a.threads: torch.set_num_threads(a.threads)
+    device = str(resolve_device(a.device))
+    try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
+    except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
     out = backbones_dir(a.out); out.mkdir(parents=True, exist_ok=True)
     command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
@@ -453,7 +466,7 @@ def cli_pretrain(argv=None) -> int:
         if name in ('opt', 't5'):
             prev = load_manifest(name, out) if a.cont else None
             llm, info = pretrain_lm(name, d['corpus'], folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
-                                    answer_weight=a.answer_weight, init=folder if prev else None)
+                                    answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes)
             info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
                                    val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
         elif name == 'bert':

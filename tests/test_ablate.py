@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
-from blip2_lab.ablate import ARMS, CLAIMS, ablate, cli_run_arm, read_metrics, run_threads
+from blip2_lab.ablate import ARMS, CLAIMS, PLOT_METRICS, ablate, cli_run_arm, read_metrics, run_threads
 
 SEED = 7                      # not the notebook's default (0): proves injection
 OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
@@ -68,7 +68,8 @@ def test_missing_retrieval_is_missing_not_zero(batch):
     assert v[CLAIMS[0]['claim']]['status'] in ('reproduced', 'not reproduced', 'inconclusive')
     assert 'spread unknown' in v[CLAIMS[0]['claim']]['text']       # one seed
     assert (out/'results.csv').read_text().startswith('arm,metric,n,mean,std')
-    assert sorted(p.name for p in (out/'plots').glob('*.png')) == sorted(['vqa_accuracy.png', 'i2t_r1.png', 't2i_r1.png', 'cider.png'])
+    assert sorted(p.name for p in (out/'plots').glob('*.png')) == sorted(f'{m}.png' for m in PLOT_METRICS)
+    assert {'vqa_accuracy', 'vqa_two_step', 'cider'} <= set(PLOT_METRICS)
 
 
 def test_resume_skips_finished_runs(batch):

@@ -104,9 +104,11 @@ def test_evaluate_hf_blip2_folders(tmp_path):
     assert t['retrieval']['n_images'] == 4 and 0 <= t['retrieval']['itm']['txt_r10'] <= 100
     assert list(t['caption']) == ['llm', 'blind', 'constant']   # a HF retrieval folder has no ITG head
     assert t['caption']['blind']['caption'] and 0 <= t['caption']['constant']['cider']
-    assert {'model', 'blind', 'majority'} <= set(t['vqa'])
-    assert all(isinstance(s['model'], str) for s in t['vqa']['samples'])
-    assert (tmp_path/'eval'/'results.md').read_text().count('|') > 20
+    assert {'model', 'blind', 'majority', 'two_step'} <= set(t['vqa'])
+    assert all(isinstance(s['model'], str) and isinstance(s['two_step'], str) for s in t['vqa']['samples'])
+    assert t['vqa']['two_step']['overall'] >= 0 and t['vqa']['two_step_prompt'].startswith('<caption> ')
+    md = (tmp_path/'eval'/'results.md').read_text()
+    assert md.count('|') > 20 and 'two-step: own caption as text' in md
     # the retrieval folder alone: retrieval only, the rest skipped with a reason
     res = ev.evaluate(cfg, ret_dir, split='test', tasks='retrieval,vqa', progress=False)
     assert 'stage-2' in res['splits']['test']['skipped']['vqa']
@@ -142,4 +144,4 @@ def test_evaluate_encoder_decoder_stage2(tmp_path):
     res = ev.evaluate(cfg, s2, split='ood', tasks=('caption', 'vqa'), progress=False)
     assert res['settings']['vqa_length_penalty'] == -1.0 and res['settings']['llm_kind'] == 'encoder-decoder'
     t = res['splits']['ood']
-    assert list(t['caption']) == ['llm', 'blind', 'constant'] and {'model', 'blind', 'majority'} <= set(t['vqa'])
+    assert list(t['caption']) == ['llm', 'blind', 'constant'] and {'model', 'blind', 'majority', 'two_step'} <= set(t['vqa'])

@@ -109,7 +109,7 @@ def test_views_on_blip2_stage2(stage2):
 
 
 def test_generation_steps_on_an_encoder_decoder_llm():
-    "The lab preset's LLM is T5-style: its encoder and decoder stacks must switch to eager attention too."
+    "With a T5-style LLM (llm.kind=encoder-decoder, the lab's t5-lab), the encoder and decoder stacks must switch to eager attention too."
     from blip2_lab.train import build_model
     from blip2_lab.config import apply_overrides
     cfg = apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder', 'llm.model=tiny-random-t5'])
