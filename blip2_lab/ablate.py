@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_ablate.ipynb #0e8f7e58
 from __future__ import annotations
-import argparse, copy, csv, io, json, math, os, platform, statistics, sys, time, traceback
+import argparse, copy, csv, io, json, math, os, platform, statistics, sys, textwrap, time, traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_overrides, to_dict,
@@ -50,7 +50,7 @@ def arm_config(preset: str, arm: str, seed: int = 0, overrides=(), arm_overrides
 KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is the mean of)
     'vqa_accuracy': ('zero-shot VQA accuracy %', ('vqa.model.overall',)),
     'vqa_blind':    ('blind-LLM VQA accuracy % (no image)', ('vqa.blind.overall',)),
-    'vqa_two_step': ('two-step VQA accuracy % (own caption as text; not the paper protocol)', ('vqa.two_step.overall',)),
+    'vqa_two_step': ('two-step VQA accuracy % (own caption as text)', ('vqa.two_step.overall',)),
     'retrieval_r1': ('retrieval R@1 % (mean of TR@1, IR@1)', ('retrieval.itm.txt_r1', 'retrieval.itm.img_r1')),
     'i2t_r1':       ('image-to-text R@1 % (TR@1)', ('retrieval.itm.txt_r1',)),
     't2i_r1':       ('text-to-image R@1 % (IR@1)', ('retrieval.itm.img_r1',)),
@@ -305,7 +305,8 @@ def plot_metric(records: list, metric: str, arms: list, path=None):
         v = [r['headline'].get(b) for r in records if r['headline'].get(b) is not None]
         if v: ax.axhline(statistics.fmean(v), ls='--', lw=1, color=f'C{len(arms) + j}', label=f'{b}: {statistics.fmean(v):.3g}')
     if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='lower right')
-    ax.set_xticks(range(len(arms)), arms); ax.set_ylabel(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel(textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9)  # long labels wrap
     ax.set_ylim(bottom=0); fig.tight_layout()
     if path is None: return fig
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
