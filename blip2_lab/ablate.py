@@ -13,7 +13,7 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
 # %% auto #0
 __all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for', 'arm_config',
            'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
-           'is_finished', 'summarize', 'verdict', 'baseline_check', 'write_results', 'plot_metric',
+           'is_finished', 'summarize', 'verdict', 'baseline_check', 'claim_caveat', 'write_results', 'plot_metric',
            'experiment_notebook', 'plan_runs', 'preflight', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
@@ -249,6 +249,13 @@ def _fmt(stat) -> str:
     mean, std, n = stat
     return f"{mean:.4g} ± {std:.2g} (n={n})" if std is not None else f"{mean:.4g} (n={n}, spread unknown)"
 
+def claim_caveat(v: dict, checks: list) -> str:
+    "' Caveat: ...' when a claim's reference arm does not beat its metric's baselines (then the effect is between two arms below them); else ''."
+    c = next((c for c in checks if c['arm'] == v['baseline'] and c['metric'] == v['metric']), None)
+    if c is None or c['status'] == 'above': return ''
+    return (f" Caveat: {v['baseline']} itself is *{c['status']}* its best baseline ({c['best']}), so this compares arms that"
+            " do not beat what the LLM or the answer priors give without the model.")
+
 def write_results(out, records: list, arms: list, failures=(), title: str = '') -> dict:
     "Aggregate `records` into out/results.csv, out/results.md and out/plots/*.png; return dict(summary, verdicts, paths)."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +273,8 @@ def write_results(out, records: list, arms: list, failures=(), title: str = '') 
              '|---|' + '---|' * len(KEY_METRICS)]
     lines += [f"| {a} | " + ' | '.join(_fmt(summary.get(a, {}).get(k)) for k in KEY_METRICS) + ' |' for a in arms]
     lines += ['', '## Paper claims', '']
-    lines += [f"- **{v['status']}**: {v['claim']}. {v['text']}." for v in verdicts] or ['- (no claim has both of its arms in this batch)']
     checks = [c for a in arms for bc in BASELINE_CHECKS if (c := baseline_check(bc, summary, a))]
+    lines += [f"- **{v['status']}**: {v['claim']}. {v['text']}.{claim_caveat(v, checks)}" for v in verdicts] or ['- (no claim has both of its arms in this batch)']
     if checks:
         lines += ['', '## Above the baselines (by more than the seed spread)?', '']
         lines += [f"- {c['arm']}: **{c['status']}**. {c['text']}." for c in checks]
@@ -312,6 +319,8 @@ def plot_metric(records: list, metric: str, arms: list, path=None):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + '.tmp.png'); fig.savefig(tmp, dpi=90); os.replace(tmp, path); plt.close(fig)
     return path
+
+
 
 # %% ../nbs/09_ablate.ipynb #91660dde
 def experiment_notebook() -> Path:
