@@ -456,6 +456,7 @@ def cli_pretrain(argv=None) -> int:
     device = str(resolve_device(a.device))
     try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
     except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
+    if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
     out = backbones_dir(a.out); out.mkdir(parents=True, exist_ok=True)
     command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
