@@ -320,8 +320,6 @@ def plot_metric(records: list, metric: str, arms: list, path=None):
     tmp = path.with_name(path.stem + '.tmp.png'); fig.savefig(tmp, dpi=90); os.replace(tmp, path); plt.close(fig)
     return path
 
-
-
 # %% ../nbs/09_ablate.ipynb #91660dde
 def experiment_notebook() -> Path:
     "The parameterised experiment notebook (nbs/experiments/experiment.ipynb in the source tree)."

@@ -389,17 +389,21 @@ def majority_answer(maj: dict, qa) -> str:
     return maj['by_qtype'].get(question_type(qa)) or maj['by_skill'].get(qa.skill) or maj['overall']
 
 @torch.no_grad()
+def _answers(gen: GenerationView, items: list, cfg: Config, prompt_of, pixels_of=None, desc: str = 'VQA', progress: bool = True) -> list:
+    "Answers to `items` in batches with the paper's VQA decoding: prompt_of(i, qa) -> text, pixels_of(chunk) -> pixels (None: no image)."
+    e, out = cfg.eval, []
+    for s in tqdm(range(0, len(items), e.batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = items[s:s + e.batch_size]
+        out += gen.generate(pixels_of(chunk) if pixels_of else None, [prompt_of(i, qa) for i, qa in chunk], e.num_beams,
+                            e.vqa_max_new_tokens, e.vqa_min_new_tokens, e.length_penalty, use_image=pixels_of is not None)
+    return out
+
 def answer_questions(gen: GenerationView, ds, items: list, transform, cfg: Config, use_image: bool = True,
                      progress: bool = True) -> list:
     "Zero-shot answers to `items` ((image index, QA) pairs) with eval.vqa_prompt and the paper's decoding settings."
-    e, out = cfg.eval, []
-    for s in tqdm(range(0, len(items), e.batch_size), desc='VQA' + ('' if use_image else ' (blind)'), disable=not progress, leave=False):
-        chunk = items[s:s + e.batch_size]
-        pv = torch.stack([transform(_image(ds, i)) for i, _ in chunk]) if use_image else None
-        prompts = [e.vqa_prompt.format(qa.question) for _, qa in chunk]
-        out += gen.generate(pv, prompts, e.num_beams, e.vqa_max_new_tokens, e.vqa_min_new_tokens,
-                            e.length_penalty, use_image=use_image)
-    return out
+    pixels = (lambda chunk: torch.stack([transform(_image(ds, i)) for i, _ in chunk])) if use_image else None
+    return _answers(gen, items, cfg, lambda i, qa: cfg.eval.vqa_prompt.format(qa.question), pixels,
+                    'VQA' + ('' if use_image else ' (blind)'), progress)
 
 def vqa_table(items: list, preds: list) -> dict:
     "VQA accuracy in percent per skill and overall (mean over questions)."
@@ -416,18 +420,12 @@ def two_step_prompt(caption: str, question: str, vqa_prompt: str) -> str:
     caption = caption.strip()
     return f"{caption} {vqa_prompt.format(question)}" if caption else vqa_prompt.format(question)
 
-@torch.no_grad()
 def answer_from_captions(gen: GenerationView, ds, items: list, captions: dict, cfg: Config, progress: bool = True) -> list:
     "Two-step zero-shot answers: `captions` (image id -> the model's caption) given to the LLM as text, no soft prompt."
-    e, out = cfg.eval, []
     missing = sorted({_image_id(ds, i) for i, _ in items} - set(captions))
     if missing: raise EvalError(f"answer_from_captions: no caption for images {missing[:3]}...: generate captions for every evaluated image first")
-    for s in tqdm(range(0, len(items), e.batch_size), desc='VQA (two-step)', disable=not progress, leave=False):
-        chunk = items[s:s + e.batch_size]
-        prompts = [two_step_prompt(captions[_image_id(ds, i)], qa.question, e.vqa_prompt) for i, qa in chunk]
-        out += gen.generate(None, prompts, e.num_beams, e.vqa_max_new_tokens, e.vqa_min_new_tokens,
-                            e.length_penalty, use_image=False)
-    return out
+    return _answers(gen, items, cfg, lambda i, qa: two_step_prompt(captions[_image_id(ds, i)], qa.question, cfg.eval.vqa_prompt),
+                    None, 'VQA (two-step)', progress)
 
 # %% ../nbs/07_eval.ipynb #e4fdd112
 TASKS = ('retrieval', 'caption', 'vqa')
