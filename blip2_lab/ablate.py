@@ -252,8 +252,9 @@ def _fmt(stat) -> str:
 def claim_caveat(v: dict, checks: list) -> str:
     "' Caveat: ...' when a claim's reference arm does not beat its metric's baselines (then the effect is between two arms below them); else ''."
     c = next((c for c in checks if c['arm'] == v['baseline'] and c['metric'] == v['metric']), None)
-    if c is None or c['status'] == 'above': return ''
-    return (f" Caveat: {v['baseline']} itself is *{c['status']}* its best baseline ({c['best']}), so this compares arms that"
+    if c is None or c['status'] in ('above', 'spread unknown'): return ''   # one seed: no spread to judge by
+    rel = 'within the seed spread of' if c['status'] == 'within the spread' else c['status']
+    return (f" Caveat: {v['baseline']} itself is *{rel}* its best baseline ({c['best']}), so this compares arms that"
             " do not beat what the LLM or the answer priors give without the model.")
 
 def write_results(out, records: list, arms: list, failures=(), title: str = '') -> dict:

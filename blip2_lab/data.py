@@ -16,11 +16,11 @@ from .config import Blip2LabError, ConfigError, DataConfig, get_preset, apply_ov
 __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES', 'WORDS', 'DIGITS', 'POSITIONS', 'POS_PHRASE',
            'COLOUR_NAMES', 'HELDOUT', 'ALL_COMBOS', 'SEEN_COMBOS', 'SPLIT_CODE', 'NUMBER_WORDS', 'CAPTION_STYLES',
            'VQA_PROMPT', 'CLIP_MEAN', 'CLIP_STD', 'DataError', 'sample_scene', 'scene_rng', 'render_scene',
-           'make_captions', 'QA', 'make_questions', 'make_record', 'make_records', 'skill_counts', 'build_corpus',
-           'generator_params', 'read_manifest', 'build_shapesworld', 'Sample', 'ImageTextDataset', 'load_shapesworld',
-           'get_dataset', 'show_samples', 'load_coco_karpathy', 'load_vqav2', 'load_jsonl', 'image_transform',
-           'dataset_transform', 'normalize_uint8', 'swap_left_right', 'CaptionPairs', 'VQAItems', 'collate_dicts',
-           'summarize', 'cli_data']
+           'make_captions', 'QA', 'make_questions', 'make_record', 'make_records', 'skill_counts', 'corpus_scene',
+           'build_corpus', 'generator_params', 'read_manifest', 'build_shapesworld', 'Sample', 'ImageTextDataset',
+           'load_shapesworld', 'get_dataset', 'show_samples', 'load_coco_karpathy', 'load_vqav2', 'load_jsonl',
+           'image_transform', 'dataset_transform', 'normalize_uint8', 'swap_left_right', 'CaptionPairs', 'VQAItems',
+           'collate_dicts', 'summarize', 'cli_data']
 
 # %% ../nbs/01_data.ipynb #ae9c4047
 SKILLS = ('colour', 'shape', 'count', 'spatial', 'existence', 'text')  # what a question probes
@@ -248,14 +248,18 @@ def skill_counts(records) -> dict:
 # %% ../nbs/01_data.ipynb #0eab3eaf
 VQA_PROMPT = 'Question: {} Short answer:'  # the released zero-shot VQA prompt (OPT and FlanT5)
 
+def corpus_scene(cfg, i: int):
+    "Corpus scene `i`: its captions, its questions (one per skill) and the language rng where they left it."
+    scene = sample_scene(scene_rng(cfg.seed, 'corpus', i), cfg.max_objects, cfg.text_prob)
+    lang = scene_rng(cfg.seed, 'corpus', i, 1)
+    caps = make_captions(scene, cfg.captions_per_image, lang)
+    return caps, make_questions(scene, lang, per_skill=1), lang
+
 def _corpus_lines(cfg, start, stop):
     "Corpus lines of scenes [start, stop)."
     lines = []
     for i in range(start, stop):
-        scene = sample_scene(scene_rng(cfg.seed, 'corpus', i), cfg.max_objects, cfg.text_prob)
-        lang = scene_rng(cfg.seed, 'corpus', i, 1)
-        caps = make_captions(scene, cfg.captions_per_image, lang)
-        allq = make_questions(scene, lang, per_skill=1)
+        caps, allq, lang = corpus_scene(cfg, i)
         for sk in SKILLS:
             qs = [q for q in allq if q.skill == sk]
             if not qs: continue

@@ -17,12 +17,13 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json',
-           'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt', 'normalize_answer', 'new_lm', 'lm_batch',
-           'lm_loss', 'to_device', 'train_loop', 'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir',
-           'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
-           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
-           'backbones_dir', 'load_manifest', 'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar']
+__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file',
+           'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt', 'normalize_answer',
+           'corpus_documents', 'two_part_line', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop',
+           'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
+           'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
+           'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
+           'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -80,6 +81,22 @@ def normalize_answer(s: str) -> str:
     "Lower case, no punctuation, single spaces: what counts as the same short answer."
     return ' '.join(re.sub(r'[^\w\s]', ' ', s.lower()).split())
 
+# %% ../nbs/02a_pretrain_backbones.ipynb #022cd392
+def corpus_documents(data_cfg) -> list:
+    "[(captions, [(question, answer)])] of every corpus scene, the scenes `data.build_corpus` draws its lines from."
+    from blip2_lab import data as D
+    return [(caps, [(q.question, q.answers[0]) for q in qs]) for caps, qs, _ in (D.corpus_scene(data_cfg, i) for i in range(data_cfg.n_corpus))]
+
+DOC_KINDS = ('qa', 'caption')   # what follows the separator in a two-part line
+
+def two_part_line(doc, sep: str, rng: random.Random, kinds=DOC_KINDS) -> str:
+    "A caption of `doc`, the separator `sep` (the LM's bos), then a question about the scene and its answer ('qa') or another caption of it ('caption'), half and half when both `kinds` are given."
+    caps, qas = doc
+    c = rng.choice(caps)
+    if (rng.random() < 0.5) if len(kinds) > 1 else kinds[0] == 'qa':
+        q, a = rng.choice(qas); return f"{c}{sep}{qa_prompt('', q)} {a}"
+    return f"{c}{sep}{rng.choice([x for x in caps if x != c] or caps)}"
+
 # %% ../nbs/02a_pretrain_backbones.ipynb #32aaa5a2
 LM_SIZES = {
     'opt': dict(hidden_size=128, num_hidden_layers=3, ffn_dim=512, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128),
@@ -103,7 +120,8 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96) -> di
     if kind == 'opt':
         enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        n_prompt = [len(x) for x in tok([l[:l.rindex('Short answer:') + len('Short answer:')] for l in lines]).input_ids]  # one call
+        k = len('Short answer:')   # a line with no answer (caption <s> caption): only its closing eos gets the answer weight
+        n_prompt = [len(x) for x in tok([l[:l.rindex('Short answer:') + k] if 'Short answer:' in l else l for l in lines]).input_ids]
         answer_mask = (torch.arange(labels.shape[1])[None] >= torch.tensor(n_prompt)[:, None]) & (labels != -100)
         return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
     src, tgt = [], []
@@ -154,12 +172,13 @@ def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int 
     return losses
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #1974f14d
-def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa') -> dict:
-    "Greedy-answer accuracy of a FrozenLLM on `items` [(context, question, answers, skill)], overall and per skill."
+def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa', sep: str = None) -> dict:
+    "Greedy-answer accuracy of a FrozenLLM on `items` [(context, question, answers, skill)], overall and per skill (`sep`: context, `sep`, then the question)."
     hits, by_skill = [], {}
     for i in tqdm(range(0, len(items), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False):
         chunk = items[i:i + batch_size]
-        prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in chunk]
+        if sep is not None and with_context: prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in chunk]
+        else: prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in chunk]
         preds = llm.generate_text(prompts, max_new_tokens=10, num_beams=1)
         for (c, q, answers, skill), p in zip(chunk, preds):
             ok = normalize_answer(p) in {normalize_answer(a) for a in answers}
@@ -178,8 +197,12 @@ def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
     return replace_dir(tmp, out)
 
 def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, lr: float = 1e-3, seed: int = 0, sizes=None,
-                answer_weight: float = 0.0, init=None, device: str = 'cpu'):
+                answer_weight: float = 0.0, init=None, device: str = 'cpu',
+                docs=None, doc_frac: float = 0.0,    # OPT: this share of each batch is two-part lines of `docs` (corpus_documents)
+                doc_kinds=DOC_KINDS):                # ... of these kinds (two_part_line)
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
+    if doc_frac and (kind != 'opt' or not docs):
+        raise PretrainError(f"doc_frac={doc_frac} needs the OPT and corpus_documents (got {kind!r}, {len(docs or [])} documents): the T5 reads its soft prompt with no separator, so it trains on corpus lines only")
     torch.manual_seed(seed); rng = random.Random(seed)
     t0 = time.time()
     if init is not None:
@@ -190,13 +213,16 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
         tok = make_tokenizer('decoder' if kind == 'opt' else 'encoder-decoder', lines, vocab_size=LM_VOCAB)
         model = new_lm(kind, tok, sizes)
     model.to(device)
-    losses = train_loop(model, lambda s: lm_batch(kind, tok, rng.sample(lines, min(batch_size, len(lines))), rng),
-                        steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
+    def make_batch(step):
+        batch = rng.sample(lines, min(batch_size, len(lines)))
+        if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
+        return lm_batch(kind, tok, batch, rng)
+    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
     llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
-    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, params=n_params(model),
+    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), params=n_params(model),
                 vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 config=config)
     return llm, info
@@ -446,6 +472,8 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--lm-sizes', default='', help='LMs from scratch: JSON of config sizes over LM_SIZES, e.g. \'{"hidden_size": 256}\'')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
+    ap.add_argument('--doc-frac', type=float, default=0.0, help='OPT: share of each batch made of two-part lines (caption <s> question or caption)')
+    ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
     ap.add_argument('overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)')
     a = ap.parse_args(argv)
@@ -456,6 +484,9 @@ def cli_pretrain(argv=None) -> int:
     device = str(resolve_device(a.device))
     try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
     except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
+    if not 0 <= a.doc_frac <= 1: raise PretrainError(f"--doc-frac {a.doc_frac} is a share of each batch: give a number from 0 to 1")
+    kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
+    if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
     if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
     out = backbones_dir(a.out); out.mkdir(parents=True, exist_ok=True)
@@ -466,10 +497,14 @@ def cli_pretrain(argv=None) -> int:
         print(f"== {name} -> {folder}", file=sys.stderr, flush=True)
         if name in ('opt', 't5'):
             prev = load_manifest(name, out) if a.cont else None
+            frac = a.doc_frac if name == 'opt' else 0.0
             llm, info = pretrain_lm(name, d['corpus'], folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
-                                    answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes)
+                                    answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes,
+                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds)
             info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
                                    val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
+            if name == 'opt':   # the caption before the separator, where the soft prompt sits (two-part lines above)
+                info['quality']['val_qa_after_separator'] = qa_accuracy(llm, d['val_items'], True, desc='opt qa <s>', sep=llm.tokenizer.bos_token)
         elif name == 'bert':
             info = pretrain_bert(d['corpus'], [c for cs in d['val_captions'] for c in cs[:1]], folder, cfg.qformer,
                                  steps=a.bert_steps, batch_size=a.batch_size, lr=a.bert_lr, seed=a.seed)

@@ -85,6 +85,20 @@ def test_shipped_llms_answer_from_the_caption():
         assert seen >= 0.8 and blind < seen, (name, seen, blind)
 
 
+def test_shipped_opt_reads_a_caption_before_its_bos():
+    "The soft prompt's slot: the OPT answers from a caption that comes before <s> (the two-part lines of 02a), and says so in its manifest."
+    from blip2_lab.data import make_records
+    cfg = get_preset('lab')
+    recs = make_records(cfg.data, 'val', 12)
+    items = [(r['captions'][0], q['question'], q['answers'], q['skill']) for r in recs for q in r['questions']]
+    llm = load_llm(cfg.llm)
+    after = qa_accuracy(llm, items, sep=llm.tokenizer.bos_token)['accuracy']
+    blind = qa_accuracy(llm, items, with_context=False)['accuracy']
+    assert after >= 0.7 and after > blind + 0.2, (after, blind)
+    m = load_manifest('opt')
+    assert m['doc_frac'] > 0 and m['quality']['val_qa_after_separator']['n'] >= 2000, m
+
+
 def test_bert_matches_the_lab_qformer():
     from transformers import BertModel, AutoTokenizer
     q = get_preset('lab').qformer
