@@ -23,7 +23,7 @@ __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'LM_SIZES', 'LM_
            'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
            'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
            'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
-           'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar']
+           'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -542,3 +542,20 @@ def quality_bar(root=None) -> dict:
         out[n] = seen >= 0.9 and seen > blind + 0.2
     out['vit'] = load_manifest('vit', root)['quality']['i2t_r1'] >= 0.3
     return out
+
+# %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
+def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
+    "Colour-shape binding of a FrozenLLM: accuracy over 2 x `n` questions, and `both`, the share of the `n` two-object descriptions with both answers right."
+    from blip2_lab.data import SEEN_COMBOS
+    rng, items = random.Random(seed), []
+    while len(items) < 2 * n:
+        (c1, s1), (c2, s2) = rng.sample(SEEN_COMBOS, 2)
+        if c1 == c2 or s1 == s2: continue
+        ctx = f"A picture of a small {c1} {s1} at the top and a small {c2} {s2} at the bottom."
+        items += [(ctx, f"What colour is the {s1}?", c1), (ctx, f"What colour is the {s2}?", c2)]
+    hits = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        preds = llm.generate_text([qa_prompt(c, q) for c, q, _ in chunk], max_new_tokens=10, num_beams=1)
+        hits += [normalize_answer(p) == a for (_, _, a), p in zip(chunk, preds)]
+    return dict(accuracy=sum(hits) / len(hits), both=sum(a and b for a, b in zip(hits[::2], hits[1::2])) / n, n=n)
