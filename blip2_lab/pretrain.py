@@ -19,7 +19,7 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
 # %% auto #0
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file',
            'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt', 'normalize_answer',
-           'corpus_documents', 'two_part_line', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop',
+           'corpus_documents', 'two_part_line', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits',
            'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
            'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
            'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
@@ -172,17 +172,20 @@ def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int 
     return losses
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #1974f14d
+def qa_hits(llm, prompts, answers, batch_size: int = 64, desc: str = 'qa') -> list:
+    "For each prompt, whether a FrozenLLM's greedy answer is (after normalize_answer) one of its `answers`."
+    hits = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False):
+        preds = llm.generate_text(prompts[i:i + batch_size], max_new_tokens=10, num_beams=1)
+        hits += [normalize_answer(p) in {normalize_answer(a) for a in ans} for p, ans in zip(preds, answers[i:i + batch_size])]
+    return hits
+
 def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa', sep: str = None) -> dict:
     "Greedy-answer accuracy of a FrozenLLM on `items` [(context, question, answers, skill)], overall and per skill (`sep`: context, `sep`, then the question)."
-    hits, by_skill = [], {}
-    for i in tqdm(range(0, len(items), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False):
-        chunk = items[i:i + batch_size]
-        if sep is not None and with_context: prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in chunk]
-        else: prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in chunk]
-        preds = llm.generate_text(prompts, max_new_tokens=10, num_beams=1)
-        for (c, q, answers, skill), p in zip(chunk, preds):
-            ok = normalize_answer(p) in {normalize_answer(a) for a in answers}
-            hits.append(ok); by_skill.setdefault(skill, []).append(ok)
+    if sep is not None and with_context: prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in items]
+    else: prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in items]
+    hits, by_skill = qa_hits(llm, prompts, [a for _, _, a, _ in items], batch_size, desc), {}
+    for (_, _, _, skill), ok in zip(items, hits): by_skill.setdefault(skill, []).append(ok)
     return dict(accuracy=sum(hits) / max(1, len(hits)), n=len(hits),
                 per_skill={k: round(sum(v) / len(v), 4) for k, v in sorted(by_skill.items())})
 
@@ -552,10 +555,6 @@ def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dic
         (c1, s1), (c2, s2) = rng.sample(SEEN_COMBOS, 2)
         if c1 == c2 or s1 == s2: continue
         ctx = f"A picture of a small {c1} {s1} at the top and a small {c2} {s2} at the bottom."
-        items += [(ctx, f"What colour is the {s1}?", c1), (ctx, f"What colour is the {s2}?", c2)]
-    hits = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        preds = llm.generate_text([qa_prompt(c, q) for c, q, _ in chunk], max_new_tokens=10, num_beams=1)
-        hits += [normalize_answer(p) == a for (_, _, a), p in zip(chunk, preds)]
+        items += [(qa_prompt(ctx, f"What colour is the {s1}?"), [c1]), (qa_prompt(ctx, f"What colour is the {s2}?"), [c2])]
+    hits = qa_hits(llm, [p for p, _ in items], [a for _, a in items], batch_size, desc='binding')
     return dict(accuracy=sum(hits) / len(hits), both=sum(a and b for a, b in zip(hits[::2], hits[1::2])) / n, n=n)
