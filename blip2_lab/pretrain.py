@@ -549,12 +549,13 @@ def quality_bar(root=None) -> dict:
 # %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
 def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
     "Colour-shape binding of a FrozenLLM: accuracy over 2 x `n` questions, and `both`, the share of the `n` two-object descriptions with both answers right."
-    from blip2_lab.data import SEEN_COMBOS
+    from blip2_lab.data import SEEN_COMBOS, make_captions
     rng, items = random.Random(seed), []
     while len(items) < 2 * n:
         (c1, s1), (c2, s2) = rng.sample(SEEN_COMBOS, 2)
         if c1 == c2 or s1 == s2: continue
-        ctx = f"A picture of a small {c1} {s1} at the top and a small {c2} {s2} at the bottom."
+        objs = [dict(size='small', colour=c, shape=s, pos=p) for c, s, p in ((c1, s1, 'top'), (c2, s2, 'bottom'))]
+        ctx = make_captions(dict(objects=objs, text=None), 1, None)[0]   # caption 0: the val captions' template
         items += [(qa_prompt(ctx, f"What colour is the {s1}?"), [c1]), (qa_prompt(ctx, f"What colour is the {s2}?"), [c2])]
     hits = qa_hits(llm, [p for p, _ in items], [a for _, a in items], batch_size, desc='binding')
     return dict(accuracy=sum(hits) / len(hits), both=sum(a and b for a, b in zip(hits[::2], hits[1::2])) / n, n=n)
