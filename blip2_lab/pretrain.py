@@ -23,7 +23,8 @@ __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'LM_SIZES', 'LM_
            'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
            'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
            'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
-           'verify_backbones', 'cli_pretrain', 'backbones_table', 'quality_bar', 'binding_probe']
+           'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar',
+           'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -115,8 +116,8 @@ def new_lm(kind: str, tok, sizes: dict | None = None):
                                                dropout_rate=0.0, **s))
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #4ce6aba7
-def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96) -> dict:
-    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding)."
+def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_frac: float = 0.5) -> dict:
+    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, the rest prefix LM)."
     if kind == 'opt':
         enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -126,7 +127,7 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96) -> di
         return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
     src, tgt = [], []
     for l in lines:
-        if rng.random() < 0.5:
+        if rng.random() < qa_frac:
             c, q, a = split_qa(l); src.append(qa_prompt(c, q)); tgt.append(a)
         else:
             w = l.split(); k = rng.randint(1, max(1, len(w) - 1)); src.append(' '.join(w[:k])); tgt.append(' '.join(w[k:]))
@@ -202,7 +203,8 @@ def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
 def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, lr: float = 1e-3, seed: int = 0, sizes=None,
                 answer_weight: float = 0.0, init=None, device: str = 'cpu',
                 docs=None, doc_frac: float = 0.0,    # OPT: this share of each batch is two-part lines of `docs` (corpus_documents)
-                doc_kinds=DOC_KINDS):                # ... of these kinds (two_part_line)
+                doc_kinds=DOC_KINDS,                 # ... of these kinds (two_part_line)
+                qa_frac: float = 0.5):               # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
     if doc_frac and (kind != 'opt' or not docs):
         raise PretrainError(f"doc_frac={doc_frac} needs the OPT and corpus_documents (got {kind!r}, {len(docs or [])} documents): the T5 reads its soft prompt with no separator, so it trains on corpus lines only")
@@ -219,13 +221,13 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
     def make_batch(step):
         batch = rng.sample(lines, min(batch_size, len(lines)))
         if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
-        return lm_batch(kind, tok, batch, rng)
+        return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac)
     losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
     llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
-    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), params=n_params(model),
+    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac} if kind == 't5' else {}), params=n_params(model),
                 vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 config=config)
     return llm, info
@@ -476,17 +478,28 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
     ap.add_argument('--doc-frac', type=float, default=0.0, help='OPT: share of each batch made of two-part lines (caption <s> question or caption)')
+    ap.add_argument('--t5-qa-frac', type=float, default=0.5, help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM')
     ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
+    ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
+    ap.add_argument('--dry-run', action='store_true', help='with --replay: print the commands, train nothing')
     ap.add_argument('overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)')
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(',') if m.strip()]
     bad = [m for m in models if m not in BACKBONES]
     if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")
+    if a.replay:   # every history is read before the first run can overwrite a manifest
+        import shlex
+        runs = [(n, replay_argv(h['command'], n, a.out)) for n in models for h in manifest_history(n)]
+        for n, args in runs:
+            print('blip2-lab pretrain-backbones ' + shlex.join(args), flush=True)
+            if not a.dry_run: cli_pretrain(args)
+        return 0
     if a.threads: torch.set_num_threads(a.threads)
     device = str(resolve_device(a.device))
     try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
     except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
+    if not 0 <= a.t5_qa_frac <= 1: raise PretrainError(f"--t5-qa-frac {a.t5_qa_frac} is a share of each batch: give a number from 0 to 1")
     if not 0 <= a.doc_frac <= 1: raise PretrainError(f"--doc-frac {a.doc_frac} is a share of each batch: give a number from 0 to 1")
     kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
     if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
@@ -503,7 +516,7 @@ def cli_pretrain(argv=None) -> int:
             frac = a.doc_frac if name == 'opt' else 0.0
             llm, info = pretrain_lm(name, d['corpus'], folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
                                     answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes,
-                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds)
+                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac)
             info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
                                    val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
             if name == 'opt':   # the caption before the separator, where the soft prompt sits (two-part lines above)
@@ -521,6 +534,27 @@ def cli_pretrain(argv=None) -> int:
         man = write_manifest(folder, name, info, command, cfg.data)
         print(json.dumps({'model': name, 'train_seconds': man['train_seconds'], 'quality': man.get('quality')}), flush=True)
     return 0
+
+# %% ../nbs/02a_pretrain_backbones.ipynb #ccadfc8a
+def manifest_history(name: str, root=None) -> list:
+    "The `blip2-lab pretrain-backbones` runs that made shipped backbone `name`, oldest first (each `--continue` run trained on from the one before); steps and seconds are running totals."
+    m, out = load_manifest(name, root), []
+    while m:
+        out.append(dict(command=m['command'], device=m.get('device', 'cpu'), total_steps=m['steps'], total_seconds=m['train_seconds'], created=m.get('created')))
+        m = m.get('continued_from')
+    return out[::-1]
+
+def replay_argv(command: str, name: str, out) -> list:
+    "`cli_pretrain` arguments that rerun a manifest's `command` for backbone `name` alone, writing to folder `out` (on the CPU when it ran on a GPU and none is here)."
+    import shlex
+    argv, i, res = shlex.split(command)[2:], 0, []
+    while i < len(argv):
+        k = argv[i]
+        if k in ('--models', '--out', '--device'): i += 2; continue
+        res.append(k); i += 1
+    dev = argv[argv.index('--device') + 1] if '--device' in argv else 'cpu'
+    if dev.startswith('cuda') and not torch.cuda.is_available(): dev = 'cpu'
+    return res + ['--models', name, '--out', str(out), '--device', dev]
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #1541266e
 def backbones_table(root=None) -> list:
