@@ -116,8 +116,9 @@ def new_lm(kind: str, tok, sizes: dict | None = None):
                                                dropout_rate=0.0, **s))
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #4ce6aba7
-def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_frac: float = 0.5) -> dict:
-    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, the rest prefix LM)."
+def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_frac: float = 0.5,
+             caption_frac: float = 0.0) -> dict:   # T5: this share of the lines is (nothing -> the line's caption)
+    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, `caption_frac` as captions from an empty input, the rest prefix LM)."
     if kind == 'opt':
         enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -127,8 +128,10 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_fr
         return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
     src, tgt = [], []
     for l in lines:
-        if rng.random() < qa_frac:
+        u = rng.random()
+        if u < qa_frac:
             c, q, a = split_qa(l); src.append(qa_prompt(c, q)); tgt.append(a)
+        elif u < qa_frac + caption_frac: src.append(''); tgt.append(split_qa(l)[0])
         else:
             w = l.split(); k = rng.randint(1, max(1, len(w) - 1)); src.append(' '.join(w[:k])); tgt.append(' '.join(w[k:]))
     enc = tok(src, return_tensors='pt', padding=True, truncation=True, max_length=max_len)
@@ -204,7 +207,8 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
                 answer_weight: float = 0.0, init=None, device: str = 'cpu',
                 docs=None, doc_frac: float = 0.0,    # OPT: this share of each batch is two-part lines of `docs` (corpus_documents)
                 doc_kinds=DOC_KINDS,                 # ... of these kinds (two_part_line)
-                qa_frac: float = 0.5):               # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
+                qa_frac: float = 0.5,                # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
+                caption_frac: float = 0.0):          # T5: share of captions written from an empty input
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
     if doc_frac and (kind != 'opt' or not docs):
         raise PretrainError(f"doc_frac={doc_frac} needs the OPT and corpus_documents (got {kind!r}, {len(docs or [])} documents): the T5 reads its soft prompt with no separator, so it trains on corpus lines only")
@@ -221,13 +225,13 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
     def make_batch(step):
         batch = rng.sample(lines, min(batch_size, len(lines)))
         if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
-        return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac)
+        return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac, caption_frac=caption_frac)
     losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
     llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
-    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac} if kind == 't5' else {}), params=n_params(model),
+    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac, 'caption_frac': caption_frac} if kind == 't5' else {}), params=n_params(model),
                 vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 config=config)
     return llm, info
@@ -479,6 +483,7 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
     ap.add_argument('--doc-frac', type=float, default=0.0, help='OPT: share of each batch made of two-part lines (caption <s> question or caption)')
     ap.add_argument('--t5-qa-frac', type=float, default=0.5, help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM')
+    ap.add_argument('--t5-caption-frac', type=float, default=0.0, help='T5: share of each batch as captions written from an empty input (how it captions from a soft prompt alone)')
     ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
     ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
@@ -499,7 +504,8 @@ def cli_pretrain(argv=None) -> int:
     device = str(resolve_device(a.device))
     try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
     except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
-    if not 0 <= a.t5_qa_frac <= 1: raise PretrainError(f"--t5-qa-frac {a.t5_qa_frac} is a share of each batch: give a number from 0 to 1")
+    if not (0 <= a.t5_qa_frac and 0 <= a.t5_caption_frac and a.t5_qa_frac + a.t5_caption_frac <= 1):
+        raise PretrainError(f"--t5-qa-frac {a.t5_qa_frac} and --t5-caption-frac {a.t5_caption_frac} are shares of each batch: give numbers from 0 to 1 that add up to at most 1")
     if not 0 <= a.doc_frac <= 1: raise PretrainError(f"--doc-frac {a.doc_frac} is a share of each batch: give a number from 0 to 1")
     kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
     if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
@@ -516,7 +522,7 @@ def cli_pretrain(argv=None) -> int:
             frac = a.doc_frac if name == 'opt' else 0.0
             llm, info = pretrain_lm(name, d['corpus'], folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
                                     answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes,
-                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac)
+                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac, caption_frac=a.t5_caption_frac)
             info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
                                    val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
             if name == 'opt':   # the caption before the separator, where the soft prompt sits (two-part lines above)

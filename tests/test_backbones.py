@@ -72,8 +72,8 @@ def test_lab_preset_loads_the_shipped_llms_fp32_and_frozen():
     assert load_llm(get_preset('lab').llm).kind == 'decoder'   # the lab preset's LLM is the OPT
 
 
-@BAR
 def test_shipped_llms_answer_from_the_caption():
+    "Both shipped LLMs answer at least 80% of the questions about 12 val images from the caption (OPT 85.7%, T5 81.2% on these 133), and fewer blind."
     from blip2_lab.data import make_records
     cfg = get_preset('lab')
     recs = make_records(cfg.data, 'val', 12)
