@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e92cb855
 from __future__ import annotations
-import argparse, hashlib, json, math, os, random, re, shutil, sys, time
+import argparse, hashlib, json, math, os, random, re, shlex, shutil, sys, time
 from collections import Counter
 from pathlib import Path
 import torch
@@ -494,7 +494,6 @@ def cli_pretrain(argv=None) -> int:
     bad = [m for m in models if m not in BACKBONES]
     if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")
     if a.replay:   # every history is read before the first run can overwrite a manifest
-        import shlex
         runs = [(n, replay_argv(h['command'], n, a.out)) for n in models for h in manifest_history(n)]
         for n, args in runs:
             print('blip2-lab pretrain-backbones ' + shlex.join(args), flush=True)
@@ -552,7 +551,6 @@ def manifest_history(name: str, root=None) -> list:
 
 def replay_argv(command: str, name: str, out) -> list:
     "`cli_pretrain` arguments that rerun a manifest's `command` for backbone `name` alone, writing to folder `out` (on the CPU when it ran on a GPU and none is here)."
-    import shlex
     argv, i, res = shlex.split(command)[2:], 0, []
     while i < len(argv):
         k = argv[i]
