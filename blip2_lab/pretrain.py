@@ -17,14 +17,14 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file',
-           'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt', 'normalize_answer',
-           'corpus_documents', 'two_part_line', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits',
-           'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
-           'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
-           'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
-           'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar',
-           'binding_probe']
+__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'LM_SIZES', 'LM_VOCAB',
+           'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt',
+           'normalize_answer', 'corpus_documents', 'two_part_line', 'binding_lines', 'new_lm', 'lm_batch', 'lm_loss',
+           'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir',
+           'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
+           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
+           'backbones_dir', 'load_manifest', 'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv',
+           'backbones_table', 'quality_bar', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -98,6 +98,35 @@ def two_part_line(doc, sep: str, rng: random.Random, kinds=DOC_KINDS) -> str:
         q, a = rng.choice(qas); return f"{c}{sep}{qa_prompt('', q)} {a}"
     return f"{c}{sep}{rng.choice([x for x in caps if x != c] or caps)}"
 
+# %% ../nbs/02a_pretrain_backbones.ipynb #01ce79da
+BINDING_WORDINGS = ('one', 'corpus')              # binding_lines: one caption template and two question forms | the corpus's wordings
+BINDING_SKILLS = ('colour', 'shape', 'spatial')   # the corpus's question skills whose answers depend on binding
+
+def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS) -> list:
+    "`n` QA lines about scenes of two or more objects whose answers need binding (which colour goes with which shape, where): in one wording ('one') or the corpus's ('corpus', questions of `skills`)."
+    from blip2_lab import data as D
+    if wording not in BINDING_WORDINGS: raise PretrainError(f"binding wording {wording!r}: choose one of {BINDING_WORDINGS}")
+    bad = set(skills) - set(D.SKILLS)
+    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from {D.SKILLS}")
+    rng, cells, out = np.random.default_rng(seed), [p for row in D.POSITIONS for p in row], []
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
+    while len(out) < n:
+        if wording == 'one':
+            k = int(rng.integers(2, 4)); combos = [D.SEEN_COMBOS[i] for i in rng.choice(len(D.SEEN_COMBOS), k, replace=False)]
+            if len({c for c, _ in combos}) < k or len({s for _, s in combos}) < k: continue
+            objs = [dict(size=pick(D.SIZES), colour=c, shape=s, pos=cells[j]) for (c, s), j in zip(combos, rng.choice(len(cells), k, replace=False))]
+            c, s = pick(combos)
+            q, a = (f"What colour is the {s}?", c) if rng.random() < 0.5 else (f"What shape is the {c} object?", s)
+            out.append(f"{D.make_captions(dict(objects=objs, text=None), 1, None)[0]} {D.VQA_PROMPT.format(q)} {a}")
+            continue
+        sc = D.sample_scene(rng, data_cfg.max_objects, data_cfg.text_prob)
+        cands = [x for x in D._candidates(sc, D.SEEN_COMBOS) if x[0] in skills]
+        if len(sc['objects']) < 2 or not cands: continue
+        caps = D.make_captions(sc, data_cfg.captions_per_image, rng)
+        for _ in range(min(3, n - len(out))):   # three questions per scene, each under a caption drawn afresh
+            _, _, q, a = pick(cands); out.append(f"{pick(caps)} {D.VQA_PROMPT.format(q)} {a}")
+    return out
+
 # %% ../nbs/02a_pretrain_backbones.ipynb #32aaa5a2
 LM_SIZES = {
     'opt': dict(hidden_size=128, num_hidden_layers=3, ffn_dim=512, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128),
@@ -139,14 +168,15 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_fr
     labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
     return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=labels != -100)
 
-def lm_loss(model, b: dict, answer_weight: float = 0.0):
-    "Mean next-token loss over the line, plus `answer_weight` x the mean loss of the answer tokens alone."
+def lm_loss(model, b: dict, answer_weight: float = 0.0, answer_only: bool = False):
+    "Mean next-token loss over the line, plus `answer_weight` x the mean loss of the answer tokens alone (`answer_only`: that answer loss and nothing else)."
     am = b.pop('answer_mask')
     out = model(**b)
-    if not answer_weight: return out.loss
+    if not (answer_weight or answer_only): return out.loss
     if model.config.is_encoder_decoder: logits, tgt, m = out.logits, b['labels'], am
     else: logits, tgt, m = out.logits[:, :-1], b['labels'][:, 1:], am[:, 1:]
-    return out.loss + answer_weight * F.cross_entropy(logits[m].float(), tgt[m])
+    ans = F.cross_entropy(logits[m].float(), tgt[m])
+    return ans if answer_only else out.loss + answer_weight * ans
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #d7a79f72
 def to_device(b, device):
@@ -208,8 +238,12 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
                 docs=None, doc_frac: float = 0.0,    # OPT: this share of each batch is two-part lines of `docs` (corpus_documents)
                 doc_kinds=DOC_KINDS,                 # ... of these kinds (two_part_line)
                 qa_frac: float = 0.5,                # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
-                caption_frac: float = 0.0):          # T5: share of captions written from an empty input
+                caption_frac: float = 0.0,           # T5: share of captions written from an empty input
+                mix=None, mix_frac: float = 0.0,     # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
+                answer_only: bool = False,           # the loss is on the answer tokens alone (lm_loss)
+                tok_lines=None):                     # from scratch: train the tokenizer on these lines (default: `lines`)
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
+    if mix_frac and not mix: raise PretrainError(f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none")
     if doc_frac and (kind != 'opt' or not docs):
         raise PretrainError(f"doc_frac={doc_frac} needs the OPT and corpus_documents (got {kind!r}, {len(docs or [])} documents): the T5 reads its soft prompt with no separator, so it trains on corpus lines only")
     torch.manual_seed(seed); rng = random.Random(seed)
@@ -219,19 +253,20 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
         model, tok = prev.model, prev.tokenizer
         for p in model.parameters(): p.requires_grad_(True)
     else:
-        tok = make_tokenizer('decoder' if kind == 'opt' else 'encoder-decoder', lines, vocab_size=LM_VOCAB)
+        tok = make_tokenizer('decoder' if kind == 'opt' else 'encoder-decoder', lines if tok_lines is None else tok_lines, vocab_size=LM_VOCAB)
         model = new_lm(kind, tok, sizes)
     model.to(device)
     def make_batch(step):
         batch = rng.sample(lines, min(batch_size, len(lines)))
+        if mix_frac: batch = [rng.choice(mix) if rng.random() < mix_frac else l for l in batch]
         if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
         return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac, caption_frac=caption_frac)
-    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight))
+    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight, answer_only))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
     llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
-    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac, 'caption_frac': caption_frac} if kind == 't5' else {}), params=n_params(model),
+    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac, 'caption_frac': caption_frac} if kind == 't5' else {}), **({'mix_frac': mix_frac} if mix_frac else {}), **({'answer_only': True} if answer_only else {}), params=n_params(model),
                 vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 config=config)
     return llm, info
@@ -485,6 +520,11 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--t5-qa-frac', type=float, default=0.5, help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM')
     ap.add_argument('--t5-caption-frac', type=float, default=0.0, help='T5: share of each batch as captions written from an empty input (how it captions from a soft prompt alone)')
     ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
+    ap.add_argument('--lm-lines', default='corpus', choices=('corpus', 'binding', 'binding-one'), help='LMs: train on the corpus, or on binding_lines only (corpus wordings | one wording): the curriculum\'s first stages')
+    ap.add_argument('--binding-frac', type=float, default=0.0, help='LMs with --lm-lines corpus: share of each batch drawn from binding_lines (corpus wordings)')
+    ap.add_argument('--binding-skills', default=','.join(BINDING_SKILLS), help='question skills of the binding lines (corpus wordings)')
+    ap.add_argument('--n-binding', type=int, default=120000, help='how many binding lines to make')
+    ap.add_argument('--answer-only', action='store_true', help='LMs: the loss is on the answer tokens alone (no language modelling of the description)')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
     ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
     ap.add_argument('--dry-run', action='store_true', help='with --replay: print the commands, train nothing')
@@ -509,6 +549,11 @@ def cli_pretrain(argv=None) -> int:
     kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
     if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
     if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
+    if not 0 <= a.binding_frac <= 1: raise PretrainError(f"--binding-frac {a.binding_frac} is a share of each batch: give a number from 0 to 1")
+    if a.binding_frac and a.lm_lines != 'corpus': raise PretrainError(f"--binding-frac mixes binding lines into the corpus, but --lm-lines {a.lm_lines} trains on binding lines only: drop one of the two")
+    bskills = tuple(k.strip() for k in a.binding_skills.split(',') if k.strip())
+    uses_binding = a.lm_lines != 'corpus' or a.binding_frac > 0
+    if uses_binding and a.n_binding < 1: raise PretrainError(f"--n-binding {a.n_binding}: give how many binding lines to make (e.g. 120000)")
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
     out = backbones_dir(a.out); out.mkdir(parents=True, exist_ok=True)
     command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
@@ -519,9 +564,14 @@ def cli_pretrain(argv=None) -> int:
         if name in ('opt', 't5'):
             prev = load_manifest(name, out) if a.cont else None
             frac = a.doc_frac if name == 'opt' else 0.0
-            llm, info = pretrain_lm(name, d['corpus'], folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
+            bl = binding_lines(cfg.data, a.n_binding, a.seed, 'one' if a.lm_lines == 'binding-one' else 'corpus', bskills) if uses_binding else None
+            main = d['corpus'] if a.lm_lines == 'corpus' else bl
+            llm, info = pretrain_lm(name, main, folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
                                     answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes,
-                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac, caption_frac=a.t5_caption_frac)
+                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac, caption_frac=a.t5_caption_frac,
+                                    mix=bl if a.binding_frac else None, mix_frac=a.binding_frac, answer_only=a.answer_only,
+                                    tok_lines=None if main is d['corpus'] else d['corpus'] + main)   # the tokenizer always knows the corpus's words
+            if uses_binding: info.update(lm_lines=a.lm_lines, binding_frac=a.binding_frac, binding_skills=list(bskills), n_binding=a.n_binding)
             info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
                                    val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
             if name == 'opt':   # the caption before the separator, where the soft prompt sits (two-part lines above)
