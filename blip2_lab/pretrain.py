@@ -592,10 +592,11 @@ def cli_pretrain(argv=None) -> int:
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #ccadfc8a
 def manifest_history(name: str, root=None) -> list:
-    "The `blip2-lab pretrain-backbones` runs that made shipped backbone `name`, oldest first (each `--continue` run trained on from the one before); steps and seconds are running totals."
+    "The `blip2-lab pretrain-backbones` runs that made backbone `name` (shipped, or the manifest in folder `root`), oldest first (each `--continue` run trained on from the one before), with the quality measured after each; steps and seconds are running totals."
     m, out = load_manifest(name, root), []
     while m:
-        out.append(dict(command=m['command'], device=m.get('device', 'cpu'), total_steps=m['steps'], total_seconds=m['train_seconds'], created=m.get('created')))
+        out.append(dict(command=m['command'], device=m.get('device', 'cpu'), total_steps=m['steps'], total_seconds=m['train_seconds'], created=m.get('created'),
+                        quality=m.get('quality')))
         m = m.get('continued_from')
     return out[::-1]
 
