@@ -19,12 +19,12 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
 # %% auto #0
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'LM_SIZES', 'LM_VOCAB',
            'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt',
-           'normalize_answer', 'corpus_documents', 'two_part_line', 'binding_lines', 'new_lm', 'lm_batch', 'lm_loss',
-           'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir',
-           'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
-           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
-           'backbones_dir', 'load_manifest', 'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv',
-           'backbones_table', 'quality_bar', 'binding_probe']
+           'normalize_answer', 'corpus_documents', 'two_part_line', 'check_binding_skills', 'binding_lines', 'new_lm',
+           'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'save_lm', 'pretrain_lm',
+           'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert',
+           'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval', 'pretrain_vit',
+           'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest', 'verify_backbones',
+           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -102,12 +102,18 @@ def two_part_line(doc, sep: str, rng: random.Random, kinds=DOC_KINDS) -> str:
 BINDING_WORDINGS = ('one', 'corpus')              # binding_lines: one caption template and two question forms | the corpus's wordings
 BINDING_SKILLS = ('colour', 'shape', 'spatial')   # the corpus's question skills whose answers depend on binding
 
+def check_binding_skills(skills) -> tuple:
+    "`skills` as a tuple, if it names one or more of ShapesWorld's question skills; otherwise an error that lists them."
+    from blip2_lab import data as D
+    bad = set(skills) - set(D.SKILLS)
+    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from {D.SKILLS}")
+    return tuple(skills)
+
 def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS) -> list:
     "`n` QA lines about scenes of two or more objects whose answers need binding (which colour goes with which shape, where): in one wording ('one') or the corpus's ('corpus', questions of `skills`)."
     from blip2_lab import data as D
     if wording not in BINDING_WORDINGS: raise PretrainError(f"binding wording {wording!r}: choose one of {BINDING_WORDINGS}")
-    bad = set(skills) - set(D.SKILLS)
-    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from {D.SKILLS}")
+    skills = check_binding_skills(skills)
     rng, cells, out = np.random.default_rng(seed), [p for row in D.POSITIONS for p in row], []
     pick = lambda xs: xs[int(rng.integers(len(xs)))]
     while len(out) < n:
@@ -551,7 +557,7 @@ def cli_pretrain(argv=None) -> int:
     if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
     if not 0 <= a.binding_frac <= 1: raise PretrainError(f"--binding-frac {a.binding_frac} is a share of each batch: give a number from 0 to 1")
     if a.binding_frac and a.lm_lines != 'corpus': raise PretrainError(f"--binding-frac mixes binding lines into the corpus, but --lm-lines {a.lm_lines} trains on binding lines only: drop one of the two")
-    bskills = tuple(k.strip() for k in a.binding_skills.split(',') if k.strip())
+    bskills = check_binding_skills([k.strip() for k in a.binding_skills.split(',') if k.strip()])   # checked before any data is built
     uses_binding = a.lm_lines != 'corpus' or a.binding_frac > 0
     if uses_binding and a.n_binding < 1: raise PretrainError(f"--n-binding {a.n_binding}: give how many binding lines to make (e.g. 120000)")
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
