@@ -24,7 +24,8 @@ __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDING
            'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert',
            'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval', 'pretrain_vit',
            'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest', 'verify_backbones',
-           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'binding_probe']
+           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
+           'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -640,6 +641,17 @@ def quality_bar(root=None) -> dict:
         out[n] = seen >= 0.9 and seen > blind + 0.2
     out['vit'] = load_manifest('vit', root)['quality']['i2t_r1'] >= 0.3
     return out
+
+# %% ../nbs/02a_pretrain_backbones.ipynb #64e3400c
+def qa_breakdown(llm, records, batch_size: int = 64) -> dict:
+    "Greedy-answer accuracy of a FrozenLLM from caption 0 of each ShapesWorld record, per question template ('skill/qtype') and per number of objects in the scene: {'qtype' | 'objects': {key: (accuracy, n)}}."
+    items = [(r['captions'][0], q, len(r['meta']['scene']['objects'])) for r in records for q in r['questions']]
+    if not items: raise PretrainError("qa_breakdown got no questions: pass ShapesWorld records (blip2_lab.data.make_records)")
+    hits = qa_hits(llm, [qa_prompt(c, q['question']) for c, q, _ in items], [q['answers'] for _, q, _ in items], batch_size, desc='breakdown')
+    groups = {'qtype': {}, 'objects': {}}
+    for (_, q, k), ok in zip(items, hits):
+        groups['qtype'].setdefault(f"{q['skill']}/{q['qtype']}", []).append(ok); groups['objects'].setdefault(k, []).append(ok)
+    return {g: {k: (sum(v) / len(v), len(v)) for k, v in sorted(d.items())} for g, d in groups.items()}
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
 def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
