@@ -20,9 +20,9 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'LM_SIZES', 'LM_VOCAB',
            'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt',
            'normalize_answer', 'corpus_documents', 'two_part_line', 'check_binding_skills', 'binding_lines', 'new_lm',
-           'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'save_lm', 'pretrain_lm',
-           'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert',
-           'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval', 'pretrain_vit',
+           'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'rate_by', 'save_lm',
+           'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss',
+           'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval', 'pretrain_vit',
            'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest', 'verify_backbones',
            'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
            'binding_probe']
@@ -225,10 +225,15 @@ def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, des
     "Greedy-answer accuracy of a FrozenLLM on `items` [(context, question, answers, skill)], overall and per skill (`sep`: context, `sep`, then the question)."
     if sep is not None and with_context: prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in items]
     else: prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in items]
-    hits, by_skill = qa_hits(llm, prompts, [a for _, _, a, _ in items], batch_size, desc), {}
-    for (_, _, _, skill), ok in zip(items, hits): by_skill.setdefault(skill, []).append(ok)
+    hits = qa_hits(llm, prompts, [a for _, _, a, _ in items], batch_size, desc)
     return dict(accuracy=sum(hits) / max(1, len(hits)), n=len(hits),
-                per_skill={k: round(sum(v) / len(v), 4) for k, v in sorted(by_skill.items())})
+                per_skill={k: round(a, 4) for k, (a, _) in rate_by([s for *_, s in items], hits).items()})
+
+def rate_by(keys, hits) -> dict:
+    "{key: (share of `hits` that are true, count)} over the items of each key, keys sorted: accuracy per group."
+    groups = {}
+    for k, ok in zip(keys, hits): groups.setdefault(k, []).append(ok)
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #5b4615c3
 def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
@@ -648,10 +653,7 @@ def qa_breakdown(llm, records, batch_size: int = 64) -> dict:
     items = [(r['captions'][0], q, len(r['meta']['scene']['objects'])) for r in records for q in r['questions']]
     if not items: raise PretrainError("qa_breakdown got no questions: pass ShapesWorld records (blip2_lab.data.make_records)")
     hits = qa_hits(llm, [qa_prompt(c, q['question']) for c, q, _ in items], [q['answers'] for _, q, _ in items], batch_size, desc='breakdown')
-    groups = {'qtype': {}, 'objects': {}}
-    for (_, q, k), ok in zip(items, hits):
-        groups['qtype'].setdefault(f"{q['skill']}/{q['qtype']}", []).append(ok); groups['objects'].setdefault(k, []).append(ok)
-    return {g: {k: (sum(v) / len(v), len(v)) for k, v in sorted(d.items())} for g, d in groups.items()}
+    return dict(qtype=rate_by([f"{q['skill']}/{q['qtype']}" for _, q, _ in items], hits), objects=rate_by([k for *_, k in items], hits))
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
 def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
