@@ -410,6 +410,7 @@ class ImageTextDataset:
     def __len__(self): return len(self.records)
     @property
     def image_ids(self) -> list[str]: return [r['image_id'] for r in self.records]
+    def image_id(self, i: int) -> str: return self.records[i]['image_id']   # one id: per item, without building the list
     def captions(self, i: int) -> list[str]: return self.records[i]['captions']
     def questions(self, i: int) -> list[QA]: return self._qas[i]
 
@@ -663,7 +664,7 @@ class CaptionPairs(torch.utils.data.Dataset):
     def __len__(self): return len(self.ds)
     def _choice(self, i):
         n = len(self.ds.captions(i))
-        if n == 0: raise DataError(f"image {self.ds.image_ids[i]} of {self.ds.source}/{self.ds.split} has no caption: caption training needs captions")
+        if n == 0: raise DataError(f"image {self.ds.image_id(i)} of {self.ds.source}/{self.ds.split} has no caption: caption training needs captions")
         rng = np.random.default_rng([self.seed, self.epoch, i])
         return int(rng.integers(n)), bool(self.flip and rng.random() < 0.5)
     def caption_index(self, i: int) -> int:
@@ -675,7 +676,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if not self.ds.hflip_ok: text = swap_left_right(text)
-        return dict(pixel_values=self.transform(img), text=text, image_index=i, image_id=self.ds.image_ids[i])
+        return dict(pixel_values=self.transform(img), text=text, image_index=i, image_id=self.ds.image_id(i))
 
 class VQAItems(torch.utils.data.Dataset):
     "One item per (image, question) pair."
@@ -686,7 +687,7 @@ class VQAItems(torch.utils.data.Dataset):
     def __getitem__(self, k):
         i, j = self.index[k]; q = self.ds.questions(i)[j]
         return dict(pixel_values=self.transform(self.ds.image(i)), question=q.question, answers=list(q.answers),
-                    skill=q.skill, qtype=q.qtype, image_id=self.ds.image_ids[i], image_index=i)
+                    skill=q.skill, qtype=q.qtype, image_id=self.ds.image_id(i), image_index=i)
 
 def collate_dicts(items: list[dict]) -> dict:
     "Batch a list of dicts: tensors stacked, numbers to tensors, everything else kept as lists."
