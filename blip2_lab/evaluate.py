@@ -217,8 +217,7 @@ def _image(ds, i):
 
 def _image_id(ds, i) -> str:
     "Id of image `i` without loading the image when the dataset allows."
-    recs = getattr(ds, 'records', None)
-    return recs[i]['image_id'] if recs is not None else ds[i].image_id
+    return ds.image_id(i) if callable(getattr(ds, 'image_id', None)) else ds[i].image_id
 
 def _captions(ds, i) -> list:
     "The captions of image `i` (the dataset's fast path when it has one)."
