@@ -17,15 +17,15 @@ from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_enc
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'LM_SIZES', 'LM_VOCAB',
-           'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params', 'split_qa', 'qa_prompt',
-           'normalize_answer', 'corpus_documents', 'two_part_line', 'check_binding_skills', 'binding_lines', 'new_lm',
-           'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy', 'rate_by', 'save_lm',
-           'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy', 'masked_only_loss',
-           'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval', 'pretrain_vit',
-           'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest', 'verify_backbones',
-           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
-           'binding_probe']
+__all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'BINDING_QTYPES',
+           'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params',
+           'split_qa', 'qa_prompt', 'normalize_answer', 'corpus_documents', 'two_part_line', 'check_binding_skills',
+           'binding_lines', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy',
+           'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
+           'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
+           'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
+           'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar',
+           'qa_breakdown', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -102,12 +102,13 @@ def two_part_line(doc, sep: str, rng: random.Random, kinds=DOC_KINDS) -> str:
 # %% ../nbs/02a_pretrain_backbones.ipynb #01ce79da
 BINDING_WORDINGS = ('one', 'corpus')              # binding_lines: one caption template and two question forms | the corpus's wordings
 BINDING_SKILLS = ('colour', 'shape', 'spatial')   # the corpus's question skills whose answers depend on binding
+BINDING_QTYPES = ('colour_at', 'colour_of', 'shape_at', 'shape_of', 'side', 'height', 'left_of', 'above')   # their templates (`data._candidates`)
 
 def check_binding_skills(skills) -> tuple:
-    "`skills` as a tuple, if it names one or more of ShapesWorld's question skills; otherwise an error that lists them."
+    "`skills` as a tuple, if it names one or more of ShapesWorld's question skills or binding templates (`BINDING_QTYPES`); otherwise an error that lists them."
     from blip2_lab import data as D
-    bad = set(skills) - set(D.SKILLS)
-    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from {D.SKILLS}")
+    bad = set(skills) - set(D.SKILLS) - set(BINDING_QTYPES)
+    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from the skills {D.SKILLS} or the templates {BINDING_QTYPES}")
     return tuple(skills)
 
 def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS) -> list:
@@ -127,7 +128,7 @@ def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skil
             out.append(f"{D.make_captions(dict(objects=objs, text=None), 1, None)[0]} {D.VQA_PROMPT.format(q)} {a}")
             continue
         sc = D.sample_scene(rng, data_cfg.max_objects, data_cfg.text_prob)
-        cands = [x for x in D._candidates(sc, D.SEEN_COMBOS) if x[0] in skills]
+        cands = [x for x in D._candidates(sc, D.SEEN_COMBOS) if x[0] in skills or x[1] in skills]   # by skill or by template
         if len(sc['objects']) < 2 or not cands: continue
         caps = D.make_captions(sc, data_cfg.captions_per_image, rng)
         for _ in range(min(3, n - len(out))):   # three questions per scene, each under a caption drawn afresh
@@ -534,7 +535,7 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
     ap.add_argument('--lm-lines', default='corpus', choices=('corpus', 'binding', 'binding-one'), help='LMs: train on the corpus, or on binding_lines only (corpus wordings | one wording): the curriculum\'s first stages')
     ap.add_argument('--binding-frac', type=float, default=0.0, help='LMs with --lm-lines corpus: share of each batch drawn from binding_lines (corpus wordings)')
-    ap.add_argument('--binding-skills', default=','.join(BINDING_SKILLS), help='question skills of the binding lines (corpus wordings)')
+    ap.add_argument('--binding-skills', default=','.join(BINDING_SKILLS), help='question skills (or templates, e.g. shape_at,left_of) of the binding lines (corpus wordings)')
     ap.add_argument('--n-binding', type=int, default=120000, help='how many binding lines to make')
     ap.add_argument('--answer-only', action='store_true', help='LMs: the loss is on the answer tokens alone (no language modelling of the description)')
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
