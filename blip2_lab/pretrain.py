@@ -155,7 +155,7 @@ def new_lm(kind: str, tok, sizes: dict | None = None):
 # %% ../nbs/02a_pretrain_backbones.ipynb #4ce6aba7
 def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_frac: float = 0.5,
              caption_frac: float = 0.0) -> dict:   # T5: this share of the lines is (nothing -> the line's caption)
-    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, `caption_frac` as captions from an empty input, the rest prefix LM)."
+    "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, `caption_frac` as captions from an empty input, the rest prefix LM; two-part lines: description + question -> answer, or description + the second caption's first words -> the rest)."
     if kind == 'opt':
         enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -165,6 +165,12 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_fr
         return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
     src, tgt = [], []
     for l in lines:
+        if tok.bos_token in l:   # a two-part line (two_part_line): the description, then a question or a second caption
+            ctx, rest = l.split(tok.bos_token, 1)
+            if 'Short answer:' in rest: _, q, a = split_qa(rest); src.append(qa_prompt(ctx, q)); tgt.append(a)
+            else:   # the second caption cut after k ~ U{0..n-1} words: the encoder reads the description and those words
+                w = rest.split(); k = rng.randint(0, len(w) - 1); src.append(' '.join([ctx] + w[:k])); tgt.append(' '.join(w[k:]))
+            continue
         u = rng.random()
         if u < qa_frac:
             c, q, a = split_qa(l); src.append(qa_prompt(c, q)); tgt.append(a)
@@ -248,7 +254,7 @@ def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
 
 def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, lr: float = 1e-3, seed: int = 0, sizes=None,
                 answer_weight: float = 0.0, init=None, device: str = 'cpu',
-                docs=None, doc_frac: float = 0.0,    # OPT: this share of each batch is two-part lines of `docs` (corpus_documents)
+                docs=None, doc_frac: float = 0.0,    # this share of each batch is two-part lines of `docs` (corpus_documents)
                 doc_kinds=DOC_KINDS,                 # ... of these kinds (two_part_line)
                 qa_frac: float = 0.5,                # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
                 caption_frac: float = 0.0,           # T5: share of captions written from an empty input
@@ -257,8 +263,7 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
                 tok_lines=None):                     # from scratch: train the tokenizer on these lines (default: `lines`)
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
     if mix_frac and not mix: raise PretrainError(f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none")
-    if doc_frac and (kind != 'opt' or not docs):
-        raise PretrainError(f"doc_frac={doc_frac} needs the OPT and corpus_documents (got {kind!r}, {len(docs or [])} documents): the T5 reads its soft prompt with no separator, so it trains on corpus lines only")
+    if doc_frac and not docs: raise PretrainError(f"doc_frac={doc_frac} needs the scenes to make two-part lines of: pass docs=corpus_documents(data_cfg)")
     torch.manual_seed(seed); rng = random.Random(seed)
     t0 = time.time()
     if init is not None:
@@ -530,6 +535,7 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
     ap.add_argument('--doc-frac', type=float, default=0.0, help='OPT: share of each batch made of two-part lines (caption <s> question or caption)')
+    ap.add_argument('--t5-doc-frac', type=float, default=0.0, help='T5: share of each batch made of two-part lines (caption, then a question -> its answer, or a second caption\'s first words -> the rest)')
     ap.add_argument('--t5-qa-frac', type=float, default=0.5, help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM')
     ap.add_argument('--t5-caption-frac', type=float, default=0.0, help='T5: share of each batch as captions written from an empty input (how it captions from a soft prompt alone)')
     ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
@@ -558,7 +564,8 @@ def cli_pretrain(argv=None) -> int:
     except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
     if not (0 <= a.t5_qa_frac and 0 <= a.t5_caption_frac and a.t5_qa_frac + a.t5_caption_frac <= 1):
         raise PretrainError(f"--t5-qa-frac {a.t5_qa_frac} and --t5-caption-frac {a.t5_caption_frac} are shares of each batch: give numbers from 0 to 1 that add up to at most 1")
-    if not 0 <= a.doc_frac <= 1: raise PretrainError(f"--doc-frac {a.doc_frac} is a share of each batch: give a number from 0 to 1")
+    for flag, v in (('--doc-frac', a.doc_frac), ('--t5-doc-frac', a.t5_doc_frac)):
+        if not 0 <= v <= 1: raise PretrainError(f"{flag} {v} is a share of each batch: give a number from 0 to 1")
     kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
     if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
     if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
@@ -576,7 +583,7 @@ def cli_pretrain(argv=None) -> int:
         print(f"== {name} -> {folder}", file=sys.stderr, flush=True)
         if name in ('opt', 't5'):
             prev = load_manifest(name, out) if a.cont else None
-            frac = a.doc_frac if name == 'opt' else 0.0
+            frac = a.doc_frac if name == 'opt' else a.t5_doc_frac
             bl = binding_lines(cfg.data, a.n_binding, a.seed, 'one' if a.lm_lines == 'binding-one' else 'corpus', bskills) if uses_binding else None
             main = d['corpus'] if a.lm_lines == 'corpus' else bl
             llm, info = pretrain_lm(name, main, folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
