@@ -155,6 +155,14 @@ def test_viz_notebook_in_jupyterlab(lab):
             _wait_kernel_idle(page)
             prompts = _run_all(page)
             errors = _errors(page)
+            if not errors and not all(re.fullmatch(r'\[\d+\]:', p) for p in prompts):
+                # seen once in CI: the queue stopped after cell 1 with no error shown (a dropped queue or kernel
+                # restart); keep the evidence, then Run All once more: a notebook that really fails fails again
+                page.screenshot(path=str(ARTIFACTS / 'viz_notebook_stopped.png'))
+                print(f'Run All stopped early with no error output, prompts {prompts}: running all cells again')
+                _wait_kernel_idle(page)
+                prompts = _run_all(page)
+                errors = _errors(page)
             page.screenshot(path=str(ARTIFACTS / 'viz_notebook_top.png'))
             assert not errors, f'cells raised errors in JupyterLab:\n' + '\n---\n'.join(e[-1500:] for e in errors)
             assert all(p.startswith('[') and p[1:-2].isdigit() for p in prompts), f'some cells did not run: {prompts}'
