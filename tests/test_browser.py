@@ -96,6 +96,11 @@ def _prompts(page) -> list:
     return page.eval_on_selector_all('.jp-CodeCell .jp-InputPrompt', 'els => els.map(e => e.textContent.trim())')
 
 
+def _all_ran(prompts) -> bool:
+    "Every code cell has an execution count ('[12]:'), none pending or unrun."
+    return bool(prompts) and all(re.fullmatch(r'\[\d+\]:', p) for p in prompts)
+
+
 def _wait_kernel_idle(page, timeout_s: float = 120):
     "Wait for the kernel to be idle, accepting a 'Select Kernel' dialog (the default python3) if one shows."
     deadline = time.time() + timeout_s
@@ -127,7 +132,7 @@ def _run_all(page):
     deadline = time.time() + RUN_TIMEOUT_S
     while time.time() < deadline:       # done: every code cell has an execution count, none pending ([*])
         ps = _prompts(page)
-        if ps and all(re.fullmatch(r'\[\d+\]:', p) for p in ps): return ps
+        if _all_ran(ps): return ps
         if ps and not any('*' in p for p in ps) and time.time() > deadline - RUN_TIMEOUT_S + 60: return ps   # stopped (an error)
         page.wait_for_timeout(1000)
     raise AssertionError(f'the notebook did not finish within {RUN_TIMEOUT_S}s: prompts {_prompts(page)}')
@@ -155,7 +160,7 @@ def test_viz_notebook_in_jupyterlab(lab):
             _wait_kernel_idle(page)
             prompts = _run_all(page)
             errors = _errors(page)
-            if not errors and not all(re.fullmatch(r'\[\d+\]:', p) for p in prompts):
+            if not errors and not _all_ran(prompts):
                 # seen once in CI: the queue stopped after cell 1 with no error shown (a dropped queue or kernel
                 # restart); keep the evidence, then Run All once more: a notebook that really fails fails again
                 page.screenshot(path=str(ARTIFACTS / 'viz_notebook_stopped.png'))
