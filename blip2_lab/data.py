@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #73a04bd2
 from __future__ import annotations
-import fcntl, hashlib, json, os, re, shutil, sys, time, warnings, argparse
+import fcntl, hashlib, json, os, re, shutil, sys, time, warnings, argparse, contextlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
@@ -15,12 +15,13 @@ from .config import Blip2LabError, ConfigError, DataConfig, get_preset, apply_ov
 # %% auto #0
 __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES', 'WORDS', 'DIGITS', 'POSITIONS', 'POS_PHRASE',
            'COLOUR_NAMES', 'HELDOUT', 'ALL_COMBOS', 'SEEN_COMBOS', 'SPLIT_CODE', 'NUMBER_WORDS', 'CAPTION_STYLES',
-           'VQA_PROMPT', 'CLIP_MEAN', 'CLIP_STD', 'DataError', 'sample_scene', 'scene_rng', 'render_scene',
-           'make_captions', 'QA', 'make_questions', 'make_record', 'make_records', 'skill_counts', 'corpus_scene',
-           'build_corpus', 'generator_params', 'read_manifest', 'build_shapesworld', 'Sample', 'ImageTextDataset',
-           'load_shapesworld', 'get_dataset', 'show_samples', 'load_coco_karpathy', 'load_vqav2', 'load_jsonl',
-           'image_transform', 'dataset_transform', 'normalize_uint8', 'swap_left_right', 'CaptionPairs', 'VQAItems',
-           'collate_dicts', 'summarize', 'cli_data']
+           'VQA_PROMPT', 'HASH_CACHE', 'KARPATHY_SPLITS', 'CLIP_MEAN', 'CLIP_STD', 'DataError', 'sample_scene',
+           'scene_rng', 'render_scene', 'make_captions', 'QA', 'make_questions', 'make_record', 'make_records',
+           'skill_counts', 'corpus_scene', 'build_corpus', 'generator_params', 'read_manifest', 'file_hashes',
+           'changed_files', 'build_shapesworld', 'to_rgb', 'Sample', 'ImageTextDataset', 'load_shapesworld',
+           'get_dataset', 'show_samples', 'load_coco_karpathy', 'load_vqav2', 'load_jsonl', 'image_transform',
+           'dataset_transform', 'normalize_uint8', 'swap_left_right', 'CaptionPairs', 'VQAItems', 'collate_dicts',
+           'summarize', 'cli_data']
 
 # %% ../nbs/01_data.ipynb #ae9c4047
 SKILLS = ('colour', 'shape', 'count', 'spatial', 'existence', 'text')  # what a question probes
@@ -350,9 +351,56 @@ def read_manifest(root) -> dict | None:
     try: return json.loads(p.read_text())
     except (OSError, ValueError): return None
 
-def _is_current(root, cfg):
+HASH_CACHE = '.hash-cache.json'  # {file: [size, mtime_ns, sha256]} when last hashed; not in manifest
+
+def _stat(p) -> list:
+    st = os.stat(p)
+    return [st.st_size, st.st_mtime_ns]
+
+def _load_hash_cache(root) -> dict:
+    try: d = json.loads((Path(root)/HASH_CACHE).read_text())
+    except (OSError, ValueError): return {}
+    if not isinstance(d, dict): return {}
+    return {k: v for k, v in d.items() if isinstance(v, list) and len(v) == 3}
+
+def _save_hash_cache(root, cache: dict):
+    "Write the hash cache atomically; a read-only folder goes without (and is hashed every time)."
+    tmp = Path(root)/f'{HASH_CACHE}.tmp-{os.getpid()}'
+    try:
+        tmp.write_text(json.dumps(cache, sort_keys=True))
+        os.replace(tmp, Path(root)/HASH_CACHE)
+    except OSError:
+        with contextlib.suppress(OSError): tmp.unlink()
+
+def file_hashes(root, names) -> dict:
+    "sha256 of files `names` in `root` (None if missing); unchanged size and mtime: not read again."
+    root, cache = Path(root), _load_hash_cache(root)
+    out, new = {}, dict(cache)
+    for f in names:
+        if not (root/f).is_file():
+            out[f] = None
+            continue
+        st, old = _stat(root/f), cache.get(f)
+        out[f] = old[2] if old and old[:2] == st else _sha256(root/f)
+        new[f] = [*st, out[f]]
+    if new != cache: _save_hash_cache(root, new)
+    return out
+
+def changed_files(root, manifest: dict, names=None) -> list[str]:
+    "Files of `manifest` (all, or those in `names`) missing from `root` or not of its sha256."
+    want = manifest.get('files', {})
+    names = list(want) if names is None else [f for f in names if f in want]
+    got = file_hashes(root, names)
+    return [f for f in names if got[f] != want[f]]
+
+def _reuse_check(root, cfg) -> tuple[bool, list[str]]:
+    "(reusable, changed): is the build of `cfg` in `root` intact; which files differ from its manifest."
     m = read_manifest(root)
-    return m is not None and m.get('params') == generator_params(cfg) and all((Path(root)/f).exists() for f in m.get('files', {}))
+    if m is None or m.get('params') != generator_params(cfg): return False, []
+    changed = changed_files(root, m)
+    return not changed, changed
+
+def _is_current(root, cfg) -> bool: return _reuse_check(root, cfg)[0]
 
 def _default_workers():
     env = os.environ.get('BLIP2LAB_DATA_WORKERS')
@@ -362,7 +410,12 @@ def build_shapesworld(cfg: DataConfig, out=None, force: bool = False, quiet: boo
     "Generate ShapesWorld for `cfg` into `out` (default `cfg.root`) unless an identical build is there; return the folder."
     workers = _default_workers() if workers is None else workers  # processes; the bytes do not depend on it
     out = resolve_path(out if out is not None else cfg.root)
-    if not force and _is_current(out, cfg): return out
+    if not force:
+        ok, changed = _reuse_check(out, cfg)
+        if ok: return out
+        if changed:
+            warnings.warn(f"ShapesWorld at {out}: {', '.join(changed)} missing or changed since the "
+                          f"build (sha256 differs from manifest.json): rebuilding it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent/f'.{out.name}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per folder; the others wait, then reuse
@@ -379,13 +432,34 @@ def build_shapesworld(cfg: DataConfig, out=None, force: bool = False, quiet: boo
             lines = build_corpus(cfg, workers)
             (tmp/'corpus.txt').write_text('\n'.join(lines) + '\n')
             counts['corpus'] = dict(lines=len(lines), scenes=cfg.n_corpus)
-            _dump_json(_manifest(cfg, tmp, counts), tmp/'manifest.json')
+            man = _manifest(cfg, tmp, counts)
+            _dump_json(man, tmp/'manifest.json')
+            hashed = {f: [*_stat(tmp/f), h] for f, h in man['files'].items()}  # hashed once, here
+            _save_hash_cache(tmp, hashed)
             old = out.parent/f'.{out.name}.old-{os.getpid()}'
             if out.exists(): out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+# %% ../nbs/01_data.ipynb #8f495806
+# the white levels to try for each deep mode, smallest first
+_WHITE = {'I;16': (65535,), 'I': (65535, 2 ** 31 - 1), 'F': (1.0, 255.0, 65535.0)}
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    "`im` as 8-bit RGB: deep greyscale (16-bit, 32-bit int, float) is scaled to 0-255, not clipped."
+    whites = _WHITE.get('I;16' if im.mode.startswith('I;16') else im.mode)
+    if whites is None: return im.convert('RGB')  # 8-bit modes: PIL converts them right
+    a = np.asarray(im).astype(np.float64)
+    lo = float(a.min()) if a.size else 0.0
+    hi = float(a.max()) if a.size else 0.0
+    white = next((w for w in whites if hi <= w), None)  # NaN and inf fit no white level
+    if white is None or not lo >= 0:
+        raise DataError(f"mode {im.mode} pixel values span [{lo:g}, {hi:g}]: only "
+                        f"0..{whites[-1]:.10g} can be scaled to 8 bits; save it as an 8- or 16-bit PNG")
+    grey = np.round(a * (255 / white)).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
 
 # %% ../nbs/01_data.ipynb #24672c58
 @dataclass
@@ -442,9 +516,11 @@ class ImageTextDataset:
         return f"ImageTextDataset({self.source}/{self.split}: {len(self)} images, {nq} questions{bad})"
 
 def _open_image(path, image_id='?'):
-    "Open an image file as RGB, or raise DataError naming it."
+    "Open an image file as 8-bit RGB (`to_rgb`), or raise DataError naming it."
     try:
-        with Image.open(path) as im: return im.convert('RGB')
+        with Image.open(path) as im: return to_rgb(im)
+    except DataError as e:
+        raise DataError(f"image {path} (record {image_id}): {e}") from None
     except FileNotFoundError:
         raise DataError(f"image {path} (record {image_id}) does not exist: fix the image folder (data.images) or pass skip_bad=True") from None
     except Exception as e:
@@ -457,11 +533,17 @@ def load_shapesworld(root, split: str) -> ImageTextDataset:
     if split not in SPLITS: raise DataError(f"unknown split {split!r}: ShapesWorld has {', '.join(SPLITS)}")
     for f in (f'{split}.npy', f'{split}.json'):
         if not (root/f).exists(): raise DataError(f"{root/f} is missing: rebuild with `blip2-lab data --out {root} --force`")
+    man = read_manifest(root) or {}
+    changed = changed_files(root, man, [f'{split}.npy', f'{split}.json']) if man else []
+    if changed:
+        names = ', '.join(str(root/f) for f in changed)
+        raise DataError(f"{names} changed since the build (sha256 differs from manifest.json): "
+                        f"rebuild with `blip2-lab data --out {root} --force`")
     recs = _read_json(root/f'{split}.json')
     try: arr = np.load(root/f'{split}.npy', mmap_mode='r' if recs else None)
     except ValueError as e: raise DataError(f"{root/f'{split}.npy'} is corrupt ({e}): rebuild with `blip2-lab data --out {root} --force`") from None
     if len(arr) != len(recs): raise DataError(f"{root}/{split}: {len(arr)} images but {len(recs)} records: rebuild with --force")
-    fp = (read_manifest(root) or {}).get('sha256', '')
+    fp = man.get('sha256', '')
     return ImageTextDataset(recs, split, 'shapesworld', array=arr, hflip_ok=False, fingerprint=f'{fp}:{split}' if fp else '')
 
 def get_dataset(cfg: DataConfig, split: str, skip_bad: bool | None = None) -> ImageTextDataset:
@@ -538,6 +620,17 @@ def _qa_from(d, where):
     return QA(str(d['question']), ans, str(d.get('skill', '')), str(d.get('qtype', d.get('question_type', ''))))
 
 # %% ../nbs/01_data.ipynb #8d9d67b6
+KARPATHY_SPLITS = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}  # field -> split
+
+def _karpathy_split(rec: dict, where: str) -> str:
+    "The split of record `rec` (restval is train); DataError when its `split` is missing or unknown."
+    sp = rec.get('split')
+    if sp in KARPATHY_SPLITS: return KARPATHY_SPLITS[sp]
+    what = 'has no split field' if 'split' not in rec else f'has an unknown split {sp!r}'
+    img = rec.get('filename', rec.get('image', '?'))
+    raise DataError(f"{where} (image {img}) {what}: set it to one of {', '.join(KARPATHY_SPLITS)}, "
+                    f"or pass skip_bad=True to skip it")
+
 def load_coco_karpathy(cfg: DataConfig, split: str, skip_bad: bool = False) -> ImageTextDataset:
     "COCO captions in the Karpathy split (LAVIS list format or Karpathy's dataset_coco.json)."
     if split not in ('train', 'val', 'test'): raise DataError(f"unknown split {split!r} for COCO: use train, val or test")
@@ -548,16 +641,22 @@ def load_coco_karpathy(cfg: DataConfig, split: str, skip_bad: bool = False) -> I
         for k, im in enumerate(data['images']):
             where = f"{path} record {k}"
             if not isinstance(im, dict): items.append((where, DataError(f"{where}: expected an object, got {type(im).__name__}"))); continue
-            if {'restval': 'train'}.get(im.get('split'), im.get('split')) != split: continue
+            try: rec_split = _karpathy_split(im, where)  # without one it would vanish unseen
+            except DataError as err: items.append((where, err)); continue
+            if rec_split != split: continue
             caps = [s.get('raw', '') if isinstance(s, dict) else s for s in im.get('sentences', [])]
             img = str(Path(im.get('filepath', ''))/im['filename']) if im.get('filename') else ''
             items.append((where, dict(image=img, image_id=str(im.get('cocoid', im.get('imgid', img))), captions=caps, questions=[], meta={})))
     elif isinstance(data, list):  # LAVIS / BLIP: one entry per caption (train) or per image (val/test)
+        split_file = any(isinstance(e, dict) and 'split' in e for e in data)  # one file, all splits
         for k, e in enumerate(data):
             where = f"{path} record {k}"
             if not isinstance(e, dict) or 'image' not in e or 'caption' not in e:
                 items.append((where, DataError(f"{where}: expected an object with 'image' and 'caption', got {str(e)[:60]!r}"))); continue
-            if 'split' in e and {'restval': 'train'}.get(e['split'], e['split']) != split: continue
+            if split_file:  # then every record needs a split, or it would land in all of them
+                try: rec_split = _karpathy_split(e, where)
+                except DataError as err: items.append((where, err)); continue
+                if rec_split != split: continue
             caps = e['caption'] if isinstance(e['caption'], list) else [e['caption']]
             if e['image'] not in groups:
                 groups[e['image']] = dict(image=e['image'], image_id=str(e.get('image_id', Path(e['image']).stem)), captions=[], questions=[], meta={})
@@ -632,7 +731,7 @@ def image_transform(image_size: int, train: bool, hflip: bool = False) -> Callab
     if train:
         ops = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bic)] + ([T.RandomHorizontalFlip()] if hflip else [])
     else: ops = [T.Resize((image_size, image_size), interpolation=bic)]
-    return T.Compose([T.Lambda(lambda im: im.convert('RGB')), *ops, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return T.Compose([T.Lambda(to_rgb), *ops, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 def dataset_transform(ds: ImageTextDataset, image_size: int, train: bool) -> Callable:
     "The paper's transform for `ds`, with the flip only where captions do not name left and right."

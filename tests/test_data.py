@@ -3,7 +3,7 @@
 Small fixture files (COCO Karpathy JSON, VQAv2, JSONL, images) are written into pytest's tmp_path.
 Runs in a few seconds with OMP_NUM_THREADS=1.
 """
-import json, re, subprocess, sys
+import json, os, re, subprocess, sys
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
@@ -249,3 +249,76 @@ def test_console_script_reports_errors_and_exit_codes(tmp_path):
     r = subprocess.run([sys.executable, '-c', 'from blip2_lab.cli import main; raise SystemExit(main(["data", "--preset", "nope"]))'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "error: unknown preset 'nope'" in r.stderr
+
+
+# --- issue 24: nothing lost, nothing silent -----------------------------------------------
+
+def test_sixteen_bit_png_keeps_its_brightness(fx):
+    "A 16-bit grey PNG loaded ~99% white (convert('RGB') clips); now its mean is the source's / 257."
+    ramp = np.linspace(0, 65535, 80 * 60).reshape(60, 80).astype(np.uint16)
+    Image.fromarray(ramp).save(fx/'img'/'deep.png')
+    with Image.open(fx/'img'/'deep.png') as im: assert im.mode in ('I;16', 'I')  # a real 16-bit file
+    (fx/'deep.json').write_text(json.dumps([dict(image='deep.png', caption='a grey ramp', image_id='d')]))
+    ds = D.get_dataset(cfg_for(fx, source='coco', annotations=str(fx/'deep.json')), 'test')
+    img = np.asarray(ds[0].image)
+    assert ds[0].image.mode == 'RGB' and img.shape == (60, 80, 3)
+    assert abs(img.mean() - ramp.mean() / 257) < 0.5, img.mean()        # rounding to 8-bit levels: < 0.5
+    assert abs(int(img[-1, -1, 0]) - 255) <= 1 and img[0, 0, 0] == 0    # black stays black, white white
+    # the transform that models see, fed the 16-bit image directly: same brightness within 1% of white
+    with Image.open(fx/'img'/'deep.png') as im: x = D.image_transform(32, train=False)(im)
+    assert abs(float((x[0] * D.CLIP_STD[0] + D.CLIP_MEAN[0]).mean()) - ramp.mean() / 65535) < 0.01
+
+
+def test_karpathy_record_without_split_is_an_error_or_counted(fx):
+    "A dataset_coco.json record with no split used to vanish from every split without a word."
+    rec = lambda k, **kw: dict(filepath='', filename=f'COCO_val2014_{k:012d}.jpg', cocoid=k, sentences=[dict(raw='x')], **kw)
+    recs = [rec(1, split='train'), rec(2), rec(3, split='restval')]
+    (fx/'dataset_coco.json').write_text(json.dumps(dict(images=recs)))
+    c = cfg_for(fx, source='coco', annotations=str(fx/'dataset_coco.json'))
+    msg = (r'dataset_coco\.json record 1 \(image COCO_val2014_000000000002\.jpg\) has no split field: '
+           r'set it to one of train, restval, val, test, or pass skip_bad=True')
+    with pytest.raises(D.DataError, match=msg):
+        D.get_dataset(c, 'train')
+    with pytest.warns(UserWarning, match='skipped 1 bad record'):
+        ds = D.get_dataset(c, 'train', skip_bad=True)
+    assert ds.image_ids == ['1', '3'] and ds.report['skipped'] == 1 and 'record 1' in ds.report['problems'][0]
+    # LAVIS files: without any split field the file is one split (as before); with some, each record needs one
+    lavis = [dict(image=f'COCO_val2014_{k:012d}.jpg', caption='x') for k in (1, 2)]
+    (fx/'l.json').write_text(json.dumps(lavis))
+    assert len(D.get_dataset(cfg_for(fx, source='coco', annotations=str(fx/'l.json')), 'val')) == 2
+    (fx/'l.json').write_text(json.dumps([{**lavis[0], 'split': 'val'}, lavis[1]]))
+    with pytest.raises(D.DataError, match=r'l\.json record 1 .* has no split field'):
+        D.get_dataset(cfg_for(fx, source='coco', annotations=str(fx/'l.json')), 'val')
+
+
+def _flip_last_byte(path, mtime_step_ns=10 ** 9):
+    "Invert the last byte of `path`; move its mtime on (a set step: independent of the clock's resolution)."
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + mtime_step_ns))
+
+
+def test_changed_split_file_is_detected_on_reuse_and_load(tmp_path, capsys):
+    "A changed train.npy used to be reused as 'reusing cached'; now load names it and a build rebuilds it."
+    out = tmp_path/'sw'
+    D.cli_data(['--preset', 'tiny', '--out', str(out), '--quiet'])
+    man = D.read_manifest(out)
+    capsys.readouterr()
+    _flip_last_byte(out/'train.npy')
+    msg = r'train\.npy changed since the build \(sha256 differs from manifest\.json\): rebuild with `blip2-lab data --out .* --force`'
+    with pytest.raises(D.DataError, match=msg):
+        D.load_shapesworld(out, 'train')
+    assert len(D.load_shapesworld(out, 'test')) == 16  # the untouched split still loads
+    with pytest.warns(UserWarning, match=r'train\.npy missing or changed since the build'):
+        D.cli_data(['--preset', 'tiny', '--out', str(out), '--quiet'])
+    printed = capsys.readouterr().out
+    assert 'built ShapesWorld' in printed and 'reusing cached' not in printed
+    assert D._sha256(out/'train.npy') == man['files']['train.npy'] and D.changed_files(out, man) == []
+    # a new process with no hash cache hashes every file: even an edit that kept size and mtime is found
+    _flip_last_byte(out/'val.json', mtime_step_ns=0)
+    (out/D.HASH_CACHE).unlink()
+    code = f'from blip2_lab import data as D; D.load_shapesworld({str(out)!r}, "val")'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode != 0 and 'val.json changed since the build' in r.stderr, r.stderr[-500:]
