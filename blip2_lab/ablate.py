@@ -14,7 +14,8 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
 __all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for', 'arm_config',
            'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
            'is_finished', 'summarize', 'verdict', 'baseline_check', 'claim_caveat', 'write_results', 'plot_metric',
-           'experiment_notebook', 'plan_runs', 'preflight', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
+           'experiment_notebook', 'plan_runs', 'preflight', 'batch_lock', 'die_with_parent', 'child_command',
+           'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -382,6 +383,40 @@ def preflight(cfg) -> None:
                           "regenerate the embedded backbones with `blip2-lab pretrain-backbones`, or override those keys")
 
 # %% ../nbs/09_ablate.ipynb #65ad0ca0
+import contextlib, signal
+from .config import parse_with_overrides
+
+@contextlib.contextmanager
+def batch_lock(out):
+    "Hold the lock of batch folder `out` (out/.lock, our pid inside); AblateError if another batch holds it."
+    try: import fcntl
+    except ImportError: yield None; return   # no flock (Windows): no lock
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+            raise AblateError(f"another ablate batch (pid {holder}) is running in {out}: wait for it to end, "
+                              "stop it (finished runs are kept), or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+        yield out/'.lock'
+    finally: os.close(fd)
+
+def die_with_parent(parent_pid: int, sig=signal.SIGTERM):
+    "In a child process: have Linux send `sig` when the parent dies; exit now if it already has."
+    if sys.platform.startswith('linux'):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid: os._exit(1)
+
+def child_command(code: str, *args) -> list:
+    "`python -c code args...` for a child process that dies with this one (see die_with_parent)."
+    pre = f'from blip2_lab.ablate import die_with_parent; die_with_parent({os.getpid()}); '
+    return [sys.executable, '-c', pre + code, *map(str, args)]
+
+# %% ../nbs/09_ablate.ipynb #67d3e2f7
 def run_threads(jobs: int) -> int:
     "torch CPU threads for each of `jobs` runs side by side: the cores shared out, at least 1 (0 = torch's default when jobs is 1)."
     return 0 if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
@@ -391,7 +426,7 @@ def _arm_subprocess(r: dict, preset: str, overrides: list, arm_overrides: list, 
     import subprocess
     d = r['dir']; d.mkdir(parents=True, exist_ok=True)
     code = 'import sys; from blip2_lab.cli import main; sys.exit(main())'   # exactly `blip2-lab run-arm ...`
-    args = [sys.executable, '-c', code, 'run-arm', '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
+    args = [*child_command(code), 'run-arm', '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
             '--threads', str(threads), '--arm-overrides', json.dumps(list(arm_overrides)), *overrides]
     with open(d/'log.txt', 'w') as log:
         rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -431,41 +466,42 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
     if runner is None:
         preflight(cfgs[0])
         if papermill: experiment_notebook()
-    done = [is_finished(r['dir'], c, r['arm'], r['seed']) for r, c in zip(runs, cfgs)]
-    failures, bar = [], tqdm(total=len(runs), desc=f'ablation {preset}', unit='run', disable=not progress)
-    say = bar.write if progress else (lambda s: None)
-    todo = []
-    for i, (r, c, fin) in enumerate(zip(runs, cfgs, done)):
-        r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']} seed {r['seed']}"
-        if fin: say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update()
-        else: todo.append((r, c))
-    jobs = min(int(jobs), max(1, len(todo)))
-    if jobs > 1: todo.sort(key=lambda rc: not rc[1].stage1.enabled)   # the longest runs (with stage 1) start first
-    threads = run_threads(jobs)
-    def start(r):
-        say(f"{r['name']}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if runner is None and (papermill or jobs > 1) else '')
-            + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else ''))
-        t = time.time()
-        return _execute(r, preset, overrides, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
-    def report(r, res, secs):
-        rec, f = res
-        if f is None:
-            h = ', '.join(f'{k} {v:.4g}' for k, v in rec['headline'].items() if v is not None)
-            say(f"{r['name']}: ok in {secs:.0f} s: {h}")
+    with batch_lock(out):   # one batch per folder (see batch_lock)
+        done = [is_finished(r['dir'], c, r['arm'], r['seed']) for r, c in zip(runs, cfgs)]
+        failures, bar = [], tqdm(total=len(runs), desc=f'ablation {preset}', unit='run', disable=not progress)
+        say = bar.write if progress else (lambda s: None)
+        todo = []
+        for i, (r, c, fin) in enumerate(zip(runs, cfgs, done)):
+            r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']} seed {r['seed']}"
+            if fin: say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update()
+            else: todo.append((r, c))
+        jobs = min(int(jobs), max(1, len(todo)))
+        if jobs > 1: todo.sort(key=lambda rc: not rc[1].stage1.enabled)   # the longest runs (with stage 1) start first
+        threads = run_threads(jobs)
+        def start(r):
+            say(f"{r['name']}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if runner is None and (papermill or jobs > 1) else '')
+                + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else ''))
+            t = time.time()
+            return _execute(r, preset, overrides, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
+        def report(r, res, secs):
+            rec, f = res
+            if f is None:
+                h = ', '.join(f'{k} {v:.4g}' for k, v in rec['headline'].items() if v is not None)
+                say(f"{r['name']}: ok in {secs:.0f} s: {h}")
+            else:
+                failures.append(f)
+                say(f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
+            bar.update()
+        if jobs == 1:
+            for r, _ in todo: report(r, *start(r))
         else:
-            failures.append(f)
-            say(f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
-        bar.update()
-    if jobs == 1:
-        for r, _ in todo: report(r, *start(r))
-    else:
-        with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
-            futs = {pool.submit(start, r): r for r, _ in todo}
-            for fut in as_completed(futs): report(futs[fut], *fut.result())
-    bar.close()
-    records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
-    res = write_results(out, records, list(arm_defs), failures, title=f"preset {preset}, seeds {', '.join(map(str, seeds))}")
-    return dict(res, runs=runs, failures=failures, skipped=sum(done), records=records)
+            with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
+                futs = {pool.submit(start, r): r for r, _ in todo}
+                for fut in as_completed(futs): report(futs[fut], *fut.result())
+        bar.close()
+        records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
+        res = write_results(out, records, list(arm_defs), failures, title=f"preset {preset}, seeds {', '.join(map(str, seeds))}")
+        return dict(res, runs=runs, failures=failures, skipped=sum(done), records=records)
 
 # %% ../nbs/09_ablate.ipynb #08502612
 def _csv_list(s: str) -> list:
@@ -474,11 +510,6 @@ def _csv_list(s: str) -> list:
 def _seeds(s: str) -> list:
     try: return [int(x) for x in _csv_list(s)]
     except ValueError: raise AblateError(f"--seeds {s!r} must be comma-separated integers, e.g. --seeds 0,1,2") from None
-
-def _override_list(words) -> list:
-    bad = [w for w in words if '=' not in w]
-    if bad: raise AblateError(f"unexpected argument(s) {bad}: overrides look like key.sub=value (e.g. stage1.steps=50)")
-    return list(words)
 
 def cli_ablate(argv=None) -> int:
     "`blip2-lab ablate`: run the ablation batch and aggregate it; non-zero exit if a run failed."
@@ -492,8 +523,8 @@ def cli_ablate(argv=None) -> int:
     p.add_argument('--jobs', type=int, default=1, help='runs side by side, each with cores/jobs torch threads (default 1; '
                    'on a 2-core CPU, 2 finishes the lab sooner: small models use a second thread poorly)')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides for every run')
-    a = p.parse_args(argv)
-    res = ablate(a.preset, _csv_list(a.arms), _seeds(a.seeds), a.out or f'runs/{a.preset}', _override_list(a.overrides),
+    a = parse_with_overrides(p, argv)
+    res = ablate(a.preset, _csv_list(a.arms), _seeds(a.seeds), a.out or f'runs/{a.preset}', a.overrides,
                  papermill=not a.no_papermill, timeout=a.timeout, jobs=a.jobs)
     print(res['md'].read_text())
     for f in res['failures']:
@@ -510,10 +541,10 @@ def cli_run_arm(argv=None) -> int:
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default 0: torch decides)')
     p.add_argument('--arm-overrides', default=None, help='JSON list of the overrides that define the arm (default: ARMS[arm])')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides')
-    a = p.parse_args(argv)
+    a = parse_with_overrides(p, argv)
     try: arm_def = None if a.arm_overrides is None else list(json.loads(a.arm_overrides))
     except ValueError: raise AblateError(f"--arm-overrides {a.arm_overrides!r} is not a JSON list, e.g. '[\"stage1.itg_weight=0\"]'") from None
-    rec = run_arm(a.preset, a.arm, a.seed, a.out, _override_list(a.overrides), arm_def, threads=a.threads)
+    rec = run_arm(a.preset, a.arm, a.seed, a.out, a.overrides, arm_def, threads=a.threads)
     print(json.dumps({'arm': rec['arm'], 'seed': rec['seed'], 'headline': rec['headline'], 'missing': rec['missing'],
                       'wall_s': rec['wall_s'], 'metrics_json': str(resolve_path(a.out)/'metrics.json')}, indent=1))
     return 0

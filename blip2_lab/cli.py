@@ -4,13 +4,32 @@
 
 # %% ../nbs/99_cli.ipynb #85ef16d2
 from __future__ import annotations
-import importlib, sys
+import errno, importlib, os, sys, traceback
 from .config import Blip2LabError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'usage', 'main']
+__all__ = ['OS_ERROR_FIXES', 'COMMANDS', 'os_error_message', 'usage', 'main']
 
 # %% ../nbs/99_cli.ipynb #ee921161
+OS_ERROR_FIXES = {  # errno: what to do about it
+    errno.ENOSPC: 'the disk is full: free some space, or choose --out on another disk',
+    errno.EDQUOT: 'your disk quota is used up: free some space, or choose --out on another disk',
+    errno.EROFS: 'the file system is read-only: choose a writable folder with --out',
+    errno.EACCES: 'check the permissions of the folder, or choose a writable folder with --out',
+    errno.EPERM: 'check the permissions of the folder, or choose a writable folder with --out',
+    errno.ENOTDIR: 'a part of the path is a file, not a folder: choose another --out',
+    errno.EEXIST: 'a file is in the way of a folder: choose another --out, or move the file',
+    errno.ENOENT: 'check the path: a file or folder it names does not exist',
+}
+
+def os_error_message(e: OSError) -> str:
+    "One line for an OSError: what the system said, the path, and how to fix it."
+    paths = ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None) or 'path not known'
+    code = errno.errorcode.get(e.errno, 'no errno')
+    fix = OS_ERROR_FIXES.get(e.errno, 'check the path, the free space and the permissions (BLIP2_LAB_DEBUG=1 shows where)')
+    return f"{e.strerror or e} [{code}]: {paths}: {fix}"
+
+# %% ../nbs/99_cli.ipynb #6bbb433c
 COMMANDS = {  # name: (module, function, one-line help)
     'data':               ('blip2_lab.data',     'cli_data',     'build (or reuse) ShapesWorld and print its summary'),
     'pretrain-backbones': ('blip2_lab.pretrain', 'cli_pretrain', 'regenerate the embedded frozen ViT, LLMs and BERT in data/backbones'),
@@ -42,4 +61,7 @@ def main(argv=None) -> int:
     try: rc = func(rest)
     except Blip2LabError as e:
         print(f"error: {e}", file=sys.stderr); return 2
+    except OSError as e:   # disk full, read-only, no permission...: one line, not a traceback
+        if os.environ.get('BLIP2_LAB_DEBUG') == '1': traceback.print_exc()
+        print(f"error: {os_error_message(e)}", file=sys.stderr); return 2
     return int(rc or 0)

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_config.ipynb #cc2f23ad
 from __future__ import annotations
-import copy, dataclasses, json, typing
+import copy, dataclasses, json, math, re, string, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['PRESETS', 'Blip2LabError', 'ConfigError', 'choice', 'bounded', 'DataConfig', 'VisionConfig', 'QFormerConfig',
-           'LLMConfig', 'TrainConfig', 'EvalConfig', 'Config', 'validate', 'get_preset', 'set_key', 'apply_overrides',
-           'to_dict', 'from_dict', 'save_config', 'load_config', 'config_diff', 'resolve_device', 'repo_root',
-           'resolve_path']
+__all__ = ['DEVICE_RE', 'PRESETS', 'Blip2LabError', 'ConfigError', 'choice', 'bounded', 'DataConfig', 'VisionConfig',
+           'QFormerConfig', 'LLMConfig', 'TrainConfig', 'EvalConfig', 'Config', 'validate', 'get_preset', 'set_key',
+           'apply_overrides', 'parse_with_overrides', 'to_dict', 'from_dict', 'save_config', 'load_config',
+           'config_diff', 'resolve_device', 'repo_root', 'resolve_path']
 
 # %% ../nbs/00_config.ipynb #1a90b44e
 class Blip2LabError(Exception):
@@ -36,7 +36,7 @@ def bounded(default, lo=None, hi=None):
 class DataConfig:
     source: str = choice('shapesworld', 'shapesworld', 'coco', 'vqav2', 'jsonl')  # which dataset: the embedded ShapesWorld, or a user's COCO / VQAv2 / JSONL files
     root: str = 'data/shapesworld'  # folder of the data (ShapesWorld is generated and cached here)
-    seed: int = 0                   # generator seed: same seed, identical bytes
+    seed: int = bounded(0, 0, 2**32 - 1)  # generator seed: same seed, identical bytes (numpy takes 0..2**32-1)
     image_size: int = bounded(64, 32, 224)  # side of the generated images in pixels (32..224)
     max_objects: int = bounded(3, 1, 8)     # at most this many objects per ShapesWorld image
     text_prob: float = bounded(0.3, 0.0, 1.0)  # chance that an image carries a rendered word or digit
@@ -113,7 +113,7 @@ class TrainConfig:
     itm_weight: float = bounded(1.0, 0.0)
     itg_weight: float = bounded(1.0, 0.0)
     itm_negatives: str = choice('hard', 'hard', 'random')  # ITM negatives: sampled by ITC similarity (paper, from ALBEF) or uniformly
-    seed: int = 0                            # run seed: same seed, same weights (on CPU)
+    seed: int = bounded(0, 0, 2**32 - 1)     # run seed: same seed, same weights (on CPU); 0..2**32-1
     log_every: int = bounded(10, 1)          # steps between metric lines
     ckpt_every: int = bounded(100, 1)        # steps between checkpoints
     amp: bool = True                         # bf16 autocast on GPU (ignored on CPU)
@@ -141,7 +141,7 @@ class EvalConfig:
 @dataclass
 class Config:
     preset: str = 'lab'                      # name of the preset this config started from
-    device: str = 'auto'                     # auto | cpu | cuda | cuda:N
+    device: str = 'auto'                     # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
@@ -154,6 +154,8 @@ class Config:
 def _check_field(path, f, v):
     "Raise ConfigError if value `v` of dataclass field `f` (at dotted `path`) breaks its declared rules."
     md = f.metadata
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{path}={v!r} is not a finite number: give a real value (e.g. {f.default!r})")
     if 'choices' in md and v not in md['choices']:
         raise ConfigError(f"{path}={v!r} is not allowed: choose one of {', '.join(map(repr, md['choices']))}")
     lo, hi = md.get('lo'), md.get('hi')
@@ -179,6 +181,24 @@ def _check_cross(cfg: Config):
         raise ConfigError(f"vision.image_size={cfg.vision.image_size} differs from data.image_size={cfg.data.image_size}: set both to the same size")
     bad = [t for t in cfg.eval.tasks if t not in ('retrieval', 'caption', 'vqa')]
     if bad: raise ConfigError(f"eval.tasks has unknown task(s) {bad}: allowed 'retrieval', 'caption', 'vqa'")
+    _check_device(cfg.device)
+    _check_vqa_prompt(cfg.eval.vqa_prompt)
+
+# %% ../nbs/00_config.ipynb #b57ade66
+DEVICE_RE = re.compile(r'auto|cpu|mps|cuda(:\d+)?')   # the device names resolve_device accepts
+
+def _check_device(name):
+    "Raise ConfigError unless `name` is auto, cpu, mps, cuda or cuda:N."
+    if not isinstance(name, str) or not DEVICE_RE.fullmatch(name):
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps")
+
+def _check_vqa_prompt(prompt):
+    "Raise ConfigError unless `prompt` has exactly one `{}`, where the question goes."
+    try: slots = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError: slots = None   # unbalanced braces
+    if slots != ['']:
+        raise ConfigError(f"eval.vqa_prompt={prompt!r} must contain exactly one {{}} where the question goes, "
+                          "e.g. 'Question: {} Short answer:' (write a literal brace as {{ or }})")
 
 # %% ../nbs/00_config.ipynb #4a54a875
 def _tiny() -> Config:
@@ -301,6 +321,17 @@ def _split_override(o: str):
     if '=' not in o: raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. stage1.steps=50)")
     k, v = o.split('=', 1)
     return k.strip(), v.strip()
+
+# %% ../nbs/00_config.ipynb #f665211b
+def parse_with_overrides(parser, argv=None, dest: str = 'overrides'):
+    "Parse `argv` with `parser` (which has a `nargs='*'` positional `dest`), override words anywhere."
+    a, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown: parser.error(f"unrecognized arguments: {' '.join(unknown)}")   # exits with status 2
+    bad = [w for w in getattr(a, dest) if '=' not in w]
+    if bad:
+        raise ConfigError(f"unexpected argument(s) {bad}: overrides look like key.sub=value "
+                          "(e.g. stage1.steps=50)")
+    return a
 
 # %% ../nbs/00_config.ipynb #7b8c6bfd
 def to_dict(cfg) -> dict:

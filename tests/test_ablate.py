@@ -12,7 +12,8 @@ import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
-from blip2_lab.ablate import ARMS, CLAIMS, PLOT_METRICS, ablate, cli_run_arm, read_metrics, run_threads
+from blip2_lab.ablate import (ARMS, CLAIMS, PLOT_METRICS, ablate, batch_lock, cli_run_arm, read_metrics,
+                              run_threads)
 
 SEED = 7                      # not the notebook's default (0): proves injection
 OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
@@ -113,3 +114,81 @@ def test_notebook_parameters_documented():
     assert set(ps) == {'preset', 'arm', 'seed', 'out_dir', 'overrides', 'arm_overrides', 'threads'}
     assert all(p.help and p.inferred_type_name != 'None' for p in ps.values())
     assert ps['preset'].default == "'tiny'"
+
+
+# One batch per folder, and no orphans (issue 24): seconds, no training.
+
+def _wait_for(cond, timeout=30.0, what='condition'):
+    "Poll `cond()` every 0.1 s until it is true; fail after `timeout` seconds."
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond(): return
+        time.sleep(0.1)
+    pytest.fail(f'{what}: not within {timeout} s')
+
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` still runs (a zombie nobody reaped yet counts as ended)."
+    try: state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError): return False
+    return state not in ('Z', 'X')
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='flock and /proc: Linux')
+def test_second_batch_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from blip2_lab.ablate import batch_lock\n'
+                               'with batch_lock(sys.argv[1]): print("locked", flush=True); time.sleep(120)', str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        exe = Path(sys.executable).parent/'blip2-lab'
+        t = time.time()
+        p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--no-papermill',
+                            '--out', str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and f'another ablate batch (pid {holder.pid}) is running in {tmp_path}' in p.stderr, p.stderr
+        assert not (tmp_path/'no_stage1').exists()                       # refused before any run started
+        print(f'refused in {time.time() - t:.1f} s')
+    finally:
+        holder.kill(); holder.wait()
+    with batch_lock(tmp_path) as lock:                                   # the dead holder's lock does not block
+        assert lock.read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='PR_SET_PDEATHSIG: Linux')
+def test_run_arm_child_dies_with_its_batch(tmp_path):
+    "A child started like _arm_subprocess starts run-arm (child_command) ends within seconds of a kill -9 of its parent."
+    pidfile = tmp_path/'child.pid'
+    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys; from blip2_lab.ablate import child_command\n'
+                               f'subprocess.run(child_command({child!r}, sys.argv[1]))', str(pidfile)])
+    try:
+        _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what='child started')
+        pid = int(pidfile.read_text())
+        assert _alive(pid)
+        parent.kill(); parent.wait()                                     # kill -9: the parent runs no clean-up
+        _wait_for(lambda: not _alive(pid), timeout=5, what=f'child {pid} ended after its parent was killed')
+    finally:
+        parent.kill(); parent.wait()
+        if pidfile.exists() and _alive(int(pidfile.read_text())): os.kill(int(pidfile.read_text()), 9)
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='/proc: Linux')
+def test_papermill_kernel_dies_with_its_batch(tmp_path):
+    "A papermill kernel (ablate's default route) ends within seconds of a kill -9 of the process that started it."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % str(tmp_path/'kernel.pid'))])
+    nbformat.write(nb, tmp_path/'sleep.ipynb')
+    parent = subprocess.Popen([sys.executable, '-c', 'import papermill as pm, sys\n'
+                               'pm.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False)',
+                               str(tmp_path/'sleep.ipynb'), str(tmp_path/'out.ipynb')],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pidfile = tmp_path/'kernel.pid'
+    try:
+        _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=60, what='kernel started')
+        pid = int(pidfile.read_text())
+        assert _alive(pid)
+        parent.kill(); parent.wait()
+        _wait_for(lambda: not _alive(pid), timeout=5, what=f'kernel {pid} ended after its parent was killed')
+    finally:
+        parent.kill(); parent.wait()
+        if pidfile.exists() and _alive(int(pidfile.read_text())): os.kill(int(pidfile.read_text()), 9)
