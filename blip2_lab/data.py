@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from .config import Blip2LabError, ConfigError, DataConfig, get_preset, apply_overrides, resolve_path
+from .config import Blip2LabError, ConfigError, DataConfig, get_preset, apply_overrides, resolve_path, parse_with_overrides
 
 # %% auto #0
 __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES', 'WORDS', 'DIGITS', 'POSITIONS', 'POS_PHRASE',
@@ -823,7 +823,7 @@ def cli_data(argv) -> int:
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     ap.add_argument('--workers', type=int, default=None, help='processes for rendering (default: 2, or $BLIP2LAB_DATA_WORKERS); the bytes do not depend on it')
     ap.add_argument('overrides', nargs='*', help='data fields as key=value, e.g. n_train=2000 image_size=96')
-    a = ap.parse_args(argv)
+    a = parse_with_overrides(ap, argv)   # key=value words may sit anywhere among the flags
     try: cfg = get_preset(a.preset)
     except ConfigError as e: raise DataError(str(e)) from None
     cfg = apply_overrides(cfg, _data_overrides(a.overrides) + ([f'data.seed={a.seed}'] if a.seed is not None else []))

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 import numpy as np
 from tqdm.auto import tqdm
-from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, resolve_device, repo_root, LLMConfig, VisionConfig
+from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, resolve_device, repo_root, LLMConfig, VisionConfig, parse_with_overrides
 from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_encoder, build_open_clip,
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
 
@@ -548,7 +548,7 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
     ap.add_argument('--dry-run', action='store_true', help='with --replay: print the commands, train nothing')
     ap.add_argument('overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)')
-    a = ap.parse_args(argv)
+    a = parse_with_overrides(ap, argv)   # key=value words may sit anywhere among the flags
     models = [m.strip() for m in a.models.split(',') if m.strip()]
     bad = [m for m in models if m not in BACKBONES]
     if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")
