@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #224fc02f
 from __future__ import annotations
-import argparse, base64, copy, hashlib, io, json, math, os, random, shutil, sys, time, warnings
+import argparse, base64, contextlib, copy, hashlib, io, json, math, os, random, shutil, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,12 +17,14 @@ from .config import (Config, Blip2LabError, ConfigError, TrainConfig, get_preset
                               repo_root)
 
 # %% auto #0
-__all__ = ['MODEL_SECTIONS', 'lr_at', 'trainable_named', 'param_groups', 'gather_with_grad', 'ToyDataset', 'ToyModel',
-           'batch_indices', 'setup_distributed', 'sync_gradients', 'broadcast_parameters', 'FeatureCache', 'cache_key',
-           'build_feature_cache', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_trainable',
-           'check_config_match', 'TrainingDiverged', 'build_model', 'build_dataset', 'train', 'load_checkpoint',
-           'read_metrics', 'plot_metrics', 'cli_train', 'F_normalize', 'bench_stage1', 'build_model_with_vision',
-           'bench_feature_cache']
+__all__ = ['WEIGHT_BOUND', 'MODEL_SECTIONS', 'RESUME_MAY_CHANGE', 'lr_at', 'trainable_named', 'param_groups', 'gather_with_grad',
+           'ToyDataset', 'ToyModel', 'batch_indices', 'setup_distributed', 'sync_gradients', 'broadcast_parameters',
+           'TrainWarning', 'BrokenCheckpoint', 'warn', 'read_jsonl', 'load_safetensors', 'weights_problem',
+           'FeatureCache', 'cache_key', 'build_feature_cache', 'rng_state', 'set_rng_state', 'save_checkpoint',
+           'read_weights', 'load_trainable', 'check_config_match', 'checkpoint_meta', 'checkpoint_problem',
+           'TrainingDiverged', 'build_model', 'build_dataset', 'RunLocked', 'run_lock', 'resume_diff', 'train',
+           'losses_problem', 'load_checkpoint', 'read_metrics', 'plot_metrics', 'cli_train', 'F_normalize',
+           'bench_stage1', 'build_model_with_vision', 'bench_feature_cache']
 
 # %% ../nbs/06_train.ipynb #aa92669c
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -154,6 +156,53 @@ def broadcast_parameters(model: nn.Module):
     for t in list(model.parameters()) + list(model.buffers()): dist.broadcast(t.data, 0)
 
 # %% ../nbs/06_train.ipynb #34893df6
+WEIGHT_BOUND = 1e4  # a trained weight with |w| >= this (or NaN/inf) makes a checkpoint unusable
+
+class TrainWarning(UserWarning):
+    "Something was damaged and was worked around (the message says what and how)."
+
+class BrokenCheckpoint(Blip2LabError):
+    "A checkpoint file that cannot be read, or that holds non-finite or out-of-range weights."
+
+def warn(msg: str):
+    "Emit a TrainWarning (printed as `warning: ...` by the command line)."
+    warnings.warn(msg, TrainWarning, stacklevel=2)
+
+def read_jsonl(path) -> list:
+    "The records of a JSONL file; a torn last line (a writer that died mid-line) is dropped with a warning."
+    path = Path(path)
+    lines = path.read_bytes().decode('utf-8', errors='replace').splitlines()
+    filled = [i for i, l in enumerate(lines) if l.strip()]
+    rows = []
+    for i in filled:
+        try:
+            rows.append(json.loads(lines[i]))
+        except json.JSONDecodeError:
+            if i != filled[-1]:
+                raise Blip2LabError(f"{path} line {i + 1} is not valid JSON ({lines[i][:40]!r}): the file is damaged "
+                                    "in the middle; delete that line (or the file) and rerun") from None
+            warn(f"{path}: dropped the torn last line {i + 1} ({lines[i][:40]!r}), left by a run that stopped mid-write")
+    return rows
+
+def load_safetensors(path, fix: str = '') -> dict:
+    "`load_file(path)`, but a missing, truncated or corrupt file raises BrokenCheckpoint naming it and the fix."
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        fix = fix or f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)'
+        why = f"{type(e).__name__}: {e}"
+        raise BrokenCheckpoint(f"{path} cannot be read ({why}): it is truncated or corrupt; {fix}") from None
+
+def weights_problem(tensors: dict) -> str|None:
+    "None when every floating tensor is finite with |w| < WEIGHT_BOUND; else which tensor is not and its largest |w|."
+    for n, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0: continue
+        m = float(t.detach().abs().max())
+        if not m < WEIGHT_BOUND: return f"tensor {n} has max |w| = {m:g} (NaN, inf or >= {WEIGHT_BOUND:g})"
+    return None
+
+# %% ../nbs/06_train.ipynb #0a898c98
 class FeatureCache:
     "Frozen image features per training image: `cache[indices]` -> a batch of `image_embeds`."
     def __init__(self, feats: torch.Tensor, row_of: list): self.feats, self.row_of = feats, row_of
@@ -193,6 +242,15 @@ def _without_pixels(dataset):
 
 def _no_pixels(image): return torch.zeros(0)
 
+def _read_cached_features(path: Path):
+    "The features stored in `path`, or None (with a warning) when the file is damaged: it is then rebuilt."
+    try:
+        feats = load_safetensors(path)['feats']
+    except (BrokenCheckpoint, KeyError) as e:
+        warn(f"the feature cache {path} is damaged ({e}): rebuilding it")
+        return None
+    return feats
+
 @torch.no_grad()
 def build_feature_cache(model, dataset, device, batch_size=64, cache_dir=None, key=None, progress=True) -> FeatureCache:
     "Run `model.encode_image` once per distinct training image (or load them from `cache_dir/key`)."
@@ -204,8 +262,8 @@ def build_feature_cache(model, dataset, device, batch_size=64, cache_dir=None, k
     row_of = [row[k] for k in keys]
     path = Path(cache_dir)/f'features-{key}.safetensors' if cache_dir and key else None
     idx = [first[k] for k in uniq]
-    if path is not None and path.exists():
-        feats = load_file(str(path))['feats']
+    feats = _read_cached_features(path) if path is not None and path.exists() else None
+    if feats is not None:
         probe = model.collate([dataset[i] for i in idx[:4]])   # a stale file (other encoder weights) is caught here
         same = len(feats) == len(uniq) and torch.allclose(model.encode_image(probe['pixel_values'].to(device)).float().cpu(), feats[:4], atol=1e-5)
         if same: return FeatureCache(feats, row_of)
@@ -287,9 +345,19 @@ def save_checkpoint(folder, model, cfg: Config, state: dict, opt=None) -> Path:
     else: os.replace(tmp, folder)
     return folder
 
+def read_weights(folder) -> dict:
+    "model.safetensors of checkpoint `folder`; BrokenCheckpoint naming file and tensor when unreadable or unusable."
+    path = Path(folder)/'model.safetensors'
+    sd = load_safetensors(path)
+    bad = weights_problem(sd)
+    if bad:
+        raise BrokenCheckpoint(f"{path}: {bad}: these weights are unusable (a diverged run or a damaged file); "
+                               f"use an earlier checkpoint, or delete {folder} and train again")
+    return sd
+
 def load_trainable(model: nn.Module, folder, strict=True) -> list:
     "Copy model.safetensors of checkpoint `folder` into the model's trainable parameters; return the names loaded."
-    sd = load_file(str(Path(folder)/'model.safetensors'))
+    sd = read_weights(folder)
     names = trainable_named(model)
     missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
     if strict and (missing or extra):
@@ -306,9 +374,42 @@ def check_config_match(ckpt_cfg: Config, cfg: Config, what: str, sections=MODEL_
     "Raise when `cfg` differs from the checkpoint's config in the given sections, naming every mismatched field."
     diff = config_diff(ckpt_cfg, cfg, keys=list(sections))
     if diff:
-        f = lambda c, k: eval('c.' + k, {'c': c})
-        shown = ', '.join(f'{k} (checkpoint {f(ckpt_cfg, k)!r}, now {f(cfg, k)!r})' for k in diff[:8])
-        raise ConfigError(f"{what} was made with a different model config: {shown}. Use the checkpoint's config.yaml (--config), or a new output folder")
+        raise ConfigError(f"{what} was made with a different model config: {_diff_text(ckpt_cfg, cfg, diff)}. "
+                          "Use the checkpoint's config.yaml (--config), or a new output folder")
+
+def _diff_text(ckpt_cfg: Config, cfg: Config, keys: list) -> str:
+    "'key (checkpoint X, now Y), ...' for the first 8 `keys`."
+    f = lambda c, k: eval('c.' + k, {'c': c})
+    return ', '.join(f'{k} (checkpoint {f(ckpt_cfg, k)!r}, now {f(cfg, k)!r})' for k in keys[:8])
+
+def _read_checkpoint_file(path: Path, read):
+    "`read(path)`, turning any failure into BrokenCheckpoint naming the file."
+    try:
+        return read(path)
+    except Exception as e:
+        raise BrokenCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+
+def _read_state(path: Path) -> dict:
+    "A trainer_state.json that must be a JSON object with an integer 'step'."
+    st = json.loads(path.read_text())
+    if not isinstance(st, dict) or not isinstance(st.get('step'), int): raise ValueError("no integer 'step'")
+    return st
+
+def checkpoint_meta(folder) -> tuple:
+    "(trainer state, config) of checkpoint `folder`; BrokenCheckpoint naming the file when one cannot be read."
+    folder = Path(folder)
+    st = _read_checkpoint_file(folder/'trainer_state.json', _read_state)
+    return st, _read_checkpoint_file(folder/'config.yaml', load_config)
+
+def checkpoint_problem(folder) -> str|None:
+    "None when checkpoint `folder` is good (readable, weights finite and < WEIGHT_BOUND, losses finite), else why not."
+    try:
+        st, _ = checkpoint_meta(folder)
+        read_weights(folder)
+    except BrokenCheckpoint as e:
+        return str(e)
+    bad = [k for k, v in st.get('losses', {}).items() if not math.isfinite(v)]
+    return f"{folder}: its last logged losses {bad} are not finite" if bad else None
 
 # %% ../nbs/06_train.ipynb #8217e433
 class TrainingDiverged(Blip2LabError):
@@ -338,7 +439,7 @@ def _stage_cfg(cfg: Config, stage: int) -> TrainConfig:
 
 def _checkpoints(out: Path) -> list:
     "Complete checkpoint folders under `out`, oldest first."
-    cks = [p for p in out.glob('step-*') if p.is_dir() and not p.name.endswith(('.tmp', '.old')) and (p/'trainer_state.json').exists()]
+    cks = [p for p in out.glob('step-*') if p.is_dir() and p.name[5:].isdigit() and (p/'trainer_state.json').exists()]
     return sorted(cks, key=lambda p: int(p.name.split('-')[1]))
 
 def _weights_check(out: dict, tc: TrainConfig, stage: int):
@@ -360,7 +461,7 @@ def _init_stage2(model, cfg, init_from, log):
     init_from = resolve_path(init_from)
     if not (init_from/'model.safetensors').exists(): raise ConfigError(f"init_from={init_from} is not a checkpoint folder (no model.safetensors): pass e.g. runs/s1/final")
     check_config_match(load_config(init_from/'config.yaml'), cfg, f'the stage-1 checkpoint {init_from}', ('vision', 'qformer'))
-    if hasattr(model, 'load_stage1'): loaded = model.load_stage1(load_file(str(init_from/'model.safetensors')))
+    if hasattr(model, 'load_stage1'): loaded = model.load_stage1(read_weights(init_from))
     else: loaded = load_trainable(model, init_from, strict=False)
     if not loaded: raise Blip2LabError(f"no parameter of {init_from} matches the stage-2 model: is it a stage-1 checkpoint?")
     log(f'stage 2 starts from the stage-1 checkpoint {init_from} ({len(loaded)} tensors)')
@@ -370,20 +471,135 @@ def _append_jsonl(path: Path, rec: dict):
     with open(path, 'a') as f: f.write(json.dumps(rec) + '\n'); f.flush()
 
 def _trim_metrics(path: Path, step: int):
-    "On resume, drop metric lines past the resumed step (they will be logged again)."
+    "On resume, drop metric lines past the resumed step (they will be logged again) and a torn last line."
     if not path.exists(): return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step]
-    tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, path)
+    keep = [r for r in read_jsonl(path) if r['step'] <= step]
+    tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(json.dumps(r) + '\n' for r in keep)); os.replace(tmp, path)
+
+class RunLocked(Blip2LabError):
+    "Another process holds the run folder's lock."
+
+_HELD = {}  # run folders this process holds run_lock on -> nesting depth
+
+@contextlib.contextmanager
+def run_lock(folder):
+    "Hold an exclusive lock on run folder `folder` (flock on <folder>/.lock, our pid inside); re-entrant in one process."
+    import fcntl
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        _HELD[folder] += 1
+        try: yield folder
+        finally: _HELD[folder] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+            raise RunLocked(f"{folder} is in use by another run (pid {pid}): wait for it to finish (or stop it), "
+                            "or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[folder] = 1
+        try: yield folder
+        finally: del _HELD[folder]
+    finally:
+        os.close(fd)   # closing the file releases the lock (the kernel does the same when a process dies)
+
+def _used(out: Path) -> list:
+    "Names of what an earlier run left in `out` (its lock file aside)."
+    return sorted(p.name for p in out.iterdir() if p.name != '.lock') if out.is_dir() else []
+
+def _start_fresh(out: Path, overwrite: bool):
+    "A run from step 0 needs an empty `out`: refuse a used one, or move its contents aside (`overwrite`)."
+    used = _used(out)
+    if not used: return
+    if not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(used[:5])}) and resuming is off (--no-resume): "
+                          "pick another --out, delete that folder, or pass --overwrite to move the old run aside "
+                          f"to {out.name}.old-<timestamp>")
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    old = out.with_name(f'{out.name}.old-{stamp}')
+    n = 1
+    while old.exists():
+        n += 1
+        old = out.with_name(f'{out.name}.old-{stamp}-{n}')
+    old.mkdir()
+    for name in used: os.replace(out/name, old/name)
+    warn(f"--overwrite: moved the earlier run in {out} aside to {old}")
+
+RESUME_MAY_CHANGE = ('steps', 'log_every', 'ckpt_every', 'num_workers', 'cache_features')  # per stage, on resume
+
+def resume_diff(ckpt_cfg: Config, cfg: Config, stage: int) -> list:
+    "Config keys where `cfg` differs from a checkpoint's, except those a resume may change (see the prose)."
+    free = ['device', 'eval', f'stage{3 - stage}'] + [f'stage{stage}.{k}' for k in RESUME_MAY_CHANGE]
+    return [k for k in config_diff(ckpt_cfg, cfg) if not any(k == f or k.startswith(f + '.') for f in free)]
+
+def _resume_candidates(out: Path) -> tuple:
+    "([(folder, state, config)] of readable checkpoints, highest step first; [unreadable ones], each with a warning)."
+    found, broken = [], []
+    for ck in _checkpoints(out) + ([out/'final'] if (out/'final').is_dir() else []):
+        try:
+            st, ck_cfg = checkpoint_meta(ck)
+        except BrokenCheckpoint as e:
+            warn(f"skipping the broken checkpoint {ck}: {e}")
+            broken.append(ck)
+            continue
+        found.append((ck, st, ck_cfg))
+    return sorted(found, key=lambda x: x[1]['step'], reverse=True), broken
+
+def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
+    "Load the newest intact checkpoint under `out` (skipping broken ones with a warning); (step, wall_s, folder)."
+    found, broken = _resume_candidates(out)
+    for ck, st, ck_cfg in found:
+        diff = resume_diff(ck_cfg, cfg, stage)
+        if diff:
+            may = f"stage{stage}.{{{','.join(RESUME_MAY_CHANGE)}}}, device and eval.*"
+            raise ConfigError(f"cannot resume {ck}: the config differs from the one it was trained with: "
+                              f"{_diff_text(ck_cfg, cfg, diff)}. Rerun with its config (--config {ck/'config.yaml'}; "
+                              f"only {may} may change on resume), or start a new --out (or --overwrite)")
+        if st.get('world_size') != world or st.get('stage') != stage:
+            was = f"stage {st.get('stage')} on {st.get('world_size')} processes"
+            raise ConfigError(f"cannot resume {ck}: it was trained as {was}, this is stage {stage} on {world}: "
+                              "use the same settings, or start a new --out (or --overwrite)")
+        try:
+            load_trainable(model, ck)
+            tensors = load_safetensors(ck/'optimizer.safetensors')
+            _load_optim(opt, names, tensors, st['optimizer_groups'])
+            set_rng_state(st['rng'][rank], gen)
+        except (BrokenCheckpoint, KeyError, IndexError, TypeError, ValueError) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            warn(f"cannot resume from the broken checkpoint {ck} ({why}): trying the previous one")
+            broken.append(ck)
+            continue
+        log(f'resumed from {ck} at step {st["step"]}')
+        return st['step'], st['wall_s'], ck
+    if broken:
+        raise BrokenCheckpoint(f"no intact checkpoint left in {out} (broken: {', '.join(p.name for p in broken)}): "
+                               "delete them to start over, or pass --overwrite to move the old run aside")
+    return 0, 0.0, None
 
 def train(cfg: Config, stage: int, out, init_from=None, resume: bool = True, progress=True, *,
+          overwrite: bool = False,  # start over, moving a run already in `out` aside to <out>.old-<timestamp>
           model: nn.Module|None = None, dataset=None, stop_after: int|None = None, keep_last: int = 2) -> Path:
-    "Train stage `stage` of `cfg` into folder `out`; return the final checkpoint folder (out/final)."
+    "Train stage `stage` of `cfg` into folder `out` (locked while we run); return the final checkpoint (out/final)."
     tc = _stage_cfg(cfg, stage)                      # this stage's TrainConfig
     if not tc.enabled: raise ConfigError(f"stage{stage}.enabled=false: there is nothing to train; set stage{stage}.enabled=true")
     device = resolve_device(cfg)
     rank, world = setup_distributed(device)
-    out = resolve_path(out); main = rank == 0
-    if main: out.mkdir(parents=True, exist_ok=True)
+    out = resolve_path(out)
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, stage, tc, out, device, rank, world, init_from, resume and not overwrite, overwrite,
+                      progress, model, dataset, stop_after, keep_last)
+
+def _train(cfg, stage, tc, out, device, rank, world, init_from, resume, overwrite, progress, model, dataset,
+           stop_after, keep_last) -> Path:
+    "train() once the run folder is ours."
+    main = rank == 0
+    if main and not resume: _start_fresh(out, overwrite)
+    if world > 1: dist.barrier()                     # the other ranks read `out` only once rank 0 has prepared it
     log = (lambda s: tqdm.write(s)) if (main and progress) else (lambda s: None)
     torch.manual_seed(tc.seed); random.seed(tc.seed); np.random.seed(tc.seed % 2**32)
     model = model if model is not None else build_model(cfg, stage)
@@ -397,21 +613,8 @@ def train(cfg: Config, stage: int, out, init_from=None, resume: bool = True, pro
     gen = torch.Generator(device=device).manual_seed(tc.seed)  # identical on all ranks: shared random draws
     if hasattr(model, 'set_generator'): model.set_generator(gen)
     torch.manual_seed(tc.seed + 1 + rank)                # dropout etc. differ per rank
-    step, wall0 = 0, 0.0
-    cks = _checkpoints(out) if resume else []
-    if resume and (out/'final'/'trainer_state.json').exists(): cks.append(out/'final')
-    if cks:
-        ck = max(cks, key=lambda p: json.loads((p/'trainer_state.json').read_text())['step'])
-        st = json.loads((ck/'trainer_state.json').read_text())
-        check_config_match(load_config(ck/'config.yaml'), cfg, f'the checkpoint {ck}')
-        rdiff = config_diff(load_config(ck/'config.yaml'), cfg, keys=['data', f'stage{stage}.seed', f'stage{stage}.batch_size'])
-        if rdiff or st['world_size'] != world or st['stage'] != stage:
-            raise ConfigError(f"cannot resume {ck}: it was trained with other data order settings ({', '.join(rdiff) or 'world size/stage'}): use the same settings, resume=False (--no-resume), or a new --out")
-        load_trainable(model, ck)
-        _load_optim(opt, names, load_file(str(ck/'optimizer.safetensors')), st['optimizer_groups'])
-        set_rng_state(st['rng'][rank], gen)
-        step, wall0 = st['step'], st['wall_s']
-        log(f'resumed from {ck} at step {step}')
+    step, wall0, good = 0, 0.0, None
+    if resume: step, wall0, good = _resume(out, cfg, stage, model, opt, names, gen, rank, world, log)
     metrics_path = out/'metrics.jsonl'
     if main:
         if step == 0 and metrics_path.exists(): metrics_path.unlink()
@@ -422,7 +625,7 @@ def train(cfg: Config, stage: int, out, init_from=None, resume: bool = True, pro
         cache = build_feature_cache(model, dataset, device, tc.batch_size, cdir, cache_key(cfg, dataset), progress and main)
         dataset = _without_pixels(dataset)
     return _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, step, wall0, rank, world,
-                 progress, stop_after, keep_last, log)
+                 progress, stop_after, keep_last, log, good)
 
 # %% ../nbs/06_train.ipynb #3fe302c0
 def _state(cfg, stage, step, wall, world, gen, n, tc):
@@ -436,7 +639,8 @@ def _state(cfg, stage, step, wall, world, gen, n, tc):
             'seed': tc.seed, 'torch': torch.__version__}
 
 def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, step, wall0, rank, world,
-          progress, stop_after, keep_last, log):
+          progress, stop_after, keep_last, log, good=None):
+    "The optimiser steps; `good` is the newest good checkpoint so far (never pruned, named by the NaN guard)."
     params = list(names.values())
     amp = device.type == 'cuda' and tc.amp
     metrics_path, main = out/'metrics.jsonl', rank == 0
@@ -460,12 +664,12 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
         if world > 1: dist.all_reduce(vec); vec /= world
         vals = dict(zip(comps, vec.tolist()))
         if step == 0: _weights_check(outd, tc, stage)
-        _guard(vals, step, cks)
+        _guard(vals, step, good)
         opt.zero_grad(set_to_none=True)
         outd['loss'].backward()
         sync_gradients(params)
         gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float('inf'))
-        _guard({'gradient norm': float(gnorm)}, step, cks)
+        _guard({'gradient norm': float(gnorm)}, step, good)
         opt.step()
         step += 1
         dt = time.time() - t0; sps = len(idx) * world / max(dt, 1e-9)
@@ -475,11 +679,13 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
                                          'grad_norm': round(float(gnorm), 6), 'samples_per_s': round(sps, 2),
                                          'wall_s': round(time.time() - t_start, 2)})
         if step % tc.ckpt_every == 0 and step < tc.steps:
-            st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc)
+            st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc) | {'losses': vals}
             if main:
-                cks.append(save_checkpoint(out/f'step-{step:07d}', model, cfg, st, opt))
-                for old in cks[:-keep_last]: shutil.rmtree(old, ignore_errors=True)
-                cks = cks[-keep_last:]
+                ck = save_checkpoint(out/f'step-{step:07d}', model, cfg, st, opt)
+                bad = weights_problem(names) or losses_problem(vals)
+                if bad: warn(f"the checkpoint {ck} is not a good one ({bad}): it will not be named as the last good one")
+                else: good = ck
+                cks = _prune([c for c in cks if c != ck] + [ck], keep_last, good)
     bar.close()
     st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc)
     final = out/'final' if step >= tc.steps else out/f'step-{step:07d}'
@@ -487,24 +693,39 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
     if world > 1: dist.barrier()
     return final
 
-def _guard(vals: dict, step: int, cks: list):
-    "Stop with TrainingDiverged when any value is NaN/inf."
+def losses_problem(vals: dict) -> str|None:
+    "None when every logged loss value is finite, else which are not."
+    bad = [k for k, v in vals.items() if not math.isfinite(v)]
+    return f"losses {bad} are not finite" if bad else None
+
+def _prune(cks: list, keep_last: int, good) -> list:
+    "Delete all but the `keep_last` newest checkpoints, never the newest good one `good`; return those kept."
+    for old in cks[:-keep_last]:
+        if old != good: shutil.rmtree(old, ignore_errors=True)
+    return [c for c in cks[:-keep_last] if c == good] + cks[-keep_last:]
+
+def _guard(vals: dict, step: int, good):
+    "Stop with TrainingDiverged when any value is NaN/inf, naming the newest good checkpoint `good`."
     bad = [k for k, v in vals.items() if not math.isfinite(v)]
     if bad:
-        last = str(cks[-1]) if cks else 'none yet'
-        raise TrainingDiverged(f"{', '.join(bad)} became {vals[bad[0]]} at step {step + 1}; the weights were not updated and the last good checkpoint is {last}. "
-                               "Lower the learning rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false)")
+        last = str(good) if good else 'none yet'
+        good_means = f"finite weights with |w| < {WEIGHT_BOUND:g}, finite losses"
+        raise TrainingDiverged(f"{', '.join(bad)} became {vals[bad[0]]} at step {step + 1}; the weights were not "
+                               f"updated and the last good checkpoint ({good_means}) is {last}. Lower the learning "
+                               "rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false), in a "
+                               "new --out (a resume refuses a changed config; stage 1 can start from that checkpoint "
+                               "with --init)")
 
-# %% ../nbs/06_train.ipynb #60abdb1f
+# %% ../nbs/06_train.ipynb #0e23a704
 def load_checkpoint(path, cfg: Config|None = None, stage: int|None = None, model: nn.Module|None = None) -> tuple:
     "(model, cfg) from a checkpoint folder (e.g. runs/s1/final); `cfg`, when given, must define the same model."
     path = resolve_path(path)
     if path.is_dir() and not (path/'model.safetensors').exists() and (path/'final'/'model.safetensors').exists(): path = path/'final'
     if not (path/'model.safetensors').exists() or not (path/'config.yaml').exists():
         raise ConfigError(f"{path} is not a checkpoint folder (needs model.safetensors and config.yaml): pass e.g. runs/s1/final")
-    ck_cfg = load_config(path/'config.yaml')
+    ck_cfg = _read_checkpoint_file(path/'config.yaml', load_config)
     if cfg is not None: check_config_match(ck_cfg, cfg, f'the checkpoint {path}')
-    st = json.loads((path/'trainer_state.json').read_text()) if (path/'trainer_state.json').exists() else {}
+    st = _read_checkpoint_file(path/'trainer_state.json', _read_state) if (path/'trainer_state.json').exists() else {}
     stage = stage or st.get('stage', 1)
     cfg = cfg or ck_cfg
     model = model if model is not None else build_model(cfg, stage, seed=_stage_cfg(cfg, stage).seed)
@@ -513,11 +734,11 @@ def load_checkpoint(path, cfg: Config|None = None, stage: int|None = None, model
 
 # %% ../nbs/06_train.ipynb #e212f991
 def read_metrics(path) -> list:
-    "The records of a metrics.jsonl (or of the one inside run folder `path`)."
+    "The records of a metrics.jsonl (or of the one inside run folder `path`); a torn last line is dropped with a warning."
     path = resolve_path(path)
     if path.is_dir(): path = path/'metrics.jsonl'
     if not path.exists(): raise Blip2LabError(f"no metrics log at {path}: pass a run folder written by train()")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return read_jsonl(path)
 
 def plot_metrics(path, title: str|None = None):
     "A matplotlib Figure with one panel per loss component and the learning rate, from a run's metrics.jsonl."
@@ -539,17 +760,29 @@ def _parser():
     p.add_argument('--stage', type=int, required=True, choices=(1, 2), help='1: representation learning, 2: generative learning')
     p.add_argument('--out', required=True, help='run folder (resumed when it holds checkpoints)')
     p.add_argument('--init', help='stage 2: the stage-1 checkpoint folder to start from')
-    p.add_argument('--no-resume', action='store_true', help='start from step 0 even if --out holds checkpoints')
+    p.add_argument('--no-resume', action='store_true', help='start from step 0 (refused when --out already holds a run)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start from step 0, moving a run already in --out aside to <out>.old-<timestamp>')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides, e.g. stage1.steps=50')
     return p
+
+def _warning_printer(fallback):
+    "A `warnings.showwarning` printing a TrainWarning as one `warning: ...` line on stderr (others via `fallback`)."
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, TrainWarning): return fallback(message, category, filename, lineno, file, line)
+        print(f'warning: {message}', file=sys.stderr)
+    return show
 
 def cli_train(argv) -> int:
     "`blip2-lab train`: parse argv, train, print the final checkpoint folder."
     a = _parser().parse_args(argv)
     cfg = load_config(resolve_path(a.config)) if a.config else get_preset(a.preset)
     cfg = apply_overrides(cfg, a.overrides)
-    final = train(cfg, a.stage, a.out, init_from=a.init, resume=not a.no_resume, progress=not a.no_progress)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(warnings.showwarning)
+        final = train(cfg, a.stage, a.out, init_from=a.init, resume=not a.no_resume, progress=not a.no_progress,
+                      overwrite=a.overwrite)
     if _world()[0] == 0: print(final)
     return 0
 

@@ -3,7 +3,7 @@
 Fast checks use the toy model exported by the trainer; the same properties are checked on the real
 tiny `Blip2Stage1` / `Blip2Stage2` once blip2_lab.stage1 / stage2 provide them.
 """
-import json, os
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
@@ -54,11 +54,38 @@ def test_resume_is_bitwise(tmp_path):
     same_params(full, again)
 
 
-def test_no_resume_starts_over(tmp_path):
+def test_no_resume_refuses_a_used_folder_overwrite_moves_it_aside(tmp_path):
     toy_train(tmp_path/'r', stop_after=4)
-    m, _ = toy_train(tmp_path/'r', resume=False)
+    with pytest.raises(ConfigError, match=r'already holds a run.*--overwrite'):
+        toy_train(tmp_path/'r', resume=False)
+    m, _ = toy_train(tmp_path/'r', overwrite=True)
     full, _ = toy_train(tmp_path/'f')
-    same_params(full, m)
+    same_params(full, m)                                 # a clean start, nothing of the old run mixed in
+    old, = tmp_path.glob('r.old-*')
+    assert (old/'step-0000004').is_dir() and (old/'metrics.jsonl').exists()
+
+
+HOLD_LOCK = """import sys, time
+from blip2_lab.train import run_lock
+with run_lock(sys.argv[1]):
+    print('locked', flush=True)
+    time.sleep(120)
+"""
+
+
+def test_run_lock_second_process_refused_dead_holder_does_not_block(tmp_path):
+    out = tmp_path/'r'
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(T.RunLocked, match=rf'{out} is in use by another run \(pid {holder.pid}\)'):
+            toy_train(out)
+    finally:
+        holder.kill()                                    # SIGKILL: the holder gets no chance to clean up
+        holder.wait()
+    assert (out/'.lock').read_text() == str(holder.pid)  # the stale lock file is still there...
+    toy_train(out)                                       # ...and does not block: the kernel released the lock
+    assert (out/'.lock').read_text() == str(os.getpid())
 
 
 def test_frozen_parts_bit_identical_and_eval_mode(tmp_path):
@@ -165,6 +192,35 @@ def test_stage1_tiny_resume_bitwise_frozen_intact(tmp_path):
     fresh_sd = dict(fresh.named_parameters())
     for n, p in m.named_parameters():
         if n not in trainable: assert torch.equal(p, fresh_sd[n]), f'frozen {n} changed'
+
+
+@pytest.mark.skipif(not _has('stage1', 'Blip2Stage1'), reason='Blip2Stage1 has not landed yet')
+def test_cli_tiny_refuses_mixing_survives_damage_refuses_bad_weights(tmp_path, capsys):
+    from blip2_lab.cli import main
+    out = tmp_path/'r'
+    args = ['train', '--preset', 'tiny', '--stage', '1', '--out', str(out), '--no-progress', 'device=cpu',
+            'stage1.steps=2', 'stage1.batch_size=8', 'stage1.ckpt_every=1', 'stage1.log_every=1']
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ['--no-resume']) == 2             # a used folder is not silently reused
+    err = capsys.readouterr().err
+    assert f'error: {out} already holds a run' in err and '--overwrite' in err
+    assert main(args + ['stage1.lr=0.5']) == 2           # nor resumed under another config
+    assert 'stage1.lr (checkpoint 0.0001, now 0.5)' in capsys.readouterr().err
+    with open(out/'metrics.jsonl', 'a') as f: f.write('{"step": 44, "')       # a full disk mid-line
+    (out/'final'/'trainer_state.json').write_text('{"step": 2, "rn')           # and a broken newest checkpoint
+    assert main(args + ['stage1.steps=3']) == 0              # extending the run is allowed
+    err = capsys.readouterr().err
+    assert f"warning: skipping the broken checkpoint {out/'final'}" in err
+    assert 'warning:' in err and 'torn last line 3' in err
+    assert [json.loads(l)['step'] for l in (out/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+    w = load_file(str(out/'final'/'model.safetensors'))
+    name = sorted(w)[0]
+    w[name] = w[name] * float('nan')
+    from safetensors.torch import save_file
+    save_file(w, str(out/'final'/'model.safetensors'))
+    with pytest.raises(T.BrokenCheckpoint, match=rf"model.safetensors: tensor {name} has max \|w\| = nan"):
+        T.load_checkpoint(out/'final')                   # what `blip2-lab eval` calls
 
 
 @pytest.mark.skipif(not (_has('stage1', 'Blip2Stage1') and _has('stage2', 'Blip2Stage2')), reason='models have not landed yet')
