@@ -13,9 +13,9 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
 # %% auto #0
 __all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for', 'arm_config',
            'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
-           'is_finished', 'summarize', 'verdict', 'baseline_check', 'claim_caveat', 'write_results', 'plot_metric',
-           'experiment_notebook', 'plan_runs', 'preflight', 'batch_lock', 'die_with_parent', 'child_command',
-           'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
+           'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check', 'claim_caveat',
+           'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight', 'batch_lock',
+           'die_with_parent', 'child_command', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -199,29 +199,50 @@ def summarize(records: list) -> dict:
             for a, m in vals.items()}
 
 # %% ../nbs/09_ablate.ipynb #da92e91d
-def verdict(claim: dict, summary: dict) -> dict:
-    "Judge one CLAIMS entry on `summarize` output: dict(claim, status, effect, se, text)."
+def paired_differences(records: list, metric: str, baseline: str, ablated: str) -> dict:
+    "{seed: baseline's metric - ablated's metric} over the seeds where both arms have the metric."
+    by = {}
+    for r in records:
+        v = r['headline'].get(metric, r.get('metrics', {}).get(metric))
+        if v is not None and r.get('seed') is not None: by[(r['arm'], r['seed'])] = v
+    seeds = sorted({s for a, s in by if a == baseline} & {s for a, s in by if a == ablated})
+    return {s: by[(baseline, s)] - by[(ablated, s)] for s in seeds}
+
+def _judge(eff: float, se: float) -> str:
+    "reproduced / refuted / inconclusive for an effect (drop) and its standard error."
+    if se == 0: return 'reproduced' if eff > 0 else 'refuted' if eff < 0 else 'inconclusive'
+    return 'reproduced' if eff > 2 * se else 'refuted' if eff < -2 * se else 'inconclusive'
+
+def verdict(claim: dict, summary: dict, records: list | None = None) -> dict:
+    "Judge one CLAIMS entry: dict(claim, status, effect, se, paired, text); paired over seeds when `records` allow."
     m, a, b = claim['metric'], claim['ablated'], claim['baseline']
     label = KEY_METRICS[m][0] if m in KEY_METRICS else m
-    out = dict(claim=claim['claim'], metric=m, ablated=a, baseline=b, effect=None, se=None)
+    out = dict(claim=claim['claim'], metric=m, ablated=a, baseline=b, effect=None, se=None, paired=False)
     miss = [arm for arm in (b, a) if m not in summary.get(arm, {})]
     if miss:
-        return {**out, 'status': 'inconclusive', 'text': f"{label} missing for arm(s) {', '.join(miss)}: nothing to compare"}
+        text = f"{label} missing for arm(s) {', '.join(miss)}: nothing to compare"
+        return {**out, 'status': 'inconclusive', 'text': text}
     (mb, sb, nb), (ma, sa, na) = summary[b][m], summary[a][m]
-    eff = mb - ma
-    out['effect'] = eff
-    head = f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}, effect {eff:+.4g} (n={nb} vs {na})"
-    if sb is None or sa is None:
-        sign = 'agrees with' if eff > 0 else 'goes against' if eff < 0 else 'shows no effect for'
-        return {**out, 'status': 'inconclusive',
-                'text': f"{head}; seed spread unknown (one seed on {'both sides' if nb == na == 1 else 'one side'}): "
-                        f"the sign {sign} the paper, but without a spread no effect can be told from noise; "
-                        "run more seeds (--seeds 0,1,2)"}
-    se = math.sqrt(sb**2 / nb + sa**2 / na); out['se'] = se
-    status = ('reproduced' if eff > 2 * se and eff > 0 else 'not reproduced' if eff <= 0 and not (eff == 0 and se == 0)
-              else 'inconclusive')
-    ratio = f"{eff / se:.2g} standard errors" if se > 0 else "no seed spread at all"
-    return {**out, 'status': status, 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}"}
+    diffs = paired_differences(records or [], m, b, a)
+    if len(diffs) >= 2:
+        d = list(diffs.values())
+        eff, se, n = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d)
+        head = (f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}; paired over {n} seeds, "
+                f"effect {eff:+.4g} (per seed {', '.join(f'{x:+.3g}' for x in d)})")
+        out['paired'] = True
+    else:
+        eff = mb - ma
+        head = f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}, effect {eff:+.4g} (n={nb} vs {na})"
+        if sb is None or sa is None:
+            sign = 'agrees with' if eff > 0 else 'goes against' if eff < 0 else 'shows no effect for'
+            one = 'both sides' if nb == na == 1 else 'one side'
+            text = (f"{head}; seed spread unknown (one seed on {one}): the sign {sign} the paper, "
+                    "but without a spread no effect can be told from noise; run more seeds (--seeds 0,1,2)")
+            return {**out, 'effect': eff, 'status': 'inconclusive', 'text': text}
+        se = math.sqrt(sb**2 / nb + sa**2 / na)
+    out.update(effect=eff, se=se)
+    ratio = f"{eff / se:+.2g} standard errors" if se > 0 else "no seed spread at all"
+    return {**out, 'status': _judge(eff, se), 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}"}
 
 # %% ../nbs/09_ablate.ipynb #75cbf603
 BASELINE_CHECKS = [  # each: the metric, and the baselines it must beat (headline metrics)
@@ -268,7 +289,7 @@ def write_results(out, records: list, arms: list, failures=(), title: str = '') 
         for k, (mean, std, n) in sorted(summary.get(a, {}).items()):
             w.writerow([a, k, n, repr(mean), '' if std is None else repr(std)])
     _write_text(out/'results.csv', buf.getvalue())
-    verdicts = [verdict(c, summary) for c in CLAIMS if c['ablated'] in arms and c['baseline'] in arms]
+    verdicts = [verdict(c, summary, records) for c in CLAIMS if c['ablated'] in arms and c['baseline'] in arms]
     lines = [f"# Ablation results{': ' + title if title else ''}", '',
              f"{len(records)} finished run(s); mean ± sample std over seeds (n = seeds with that metric).", '',
              '| arm | ' + ' | '.join(KEY_METRICS[k][0] for k in KEY_METRICS) + ' |',

@@ -66,7 +66,7 @@ def test_missing_retrieval_is_missing_not_zero(batch):
     assert 'retrieval_r1' not in res['summary']['no_stage1']
     v = {x['claim']: x for x in res['verdicts']}
     assert set(v) == {CLAIMS[0]['claim']}                           # no_itg not in this batch
-    assert v[CLAIMS[0]['claim']]['status'] in ('reproduced', 'not reproduced', 'inconclusive')
+    assert v[CLAIMS[0]['claim']]['status'] in ('reproduced', 'refuted', 'inconclusive')
     assert 'spread unknown' in v[CLAIMS[0]['claim']]['text']       # one seed
     assert (out/'results.csv').read_text().startswith('arm,metric,n,mean,std')
     assert sorted(p.name for p in (out/'plots').glob('*.png')) == sorted(f'{m}.png' for m in PLOT_METRICS)
