@@ -8,12 +8,14 @@ import json, os, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
+import torch
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 from blip2_lab.ablate import (ARMS, CLAIMS, PLOT_METRICS, ablate, batch_lock, cli_run_arm, read_metrics,
-                              run_threads)
+                              run_threads, arm_config)
+from blip2_lab import train as T
 
 SEED = 7                      # not the notebook's default (0): proves injection
 OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
@@ -192,3 +194,39 @@ def test_papermill_kernel_dies_with_its_batch(tmp_path):
     finally:
         parent.kill(); parent.wait()
         if pidfile.exists() and _alive(int(pidfile.read_text())): os.kill(int(pidfile.read_text()), 9)
+
+
+def _fresh_weights(cfg, stage):
+    "The weights train() starts stage `stage` from: built right after torch.manual_seed(stageN.seed)."
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    torch.manual_seed(tc.seed)
+    return {k: v.clone() for k, v in T.build_model(cfg, stage).state_dict().items()}
+
+
+def test_paired_seeds_same_data_order_and_initial_weights_across_arms():
+    "Seed s gives every arm the same data order and the same initial weights; only the ablation differs."
+    from blip2_lab.config import config_diff
+    for s in (0, 1):
+        cfgs = {a: arm_config('tiny', a, seed=s) for a in ('full', 'no_stage1', 'no_itg')}
+        full = cfgs['full']
+        # the configs differ only in the keys that define each arm
+        assert config_diff(full, cfgs['no_itg']) == ['stage1.itg_weight']
+        assert config_diff(full, cfgs['no_stage1']) == ['stage1.enabled']
+        # data order: the same batches at every step (same seed, batch size and dataset size)
+        n = full.data.n_train
+        for a, c in cfgs.items():
+            for st in (0, 1, 7):
+                assert T.batch_indices(st, n, c.stage1.batch_size, c.stage1.seed) == \
+                       T.batch_indices(st, n, full.stage1.batch_size, full.stage1.seed)
+                assert T.batch_indices(st, n, c.stage2.batch_size, c.stage2.seed) == \
+                       T.batch_indices(st, n, full.stage2.batch_size, full.stage2.seed)
+        # initial weights: stage 1 of full and no_itg, stage 2 of all three (before stage 1's Q-Former is loaded)
+        w1 = _fresh_weights(full, 1)
+        for k, v in _fresh_weights(cfgs['no_itg'], 1).items(): assert torch.equal(v, w1[k]), k
+        w2 = _fresh_weights(full, 2)
+        for a in ('no_stage1', 'no_itg'):
+            for k, v in _fresh_weights(cfgs[a], 2).items(): assert torch.equal(v, w2[k]), (a, k)
+    # and another seed really changes them (the test above could not pass by accident)
+    w0, w1 = (_fresh_weights(arm_config('tiny', 'full', seed=s), 1) for s in (0, 1))
+    assert any(not torch.equal(v, w1[k]) for k, v in w0.items())
+    assert T.batch_indices(0, n, 8, 0) != T.batch_indices(0, n, 8, 1)
