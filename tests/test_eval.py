@@ -9,12 +9,13 @@ from blip2_lab.cli import main as cli_main
 def test_vqa_accuracy_matches_subset_definition():
     "VQAv2 accuracy equals its definition (min(matches/3,1) averaged over the 10 choose 9 subsets) on random answer sets."
     g = torch.Generator().manual_seed(0)
-    vocab = ['two', '2', 'Two.', 'three', 'red', 'the red', 'no', 'yes']
+    vocab = ['two', '2', 'Two.', 'three', 'red', 'red.', 'the red', 'no', 'yes']
     for _ in range(200):
         answers = [vocab[int(i)] for i in torch.randint(0, len(vocab), (10,), generator=g)]
         pred = vocab[int(torch.randint(0, len(vocab), (1,), generator=g))]
         p = ev.normalize_answer(pred)
-        want = sum(min(sum(ev.normalize_answer(a) == p for a in sub) / 3, 1) for sub in combinations(answers, 9)) / 10
+        gts = ev.normalize_human_answers(answers)
+        want = sum(min(sum(a == p for a in sub) / 3, 1) for sub in combinations(gts, 9)) / 10
         assert abs(ev.vqa_accuracy(pred, answers) - want) < 1e-12
 
 
@@ -24,6 +25,46 @@ def test_normalize_answer_cases():
     assert ev.normalize_answer('isnt') == "isn't"
     assert ev.normalize_answer('two dogs') == '2 dogs'
     assert ev.normalize_answer('10.5') == '10.5'
+
+
+# (raw prediction, what the official vqaEval.py makes of it), worked out from its code
+OFFICIAL_PREDICTIONS = [
+    ('dont', "don't"), ('two', '2'), ('a dog.', 'dog'), ('None', '0'), ('an  Apple ', 'apple'),
+    ('hed', "he'd"), ('howd', "how'd"), ('itll', "it'll"), ('shant', "shan't"), ('notve', "not've"),
+    ('twas', "'twas"), ("somebody'd", 'somebodyd'), ("yall'll", "y'all'll"), ('Im', 'im'),
+    ('Ive', 'ive'), ('well', 'well'), ('its', 'its'),
+    ('red!blue,!', 'red blue'),          # '!' decided on the input: no space next to it -> a space
+    ('b!two,!.two', 'b 2 2'), ('left-side', 'left side'), ('red , blue', 'red blue'),
+    ('red-blue 1,000', 'redblue 1000'),  # a comma between digits: every mark deleted
+    ('yes.', 'yes'), ('3.5', '3.5'),
+]
+
+
+@pytest.mark.parametrize('raw,want', OFFICIAL_PREDICTIONS)
+def test_normalize_answer_as_official(raw, want):
+    assert ev.normalize_answer(raw) == want
+
+
+def test_normalize_answer_removes_at_most_32_periods():
+    "The official script passes re.UNICODE (32) as re.sub's count: periods after the 32nd stay."
+    assert ev.normalize_answer('x. ' * 40) == ' '.join(['x'] * 32 + ['x.'] * 8)
+
+
+# (prediction, human answers, official accuracy)
+OFFICIAL_ACCURACY = [
+    ('2', ['two'] * 10, 0.0),                          # ten equal human answers: compared as given
+    ('2', ['two'] * 9 + ['2'], 0.3),                   # differing: punctuation only; one '2' counts
+    ('red', ['red.'] * 3 + ['blue'] * 7, 0.9),         # ... but 'red.' loses its period
+    ('red', ['Red'] * 5 + ['blue'] * 5, 0.0),          # no lowercasing of human answers
+    ('RED', ['red'] * 4 + ['blue'] * 6, 1.0),          # the prediction is lowercased
+    ('the dog', ['dog'] * 2 + ['cat'] * 8, 0.6),       # the prediction loses its article
+    ('dont', ["don't"] * 3 + ['no'] * 7, 0.9),
+]
+
+
+@pytest.mark.parametrize('pred,answers,want', OFFICIAL_ACCURACY)
+def test_vqa_accuracy_as_official(pred, answers, want):
+    assert abs(ev.vqa_accuracy(pred, answers) - want) < 1e-12
 
 
 def test_recall_batched_equals_bruteforce_large():
@@ -114,11 +155,68 @@ def test_evaluate_hf_blip2_folders(tmp_path):
     assert 'stage-2' in res['splits']['test']['skipped']['vqa']
 
 
-def test_cli_eval_stage1_checkpoint(tmp_path, capsys):
-    "`blip2-lab eval` on a tiny stage-1 checkpoint: overrides apply, files are written, skipped tasks are said."
+@pytest.fixture(scope='module')
+def tiny_s1(tmp_path_factory):
+    "A stage-1 checkpoint of the tiny preset (a few seconds), shared by the tests of this module."
     from blip2_lab.config import get_preset
     from blip2_lab.train import train
-    s1 = train(get_preset('tiny'), 1, tmp_path/'s1', progress=False)
+    return train(get_preset('tiny'), 1, tmp_path_factory.mktemp('s1'), progress=False)
+
+
+def _no_work(monkeypatch):
+    "Make any evaluation work fail the test: the checks must come before it."
+    def fail(*a, **k): raise AssertionError('evaluation ran before the check')
+    monkeypatch.setattr(ev, 'evaluate_split', fail)
+
+
+def test_cli_eval_unwritable_out(tiny_s1, tmp_path, capsys, monkeypatch):
+    "--out under a regular file (a folder even root cannot make) fails before the work, with the fix."
+    _no_work(monkeypatch)
+    (tmp_path/'a_file').write_text('x')
+    bad = tmp_path/'a_file'/'ev'
+    rc = cli_main(['eval', '--ckpt', str(tiny_s1), '--tasks', 'retrieval', '--out', str(bad),
+                   '--no-progress'])
+    err = capsys.readouterr().err
+    assert rc == 2 and f'cannot write the results to {bad}' in err and '--out DIR' in err, err
+
+
+def test_evaluate_rescues_results_when_the_final_write_fails(tiny_s1, tmp_path, monkeypatch):
+    "The output folder passes the check, the write after the work fails: the results are rescued."
+    real = ev.write_results
+    target = tmp_path/'ev'
+    def flaky(results, out):
+        if ev.resolve_path(out) == target: raise OSError(28, 'No space left on device')
+        return real(results, out)
+    monkeypatch.setattr(ev, 'write_results', flaky)
+    from blip2_lab.config import get_preset, apply_overrides
+    cfg = apply_overrides(get_preset('tiny'), ['eval.n_images=3', 'eval.k_test=2'])
+    with pytest.raises(ev.EvalError, match='No space left on device') as e:
+        ev.evaluate(cfg, tiny_s1, tasks='retrieval', out=target, progress=False)
+    rescue = __import__('pathlib').Path(str(e.value).split('saved in ')[1].split(' instead')[0])
+    saved = json.loads((rescue/'results.json').read_text())
+    assert saved['splits']['test']['retrieval']['n_images'] == 3
+    assert (rescue/'results.md').exists() and (rescue/'results.png').exists()
+
+
+def test_vqa_prompt_without_slot_fails_before_work(tiny_s1, monkeypatch):
+    "eval.vqa_prompt without {} (set past config validation): EvalError naming the key, before work."
+    import copy
+    from blip2_lab.config import get_preset
+    _no_work(monkeypatch)
+    cfg = copy.deepcopy(get_preset('tiny'))
+    cfg.eval.vqa_prompt = 'Short answer:'
+    with pytest.raises(ev.EvalError, match=r"vqa_prompt='Short answer:' needs exactly one \{\}"):
+        ev.evaluate(cfg, tiny_s1, tasks='vqa', progress=False)
+    # the prompt of the checkpoint's own config (cfg=None): checked once the model is loaded
+    run = copy.deepcopy(cfg)
+    monkeypatch.setattr(ev, 'load_views', lambda *a, **k: (None, object(), run))
+    with pytest.raises(ev.EvalError, match='eval.vqa_prompt'):
+        ev.evaluate(None, tiny_s1, tasks='vqa', progress=False)
+
+
+def test_cli_eval_stage1_checkpoint(tiny_s1, tmp_path, capsys):
+    "`blip2-lab eval` on a tiny stage-1 checkpoint: overrides apply, files are written, skipped tasks are said."
+    s1 = tiny_s1
     rc = cli_main(['eval', '--ckpt', str(s1), '--tasks', 'retrieval,vqa', '--out', str(tmp_path/'ev'), '--no-progress',
                    'eval.n_images=5', 'eval.k_test=2'])
     assert rc == 0
