@@ -15,7 +15,7 @@ __all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', '
            'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
            'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check', 'claim_caveat',
            'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight', 'batch_lock',
-           'die_with_parent', 'child_command', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
+           'die_with_parent', 'child_command', 'run_status', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -437,6 +437,37 @@ def child_command(code: str, *args) -> list:
     pre = f'from blip2_lab.ablate import die_with_parent; die_with_parent({os.getpid()}); '
     return [sys.executable, '-c', pre + code, *map(str, args)]
 
+# %% ../nbs/09_ablate.ipynb #66a74833
+def _last_row(path: Path) -> dict | None:
+    "The last complete JSON line of a metrics.jsonl being written (None if there is none yet)."
+    try: lines = path.read_text().splitlines()
+    except OSError: return None
+    for l in reversed(lines):
+        try: return json.loads(l)
+        except json.JSONDecodeError: continue   # the line being written
+    return None
+
+def _mmss(s) -> str: return '?' if s is None else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+def run_status(run_dir, cfg, rates: dict) -> str:
+    "'stage 1 step 340/800, stage ETA 2m10s, run ETA 7m05s' for a running run; `rates` ({'stage2': s/step, 'eval': s}) fill in what is to come."
+    d = Path(run_dir)
+    s1, s2 = _last_row(d/'stage1'/'metrics.jsonl'), _last_row(d/'stage2'/'metrics.jsonl')
+    if s2 is not None or not cfg.stage1.enabled:
+        if s2 is None: return 'stage 2 starting'
+        per = s2['wall_s'] / max(s2['step'], 1); rates['stage2'] = per
+        if s2['step'] >= cfg.stage2.steps:
+            return f"evaluating, run ETA {_mmss(rates.get('eval'))}"
+        left = per * (cfg.stage2.steps - s2['step'])
+        run_left = None if rates.get('eval') is None else left + rates['eval']
+        return f"stage 2 step {s2['step']}/{cfg.stage2.steps}, stage ETA {_mmss(left)}, run ETA {_mmss(run_left)}"
+    if s1 is None: return 'stage 1 starting'
+    per = s1['wall_s'] / max(s1['step'], 1)
+    left = per * (cfg.stage1.steps - s1['step'])
+    later = [rates.get('stage2') and rates['stage2'] * cfg.stage2.steps, rates.get('eval')]
+    run_left = None if None in later or 0 in later else left + sum(later)
+    return f"stage 1 step {s1['step']}/{cfg.stage1.steps}, stage ETA {_mmss(left)}, run ETA {_mmss(run_left)}"
+
 # %% ../nbs/09_ablate.ipynb #67d3e2f7
 def run_threads(jobs: int) -> int:
     "torch CPU threads for each of `jobs` runs side by side: the cores shared out, at least 1 (0 = torch's default when jobs is 1)."
@@ -474,10 +505,11 @@ def _execute(r: dict, preset: str, overrides: list, arm_overrides: list, papermi
 
 def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,), out='runs/lab', overrides=(),
            papermill: bool = True, progress: bool = True, timeout=None, runner=None,
-           jobs: int = 1) -> dict:   # runs side by side, each with cores/jobs torch threads
+           jobs: int = 1,           # runs side by side, each with cores/jobs torch threads
+           status_every: float = 60) -> dict:   # seconds between the progress lines of the running runs
     "Run every arm x seed (skipping finished runs), aggregate into out/results.{md,csv} and plots; return the summary."
     from tqdm.auto import tqdm
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
     arm_defs = {a: arm_overrides_for(a) for a in arms} if not isinstance(arms, dict) else {a: list(o) for a, o in arms.items()}
     if not arm_defs or not list(seeds): raise AblateError("nothing to run: give at least one arm and one seed")
     if preset not in PRESETS: raise AblateError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -513,12 +545,22 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
                 failures.append(f)
                 say(f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
             bar.update()
-        if jobs == 1:
+        if jobs == 1 and not papermill:   # in-process: the run draws its own progress bars
             for r, _ in todo: report(r, *start(r))
         else:
+            cfg_of, rates = {id(r): c for r, c in todo}, {}
             with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
-                futs = {pool.submit(start, r): r for r, _ in todo}
-                for fut in as_completed(futs): report(futs[fut], *fut.result())
+                futs, pending = {pool.submit(start, r): r for r, _ in todo}, None
+                pending = set(futs)
+                while pending:
+                    finished, pending = wait(pending, timeout=status_every, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        res, secs = fut.result(); report(futs[fut], res, secs)
+                        rec = res[0]
+                        if rec and rec.get('wall_s', {}).get('eval'): rates['eval'] = rec['wall_s']['eval']
+                    for fut in pending if progress and not finished else ():
+                        r = futs[fut]
+                        if (r['dir']/'log.txt').exists(): say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
         bar.close()
         records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
         res = write_results(out, records, list(arm_defs), failures, title=f"preset {preset}, seeds {', '.join(map(str, seeds))}")

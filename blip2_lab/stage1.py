@@ -16,9 +16,10 @@ from .config import Blip2LabError, Config, resolve_path
 # %% auto #0
 __all__ = ['NEGATIVE_KINDS', 'Stage1Error', 'dist_info', 'concat_all_gather', 'all_gather_with_grad', 'global_mean',
            'itc_similarity', 'itc_targets', 'itc_loss', 'hard_negative_mask', 'sample_hard_negatives', 'itm_batch',
-           'itm_loss', 'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'pad_to_global_length', 'caption_items',
-           'Blip2Stage1', 'negative_kind', 'hard_negative_report', 'word_classes', 'itg_image_reliance',
-           'word_embedding_similarity', 'feature_probe', 'plot_losses', 'diagnose', 'diagnose_markdown', 'cli_diagnose']
+           'itm_rows', 'itm_loss', 'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'pad_to_global_length',
+           'caption_items', 'Blip2Stage1', 'negative_kind', 'hard_negative_report', 'word_classes',
+           'itg_image_reliance', 'word_embedding_similarity', 'feature_probe', 'plot_losses', 'diagnose',
+           'diagnose_markdown', 'cli_diagnose']
 
 # %% ../nbs/04_stage1.ipynb #8ae49b03
 class Stage1Error(Blip2LabError, ValueError):
@@ -163,6 +164,13 @@ def itm_batch(image_embeds, input_ids, attention_mask,      # local (B, ...) pos
     labels = torch.cat([torch.ones(len(input_ids)), torch.zeros(int(ok_i.sum()) + int(ok_t.sum()))]).long()
     return imgs, ids, att, labels.to(input_ids.device)
 
+def itm_rows(batch_size: int, frac: float, generator: torch.Generator = None) -> torch.Tensor | None:
+    "Sorted indices of the rows whose ITM pairs are scored: round(frac x B) of them at random (at least 1); None = all."
+    if frac >= 1: return None
+    k = max(1, round(frac * batch_size))
+    dev = generator.device if generator is not None else 'cpu'
+    return torch.randperm(batch_size, generator=generator, device=dev)[:k].sort().values
+
 def itm_loss(logits: torch.Tensor,   # (M, 2) pair logits, or (M, num_queries, 2) per-query logits (averaged here)
              labels: torch.Tensor):  # (M,) 1 = matched, 0 = not
     "ITM loss: plain cross-entropy of the (query-averaged) 2-way logits."
@@ -250,8 +258,9 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.vision = vision if vision is not None else load_vision_encoder(cfg.vision)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
-        self.bert_init = init_from_bert(self.qformer, cfg.qformer.bert) if cfg.qformer.init == 'bert' else None
         self.tokenizer = tokenizer if tokenizer is not None else load_qformer_tokenizer(cfg.qformer.tokenizer)
+        self.bert_init = (init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=self.tokenizer)
+                          if cfg.qformer.init == 'bert' else None)   # rows by token when the vocabularies differ
         if len(self.tokenizer) > cfg.qformer.vocab_size:
             raise Stage1Error(f"the tokenizer has {len(self.tokenizer)} tokens but qformer.vocab_size={cfg.qformer.vocab_size}: "
                               f"set qformer.vocab_size={len(self.tokenizer)}")
@@ -331,8 +340,10 @@ class Blip2Stage1(nn.Module):
             hard = w.itm_negatives == 'hard'   # 'random': zero similarities make every valid candidate equally likely
             neg_img, neg_txt = sample_hard_negatives(sim_i2t if hard else torch.zeros_like(sim_i2t),
                                                      sim_t2i if hard else torch.zeros_like(sim_t2i), image_ids, self.generator)
-            embeds3, ids3, att3, labels3 = itm_batch(image_embeds, ids, att, concat_all_gather(image_embeds),
-                                                     concat_all_gather(ids), concat_all_gather(att), neg_img, neg_txt)
+            rows = itm_rows(ids.shape[0], w.itm_frac, self.generator)   # None: all B rows (the paper)
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
+            embeds3, ids3, att3, labels3 = itm_batch(pick(image_embeds), pick(ids), pick(att), concat_all_gather(image_embeds),
+                                                     concat_all_gather(ids), concat_all_gather(att), pick(neg_img), pick(neg_txt))
             out['itm_loss'] = itm_loss(q.itm_logits(embeds3, ids3, att3), labels3)
             loss = loss + w.itm_weight * out['itm_loss']
         if w.itg_weight:

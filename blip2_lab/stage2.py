@@ -105,11 +105,12 @@ class Blip2Stage2(nn.Module):
     def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
         super().__init__()
         from blip2_lab.backbones import load_vision_encoder, load_llm
-        from blip2_lab.qformer import Blip2QFormer, init_from_bert
+        from blip2_lab.qformer import Blip2QFormer, init_from_bert, load_qformer_tokenizer
         self.cfg = cfg
         self.vision = vision if vision is not None else load_vision_encoder(cfg.vision)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
-        if cfg.qformer.init == 'bert': init_from_bert(self.qformer, cfg.qformer.bert)
+        if cfg.qformer.init == 'bert':   # the Q-Former's own vocabulary decides which BERT rows it takes
+            init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=load_qformer_tokenizer(cfg.qformer.tokenizer))
         self.llm = llm if llm is not None else load_llm(cfg.llm)
         if self.llm.kind != cfg.llm.kind:
             raise Stage2Error(f"llm.kind={cfg.llm.kind!r} but the LLM given is {self.llm.kind!r}: set llm.kind={self.llm.kind}")
