@@ -1,5 +1,5 @@
 # blip2_lab: the two commands a new user types (README), plus the checks CI adds.
-#   make lab    the main job: the default ablation lab (lab preset) end to end
+#   make lab    the main job: the ablation lab (lab preset), three arms x three paired seeds, end to end
 #   make test   every test: nbdev_test over all notebooks, then pytest tests/
 # Each target first builds .venv when it is missing (Python 3.11, pip and the package registries).
 SHELL := /bin/bash
@@ -30,7 +30,7 @@ $(STAMP): setup.py settings.ini constraints.txt
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(BIN)/blip2-lab ablate --preset lab --out runs/lab --jobs 2
+	$(BIN)/blip2-lab ablate --preset lab --seeds 0,1,2 --out runs/lab --jobs 2
 
 data: $(STAMP)
 	$(BIN)/blip2-lab data --preset lab --seed 0 --out data/shapesworld

@@ -579,7 +579,7 @@ def cli_ablate(argv=None) -> int:
     p = argparse.ArgumentParser(prog='blip2-lab ablate', description='Run every arm x seed of the ablation lab (resumable), then aggregate.')
     p.add_argument('--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)")
     p.add_argument('--arms', default=','.join(ARMS), help=f"comma-separated arms (default {','.join(ARMS)})")
-    p.add_argument('--seeds', default='0', help='comma-separated seeds (default 0)')
+    p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds; seed s gives every arm the same data order and initial weights (default 0,1,2: the verdicts need a spread)')
     p.add_argument('--out', default=None, help='batch folder (default runs/<preset>)')
     p.add_argument('--no-papermill', action='store_true', help='run the arms in-process instead of through the experiment notebook')
     p.add_argument('--timeout', type=float, default=None, help='seconds one notebook cell may run (default: no limit)')

@@ -88,7 +88,7 @@ def test_resume_skips_finished_runs(batch):
 
 def test_cli_exit_code_nonzero_on_failure(tmp_path):
     exe = Path(sys.executable).parent/'blip2-lab'
-    p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--out', str(tmp_path), *BROKEN],
+    p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--seeds', '0', '--out', str(tmp_path), *BROKEN],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr[-2000:]
     assert 'no_stage1 seed 0 failed' in p.stderr
@@ -145,7 +145,7 @@ def test_second_batch_refused_naming_the_holder(tmp_path):
         assert holder.stdout.readline().strip() == 'locked'
         exe = Path(sys.executable).parent/'blip2-lab'
         t = time.time()
-        p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--no-papermill',
+        p = subprocess.run([str(exe), 'ablate', '--preset', 'tiny', '--arms', 'no_stage1', '--seeds', '0', '--no-papermill',
                             '--out', str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and f'another ablate batch (pid {holder.pid}) is running in {tmp_path}' in p.stderr, p.stderr
         assert not (tmp_path/'no_stage1').exists()                       # refused before any run started
