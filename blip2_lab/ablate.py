@@ -364,7 +364,8 @@ def _papermill_run(run: dict, params: dict, timeout=None):
     with open(d/'log.txt', 'w') as log:
         pm.execute_notebook(str(experiment_notebook()), str(d/'experiment.ipynb'), parameters=params,
                             kernel_name='python3', cwd=str(d), progress_bar=False, stdout_file=log, stderr_file=log,
-                            execution_timeout=timeout)
+                            execution_timeout=timeout,
+                            extra_arguments=['--IPKernelApp.log_level=CRITICAL'])   # the kernel's own log (its TCP warning) stays out of the terminal
 
 def _error_cell(nb_path) -> tuple:
     "(index, first source line) of the cell with an error output in an executed notebook, else (None, None)."
@@ -558,7 +559,7 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
                         res, secs = fut.result(); report(futs[fut], res, secs)
                         rec = res[0]
                         if rec and rec.get('wall_s', {}).get('eval'): rates['eval'] = rec['wall_s']['eval']
-                    for fut in pending if progress and not finished else ():
+                    for fut in sorted(pending, key=lambda f: futs[f]['name']) if progress and not finished else ():
                         r = futs[fut]
                         if (r['dir']/'log.txt').exists(): say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
         bar.close()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_eval.ipynb #338283a9
 from __future__ import annotations
-import argparse, json, math, os, re, shutil, statistics, tempfile, time
+import argparse, contextlib, json, math, os, re, shutil, statistics, sys, tempfile, time
 from collections import Counter, defaultdict
 from pathlib import Path
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .config import Blip2LabError, Config, apply_overrides, get_preset, resolve_device, resolve_path
 
 # %% auto #0
-__all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java',
+__all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java', 'java_quiet',
            'caption_metrics', 'process_punctuation', 'process_digit_article', 'normalize_answer',
            'normalize_human_answers', 'vqa_accuracy', 'RetrievalView', 'GenerationView', 'evaluate_retrieval',
            'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions', 'constant_caption_scores',
@@ -105,6 +105,20 @@ def check_java():
                         "Install a JRE (Debian/Ubuntu: apt-get install default-jre-headless; conda: conda install openjdk) "
                         "or evaluate without captioning (--tasks retrieval,vqa)")
 
+@contextlib.contextmanager
+def java_quiet():
+    "Keep what a Java child prints on stderr (the tokenizer's 'PTBTokenizer tokenized ...' line) off the terminal; shown if it fails."
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)                      # the file descriptor: a child process inherits it
+        try: yield
+        except BaseException:
+            os.dup2(saved, 2); f.seek(0)
+            sys.stderr.write(f.read().decode(errors='replace')); raise
+        finally:
+            os.dup2(saved, 2); os.close(saved)
+
 def caption_metrics(preds: dict,   # id -> generated caption (str)
                     refs: dict,    # id -> list of reference captions
                     ) -> dict:
@@ -120,7 +134,7 @@ def caption_metrics(preds: dict,   # id -> generated caption (str)
     check_java()
     ids = list(refs)
     both = {('ref', i): [{'caption': c} for c in refs[i]] for i in ids} | {('pred', i): [{'caption': preds[i] or ' '}] for i in ids}
-    toks = PTBTokenizer().tokenize(both)        # one Java start for references and predictions together
+    with java_quiet(): toks = PTBTokenizer().tokenize(both)   # one Java start for references and predictions together
     gts = {i: toks[('ref', i)] for i in ids}
     res = {i: toks.get(('pred', i)) or [''] for i in ids}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
