@@ -104,7 +104,13 @@ def test_bert_matches_the_lab_qformer():
     c = b.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == \
            (q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size)
-    assert c.vocab_size == q.vocab_size - 1 == len(AutoTokenizer.from_pretrained(repo_root()/q.bert))
+    assert c.vocab_size == len(AutoTokenizer.from_pretrained(repo_root()/q.bert))
+    # the lab's Q-Former reads a ShapesWorld-sized subset of BERT's vocabulary (+ [DEC]): every token has its BERT row
+    from blip2_lab.qformer import load_qformer_tokenizer, vocab_row_map
+    small = load_qformer_tokenizer(repo_root()/q.tokenizer)
+    rows = vocab_row_map(small, repo_root()/q.bert)
+    assert len(small) == q.vocab_size < c.vocab_size and rows is not None
+    assert (rows >= 0).sum() == q.vocab_size - 1 and rows[small.bos_token_id] == -1   # all but [DEC]
     assert b.embeddings.word_embeddings.weight.dtype == torch.float32
 
 
