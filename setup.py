@@ -1,4 +1,4 @@
-# nbdev 2 template setup.py, with packaging.version instead of pkg_resources (see ../shared/NBDEV.md).
+# nbdev 2 template setup.py, with packaging.version instead of pkg_resources (current setuptools lacks it in pip's build isolation).
 from packaging.version import parse
 from configparser import ConfigParser
 import setuptools, shlex
