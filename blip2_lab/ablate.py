@@ -411,20 +411,13 @@ from .config import parse_with_overrides
 @contextlib.contextmanager
 def batch_lock(out):
     "Hold the lock of batch folder `out` (out/.lock, our pid inside); AblateError if another batch holds it."
-    try: import fcntl
-    except ImportError: yield None; return   # no flock (Windows): no lock
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+    from blip2_lab.train import folder_lock   # the run folders' lock, without their re-entry
+    out = Path(out)
+    with folder_lock(out) as holder:
+        if holder is not None:
             raise AblateError(f"another ablate batch (pid {holder}) is running in {out}: wait for it to end, "
-                              "stop it (finished runs are kept), or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+                              "stop it (finished runs are kept), or choose another --out")
         yield out/'.lock'
-    finally: os.close(fd)
 
 def die_with_parent(parent_pid: int, sig=signal.SIGTERM):
     "In a child process: have Linux send `sig` when the parent dies; exit now if it already has."
@@ -448,26 +441,25 @@ def _last_row(path: Path) -> dict | None:
         except json.JSONDecodeError: continue   # the line being written
     return None
 
-def _mmss(s) -> str: return '?' if s is None else f"{int(s // 60)}m{int(s % 60):02d}s"
-
 def run_status(run_dir, cfg, rates: dict) -> str:
     "'stage 1 step 340/800, stage ETA 2m10s, run ETA 7m05s' for a running run; `rates` ({'stage2': s/step, 'eval': s}) fill in what is to come."
+    from blip2_lab.train import eta_text   # the trainer's own ETA format
     d = Path(run_dir)
     s1, s2 = _last_row(d/'stage1'/'metrics.jsonl'), _last_row(d/'stage2'/'metrics.jsonl')
     if s2 is not None or not cfg.stage1.enabled:
         if s2 is None: return 'stage 2 starting'
         per = s2['wall_s'] / max(s2['step'], 1); rates['stage2'] = per
         if s2['step'] >= cfg.stage2.steps:
-            return f"evaluating, run ETA {_mmss(rates.get('eval'))}"
+            return f"evaluating, run ETA {eta_text(rates.get('eval'))}"
         left = per * (cfg.stage2.steps - s2['step'])
         run_left = None if rates.get('eval') is None else left + rates['eval']
-        return f"stage 2 step {s2['step']}/{cfg.stage2.steps}, stage ETA {_mmss(left)}, run ETA {_mmss(run_left)}"
+        return f"stage 2 step {s2['step']}/{cfg.stage2.steps}, stage ETA {eta_text(left)}, run ETA {eta_text(run_left)}"
     if s1 is None: return 'stage 1 starting'
     per = s1['wall_s'] / max(s1['step'], 1)
     left = per * (cfg.stage1.steps - s1['step'])
     later = [rates.get('stage2') and rates['stage2'] * cfg.stage2.steps, rates.get('eval')]
     run_left = None if None in later or 0 in later else left + sum(later)
-    return f"stage 1 step {s1['step']}/{cfg.stage1.steps}, stage ETA {_mmss(left)}, run ETA {_mmss(run_left)}"
+    return f"stage 1 step {s1['step']}/{cfg.stage1.steps}, stage ETA {eta_text(left)}, run ETA {eta_text(run_left)}"
 
 # %% ../nbs/09_ablate.ipynb #67d3e2f7
 def run_threads(jobs: int) -> int:
@@ -551,7 +543,7 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
         else:
             cfg_of, rates = {id(r): c for r, c in todo}, {}
             with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
-                futs, pending = {pool.submit(start, r): r for r, _ in todo}, None
+                futs = {pool.submit(start, r): r for r, _ in todo}
                 pending = set(futs)
                 while pending:
                     finished, pending = wait(pending, timeout=status_every, return_when=FIRST_COMPLETED)

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_config.ipynb #cc2f23ad
 from __future__ import annotations
-import copy, dataclasses, json, math, re, string, typing
+import copy, dataclasses, json, math, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
 
 # %% auto #0
 __all__ = ['DEVICE_RE', 'PRESETS', 'Blip2LabError', 'ConfigError', 'choice', 'bounded', 'DataConfig', 'VisionConfig',
-           'QFormerConfig', 'LLMConfig', 'TrainConfig', 'EvalConfig', 'Config', 'validate', 'get_preset', 'set_key',
-           'apply_overrides', 'parse_with_overrides', 'to_dict', 'from_dict', 'save_config', 'load_config',
-           'config_diff', 'resolve_device', 'repo_root', 'resolve_path']
+           'QFormerConfig', 'LLMConfig', 'TrainConfig', 'EvalConfig', 'Config', 'validate', 'check_vqa_prompt',
+           'get_preset', 'set_key', 'apply_overrides', 'parse_with_overrides', 'to_dict', 'from_dict', 'save_config',
+           'load_config', 'config_diff', 'resolve_device', 'repo_root', 'resolve_path']
 
 # %% ../nbs/00_config.ipynb #1a90b44e
 class Blip2LabError(Exception):
@@ -183,7 +183,7 @@ def _check_cross(cfg: Config):
     bad = [t for t in cfg.eval.tasks if t not in ('retrieval', 'caption', 'vqa')]
     if bad: raise ConfigError(f"eval.tasks has unknown task(s) {bad}: allowed 'retrieval', 'caption', 'vqa'")
     _check_device(cfg.device)
-    _check_vqa_prompt(cfg.eval.vqa_prompt)
+    check_vqa_prompt(cfg.eval.vqa_prompt)
 
 # %% ../nbs/00_config.ipynb #b57ade66
 DEVICE_RE = re.compile(r'auto|cpu|mps|cuda(:\d+)?')   # the device names resolve_device accepts
@@ -193,13 +193,16 @@ def _check_device(name):
     if not isinstance(name, str) or not DEVICE_RE.fullmatch(name):
         raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps")
 
-def _check_vqa_prompt(prompt):
-    "Raise ConfigError unless `prompt` has exactly one `{}`, where the question goes."
-    try: slots = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
-    except ValueError: slots = None   # unbalanced braces
-    if slots != ['']:
-        raise ConfigError(f"eval.vqa_prompt={prompt!r} must contain exactly one {{}} where the question goes, "
-                          "e.g. 'Question: {} Short answer:' (write a literal brace as {{ or }})")
+def check_vqa_prompt(prompt, error=ConfigError) -> str:
+    "`prompt` if `prompt.format(question)` puts the question in exactly once; else `error` naming the key and the fix."
+    marker = '\x00question\x00'
+    try: filled = str(prompt).format(marker)
+    except (IndexError, KeyError, ValueError): filled = ''   # a named field, two fields, an unbalanced brace
+    if filled.count(marker) != 1:
+        raise error(f"eval.vqa_prompt={prompt!r} needs exactly one {{}} where the question goes (without it "
+                    "every question would be dropped from the prompt): set eval.vqa_prompt='Question: {} "
+                    "Short answer:' (write a literal brace as {{ or }})")
+    return prompt
 
 # %% ../nbs/00_config.ipynb #4a54a875
 def _tiny() -> Config:

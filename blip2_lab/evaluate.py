@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .config import Blip2LabError, Config, apply_overrides, get_preset, resolve_device, resolve_path
+from .config import check_vqa_prompt as _check_prompt
 
 # %% auto #0
 __all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java', 'java_quiet',
@@ -453,16 +454,8 @@ def _answers(gen: GenerationView, items: list, cfg: Config, prompt_of, pixels_of
     return out
 
 def check_vqa_prompt(prompt: str) -> str:
-    "Raise EvalError unless `prompt` (eval.vqa_prompt) has exactly one `{}`, for the question."
-    marker = '\x00question\x00'
-    try: filled = str(prompt).format(marker)
-    except (IndexError, KeyError, ValueError): filled = ''
-    if filled.count(marker) != 1:
-        raise EvalError(f"eval.vqa_prompt={prompt!r} needs exactly one {{}} where the question "
-                        "goes (without it every question would be dropped from the prompt): set "
-                        "eval.vqa_prompt='Question: {} Short answer:' "
-                        "(write a literal brace as {{ or }})")
-    return prompt
+    "`prompt` (eval.vqa_prompt), or EvalError unless it has exactly one `{}` for the question (config's rule)."
+    return _check_prompt(prompt, EvalError)
 
 def answer_questions(gen: GenerationView, ds, items: list, transform, cfg: Config, use_image: bool = True,
                      progress: bool = True) -> list:
@@ -619,7 +612,6 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
 
 def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, progress: bool = True, captions: dict|None = None) -> dict:
     "Per-skill zero-shot VQA accuracy of the model (paper protocol and two-step), the blind LLM and the train-split majority answer."
-    check_vqa_prompt(run.eval.vqa_prompt)
     items = vqa_items(ds, idx)
     if not items: raise EvalError(f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)")
     preds = answer_questions(gen, ds, items, transform, run, True, progress)

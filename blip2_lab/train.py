@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #224fc02f
 from __future__ import annotations
-import argparse, base64, contextlib, copy, hashlib, io, json, math, os, random, shutil, sys, time, warnings
+import argparse, base64, contextlib, copy, functools, hashlib, io, json, math, os, random, shutil, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -23,9 +23,10 @@ __all__ = ['WEIGHT_BOUND', 'MODEL_SECTIONS', 'RESUME_MAY_CHANGE', 'PAPER_STEP', 
            'broadcast_parameters', 'TrainWarning', 'BrokenCheckpoint', 'warn', 'read_jsonl', 'load_safetensors',
            'weights_problem', 'FeatureCache', 'cache_key', 'build_feature_cache', 'rng_state', 'set_rng_state',
            'save_checkpoint', 'read_weights', 'load_trainable', 'check_config_match', 'checkpoint_meta',
-           'checkpoint_problem', 'TrainingDiverged', 'build_model', 'build_dataset', 'RunLocked', 'run_lock',
-           'resume_diff', 'train', 'step_line', 'losses_problem', 'load_checkpoint', 'read_metrics', 'plot_metrics',
-           'cli_train', 'F_normalize', 'bench_stage1', 'build_model_with_vision', 'bench_feature_cache']
+           'checkpoint_problem', 'TrainingDiverged', 'build_model', 'build_dataset', 'RunLocked', 'folder_lock',
+           'run_lock', 'resume_diff', 'train', 'eta_text', 'step_line', 'losses_problem', 'load_checkpoint',
+           'read_metrics', 'plot_metrics', 'cli_train', 'F_normalize', 'bench_stage1', 'build_model_with_vision',
+           'bench_feature_cache']
 
 # %% ../nbs/06_train.ipynb #aa92669c
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -185,15 +186,19 @@ def read_jsonl(path) -> list:
             warn(f"{path}: dropped the torn last line {i + 1} ({lines[i][:40]!r}), left by a run that stopped mid-write")
     return rows
 
-def load_safetensors(path, fix: str = '') -> dict:
+def _read_file(path: Path, read, fix: str = ''):
+    "`read(path)`, turning any failure into BrokenCheckpoint naming the file (and `fix`, what to do about it)."
+    try:
+        return read(path)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:120]}"
+        raise BrokenCheckpoint(f"{path} cannot be read ({why})" + (f": it is truncated or corrupt; {fix}" if fix else '')) from None
+
+def load_safetensors(path) -> dict:
     "`load_file(path)`, but a missing, truncated or corrupt file raises BrokenCheckpoint naming it and the fix."
     path = Path(path)
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        fix = fix or f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)'
-        why = f"{type(e).__name__}: {e}"
-        raise BrokenCheckpoint(f"{path} cannot be read ({why}): it is truncated or corrupt; {fix}") from None
+    return _read_file(path, lambda p: load_file(str(p)),
+                      f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)')
 
 def weights_problem(tensors: dict) -> str|None:
     "None when every floating tensor is finite with |w| < WEIGHT_BOUND; else which tensor is not and its largest |w|."
@@ -380,15 +385,10 @@ def check_config_match(ckpt_cfg: Config, cfg: Config, what: str, sections=MODEL_
 
 def _diff_text(ckpt_cfg: Config, cfg: Config, keys: list) -> str:
     "'key (checkpoint X, now Y), ...' for the first 8 `keys`."
-    f = lambda c, k: eval('c.' + k, {'c': c})
+    f = lambda c, k: functools.reduce(getattr, k.split('.'), c)   # 'stage1.lr' -> c.stage1.lr
     return ', '.join(f'{k} (checkpoint {f(ckpt_cfg, k)!r}, now {f(cfg, k)!r})' for k in keys[:8])
 
-def _read_checkpoint_file(path: Path, read):
-    "`read(path)`, turning any failure into BrokenCheckpoint naming the file."
-    try:
-        return read(path)
-    except Exception as e:
-        raise BrokenCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+
 
 def _read_state(path: Path) -> dict:
     "A trainer_state.json that must be a JSON object with an integer 'step'."
@@ -399,8 +399,8 @@ def _read_state(path: Path) -> dict:
 def checkpoint_meta(folder) -> tuple:
     "(trainer state, config) of checkpoint `folder`; BrokenCheckpoint naming the file when one cannot be read."
     folder = Path(folder)
-    st = _read_checkpoint_file(folder/'trainer_state.json', _read_state)
-    return st, _read_checkpoint_file(folder/'config.yaml', load_config)
+    st = _read_file(folder/'trainer_state.json', _read_state)
+    return st, _read_file(folder/'config.yaml', load_config)
 
 def checkpoint_problem(folder) -> str|None:
     "None when checkpoint `folder` is good (readable, weights finite and < WEIGHT_BOUND, losses finite), else why not."
@@ -409,8 +409,8 @@ def checkpoint_problem(folder) -> str|None:
         read_weights(folder)
     except BrokenCheckpoint as e:
         return str(e)
-    bad = [k for k, v in st.get('losses', {}).items() if not math.isfinite(v)]
-    return f"{folder}: its last logged losses {bad} are not finite" if bad else None
+    bad = losses_problem(st.get('losses', {}))
+    return f"{folder}: its last logged {bad}" if bad else None
 
 # %% ../nbs/06_train.ipynb #8217e433
 class TrainingDiverged(Blip2LabError):
@@ -480,34 +480,42 @@ def _trim_metrics(path: Path, step: int):
 class RunLocked(Blip2LabError):
     "Another process holds the run folder's lock."
 
+@contextlib.contextmanager
+def folder_lock(folder):
+    "flock `folder`/.lock with our pid written inside; yields None while we hold it, or the holder's pid if another does."
+    try: import fcntl
+    except ImportError: yield None; return   # no flock (Windows): no lock
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield None
+    finally:
+        os.close(fd)   # closing the file releases the lock (the kernel does the same when a process dies)
+
 _HELD = {}  # run folders this process holds run_lock on -> nesting depth
 
 @contextlib.contextmanager
 def run_lock(folder):
     "Hold an exclusive lock on run folder `folder` (flock on <folder>/.lock, our pid inside); re-entrant in one process."
-    import fcntl
     folder = Path(folder).resolve()
     if folder in _HELD:
         _HELD[folder] += 1
         try: yield folder
         finally: _HELD[folder] -= 1
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
-            raise RunLocked(f"{folder} is in use by another run (pid {pid}): wait for it to finish (or stop it), "
-                            "or write to another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with folder_lock(folder) as holder:
+        if holder is not None:
+            raise RunLocked(f"{folder} is in use by another run (pid {holder}): wait for it to finish (or stop it), "
+                            "or write to another --out")
         _HELD[folder] = 1
         try: yield folder
         finally: del _HELD[folder]
-    finally:
-        os.close(fd)   # closing the file releases the lock (the kernel does the same when a process dies)
 
 def _used(out: Path) -> list:
     "Names of what an earlier run left in `out` (its lock file aside)."
@@ -647,13 +655,14 @@ def _line_every(tc) -> int:
     "Steps between plain step lines: about 20 per stage, never more often than the metrics."
     return max(tc.log_every, tc.steps // 20)
 
-def step_line(stage: int, step: int, steps: int, loss: float, elapsed: float, wall0: float = 0.0, initial: int = 0) -> str:
-    "'stage 1 step 120/800 loss 3.2100 (1.2 s/step, ETA 13m36s)': a log line that `tail -f` can follow."
-    done = step - initial                      # steps taken by this process (a resumed run's rate is its own)
-    per = (elapsed - wall0) / done if done > 0 else float('nan')
-    eta = per * (steps - step) if done > 0 else float('nan')
-    left = '?' if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-    return f"stage {stage} step {step}/{steps} loss {loss:.4f} ({per:.2f} s/step, ETA {left})"
+def eta_text(seconds) -> str:
+    "'13m36s', or '?' when not known (None or NaN)."
+    if seconds is None or seconds != seconds: return '?'
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+def step_line(stage: int, step: int, steps: int, loss: float, per: float) -> str:
+    "'stage 1 step 120/800 loss 3.2100 (1.20 s/step, ETA 13m36s)' at `per` seconds a step: a line `tail -f` can follow."
+    return f"stage {stage} step {step}/{steps} loss {loss:.4f} ({per:.2f} s/step, ETA {eta_text(per * (steps - step))})"
 
 def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, step, wall0, rank, world,
           progress, stop_after, keep_last, log, good=None):
@@ -696,7 +705,8 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
                                          'grad_norm': round(float(gnorm), 6), 'samples_per_s': round(sps, 2),
                                          'wall_s': round(time.time() - t_start, 2)})
         if progress and main and _plain_progress() and (step % _line_every(tc) == 0 or step == tc.steps):
-            print(step_line(stage, step, tc.steps, vals['loss'], time.time() - t_start, wall0, initial=step0), flush=True)
+            per = (time.time() - t_start - wall0) / (step - step0)   # this process's own rate (a resume starts anew)
+            print(step_line(stage, step, tc.steps, vals['loss'], per), flush=True)
         if step % tc.ckpt_every == 0 and step < tc.steps:
             st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc) | {'losses': vals}
             if main:
@@ -742,9 +752,9 @@ def load_checkpoint(path, cfg: Config|None = None, stage: int|None = None, model
     if path.is_dir() and not (path/'model.safetensors').exists() and (path/'final'/'model.safetensors').exists(): path = path/'final'
     if not (path/'model.safetensors').exists() or not (path/'config.yaml').exists():
         raise ConfigError(f"{path} is not a checkpoint folder (needs model.safetensors and config.yaml): pass e.g. runs/s1/final")
-    ck_cfg = _read_checkpoint_file(path/'config.yaml', load_config)
+    ck_cfg = _read_file(path/'config.yaml', load_config)
     if cfg is not None: check_config_match(ck_cfg, cfg, f'the checkpoint {path}')
-    st = _read_checkpoint_file(path/'trainer_state.json', _read_state) if (path/'trainer_state.json').exists() else {}
+    st = _read_file(path/'trainer_state.json', _read_state) if (path/'trainer_state.json').exists() else {}
     stage = stage or st.get('stage', 1)
     cfg = cfg or ck_cfg
     model = model if model is not None else build_model(cfg, stage, seed=_stage_cfg(cfg, stage).seed)
