@@ -11,11 +11,13 @@ from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_over
                               config_diff, save_config, repo_root, resolve_path)
 
 # %% auto #0
-__all__ = ['ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for', 'arm_config',
-           'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'run_arm', 'read_metrics',
-           'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check', 'claim_caveat',
-           'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight', 'batch_lock',
-           'die_with_parent', 'child_command', 'run_status', 'run_threads', 'ablate', 'cli_ablate', 'cli_run_arm']
+__all__ = ['ARMS', 'LAB_ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for',
+           'arm_config', 'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'stage_samples_per_s',
+           'run_arm', 'read_metrics', 'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check',
+           'claim_caveat', 'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
+           'batch_lock', 'die_with_parent', 'child_command', 'run_status', 'run_threads', 'ablate', 'parse_grid',
+           'effective_config', 'cell_label', 'plan_grid', 'write_grid_results', 'plot_grid', 'plot_grid_effect',
+           'cli_ablate', 'cli_run_arm']
 
 # %% ../nbs/09_ablate.ipynb #0960679a
 class AblateError(Blip2LabError):
@@ -24,8 +26,12 @@ class AblateError(Blip2LabError):
 ARMS = {  # arm name: the config overrides that define it (on top of the preset)
     'full':      [],                        # the paper: stage 1 with ITC+ITM+ITG, then stage 2 from it
     'no_stage1': ['stage1.enabled=false'],  # stage 2 straight from the Q-Former's initial weights (Fig. 5)
-    'no_itg':    ['stage1.itg_weight=0'],   # stage 1 with ITC+ITM only (Table 6)
+    'no_itg':    ['stage1.itg_weight=0', 'stage2.enabled=false'],  # stage 1 with ITC+ITM only; Table 6 is stage 1's retrieval
+    # the connectors later models chose (05_stage2): every patch token into the LLM, trained in stage 2 only
+    'mlp_projector':    ['connector=mlp', 'stage1.enabled=false'],     # LLaVA-1.5: a two-layer MLP
+    'linear_projector': ['connector=linear', 'stage1.enabled=false'],  # LLaVA: one linear map
 }
+LAB_ARMS = ['full', 'no_stage1', 'no_itg']   # what `make lab` runs: the paper's two claims
 
 def arm_overrides_for(arm: str, arms: dict | None = None) -> list:
     "The overrides that define `arm` (looked up in `arms`, default `ARMS`)."
@@ -59,6 +65,8 @@ KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is th
     'vqa_majority': ('majority-answer VQA accuracy % (train priors)', ('vqa.majority.overall',)),
     'cider_blind':  ('blind-LLM caption CIDEr (no image)', ('caption.blind.cider',)),
     'cider_constant': ('best constant caption CIDEr', ('caption.constant.cider',)),
+    'soft_prompt_tokens': ('soft-prompt tokens fed to the LLM', ('cost.soft_prompt_tokens',)),
+    'stage2_samples_s': ('stage-2 training samples/s', ('cost.stage2_samples_per_s',)),
 }
 PLOT_METRICS = ['vqa_accuracy', 'vqa_two_step', 'i2t_r1', 't2i_r1', 'cider']  # one bar plot each
 
@@ -127,14 +135,24 @@ def plot_loss_curves(run_dir) -> list:
         paths.append(run_dir/f'loss_stage{stage}.png')
     return paths
 
+def stage_samples_per_s(stage_dir, batch_size: int) -> float | None:
+    "Training throughput of one stage from its metrics.jsonl: steps x batch / wall seconds at the last row (None without one)."
+    p = Path(stage_dir)/'metrics.jsonl'
+    try: rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    except (OSError, ValueError): return None
+    rows = [r for r in rows if r.get('wall_s') and r.get('step')]
+    return rows[-1]['step'] * batch_size / rows[-1]['wall_s'] if rows else None
+
 def run_arm(preset: str, arm: str, seed: int, out_dir, overrides=(), arm_overrides=None,
             progress: bool = True, train_fn=None, eval_fn=None,
             threads: int = 0) -> dict:   # torch CPU threads for this run (0: leave torch's default)
-    "Train (stage 1 if enabled, then stage 2) and evaluate one arm with one seed; write out_dir/metrics.json; return its record."
+    "Train (each stage that is enabled) and evaluate one arm with one seed; write out_dir/metrics.json; return its record."
     t_start = time.time()
     if threads:
         import torch; torch.set_num_threads(int(threads))
     cfg = arm_config(preset, arm, seed, overrides, arm_overrides)
+    if not (cfg.stage1.enabled or cfg.stage2.enabled):
+        raise AblateError(f"arm {arm!r} trains nothing (stage1.enabled and stage2.enabled are both false): enable a stage")
     arm_overrides = arm_overrides_for(arm) if arm_overrides is None else list(arm_overrides)
     out = resolve_path(out_dir); out.mkdir(parents=True, exist_ok=True)
     train_fn, eval_fn = train_fn or _default_train(), eval_fn or _default_eval()
@@ -142,24 +160,32 @@ def run_arm(preset: str, arm: str, seed: int, out_dir, overrides=(), arm_overrid
     wall, stage1_ckpt = {}, None
     if cfg.stage1.enabled:
         t = time.time(); stage1_ckpt = Path(train_fn(cfg, 1, out/'stage1', progress=progress)); wall['stage1'] = time.time() - t
-    t = time.time(); stage2_ckpt = Path(train_fn(cfg, 2, out/'stage2', init_from=stage1_ckpt, progress=progress))
-    wall['stage2'] = time.time() - t
+    stage2_ckpt = None
+    if cfg.stage2.enabled:
+        t = time.time(); stage2_ckpt = Path(train_fn(cfg, 2, out/'stage2', init_from=stage1_ckpt, progress=progress))
+        wall['stage2'] = time.time() - t
     tasks, missing = list(cfg.eval.tasks), {}
     if 'retrieval' in tasks and stage1_ckpt is None:
         tasks.remove('retrieval')
         missing['retrieval'] = 'no stage-1 model: the ITC/ITM heads were never trained, so retrieval is not meaningful'
+    if 'vqa' in tasks and stage2_ckpt is None:
+        tasks.remove('vqa')
+        missing['vqa'] = 'no stage-2 model: this arm stops after stage 1, and VQA needs the LLM'
     t = time.time()
-    results = eval_fn(cfg, stage2_ckpt, split=cfg.eval.split, tasks=tuple(tasks), out=out/'eval', stage1_ckpt=stage1_ckpt)
+    results = eval_fn(cfg, stage2_ckpt or stage1_ckpt, split=cfg.eval.split, tasks=tuple(tasks), out=out/'eval',
+                      stage1_ckpt=stage1_ckpt if stage2_ckpt else None)
     wall['eval'] = time.time() - t
     split_res = results['splits'][cfg.eval.split]
     missing.update(split_res.get('skipped', {}))
     metrics = flatten_metrics({k: v for k, v in split_res.items() if k != 'skipped'})
+    if stage2_ckpt is not None and (rate := stage_samples_per_s(out/'stage2', cfg.stage2.batch_size)) is not None:
+        metrics['cost.stage2_samples_per_s'] = rate
     plot_loss_curves(out)
     wall['total'] = time.time() - t_start
     record = dict(status='ok', preset=preset, arm=arm, seed=int(seed), arm_overrides=arm_overrides,
                   overrides=list(overrides), split=cfg.eval.split, tasks=tasks, metrics=metrics,
                   headline=headline(metrics), missing=missing, wall_s=wall,
-                  checkpoints={'stage1': str(stage1_ckpt) if stage1_ckpt else None, 'stage2': str(stage2_ckpt)},
+                  checkpoints={'stage1': str(stage1_ckpt) if stage1_ckpt else None, 'stage2': str(stage2_ckpt) if stage2_ckpt else None},
                   config=to_dict(cfg), versions=_versions(), finished_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     write_json_atomic(out/'metrics.json', record)
     return record
@@ -457,8 +483,8 @@ def run_status(run_dir, cfg, rates: dict) -> str:
     if s1 is None: return 'stage 1 starting'
     per = s1['wall_s'] / max(s1['step'], 1)
     left = per * (cfg.stage1.steps - s1['step'])
-    later = [rates.get('stage2') and rates['stage2'] * cfg.stage2.steps, rates.get('eval')]
-    run_left = None if None in later or 0 in later else left + sum(later)
+    s2_left = ((rates.get('stage2') or None) and rates['stage2'] * cfg.stage2.steps) if cfg.stage2.enabled else 0.0
+    run_left = None if s2_left is None or not rates.get('eval') else left + s2_left + rates['eval']
     return f"stage 1 step {s1['step']}/{cfg.stage1.steps}, stage ETA {eta_text(left)}, run ETA {eta_text(run_left)}"
 
 # %% ../nbs/09_ablate.ipynb #67d3e2f7
@@ -477,10 +503,11 @@ def _arm_subprocess(r: dict, preset: str, overrides: list, arm_overrides: list, 
         rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc: raise AblateError(f"run-arm exited with status {rc}: see {d/'log.txt'}")
 
-def _execute(r: dict, preset: str, overrides: list, arm_overrides: list, papermill: bool, timeout, runner,
+def _execute(r: dict, preset: str, arm_overrides: list, papermill: bool, timeout, runner,
              progress: bool, threads: int, parallel: bool):
-    "Run one planned run by the chosen route; (record, None) when it wrote a valid metrics.json, else (None, failure)."
+    "Run one planned run (its own r['overrides']) by the chosen route; (record, None) when it wrote a valid metrics.json, else (None, failure)."
     (r['dir']/'failed.json').unlink(missing_ok=True)
+    overrides = r['overrides']
     try:
         if papermill and runner is None:
             _papermill_run(r, dict(preset=preset, arm=r['arm'], seed=r['seed'], out_dir=str(r['dir']),
@@ -499,16 +526,20 @@ def _execute(r: dict, preset: str, overrides: list, arm_overrides: list, papermi
 def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,), out='runs/lab', overrides=(),
            papermill: bool = True, progress: bool = True, timeout=None, runner=None,
            jobs: int = 1,           # runs side by side, each with cores/jobs torch threads
-           status_every: float = 60) -> dict:   # seconds between the progress lines of the running runs
-    "Run every arm x seed (skipping finished runs), aggregate into out/results.{md,csv} and plots; return the summary."
+           status_every: float = 60,   # seconds between the progress lines of the running runs
+           grid: dict | None = None) -> dict:   # {config key: [values]}: cross them with arms x seeds (see plan_grid)
+    "Run every arm x seed (x grid cell), skipping finished runs; aggregate into out/results.* (or out/grid_*) and plots."
     from tqdm.auto import tqdm
     from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
     arm_defs = {a: arm_overrides_for(a) for a in arms} if not isinstance(arms, dict) else {a: list(o) for a, o in arms.items()}
     if not arm_defs or not list(seeds): raise AblateError("nothing to run: give at least one arm and one seed")
     if preset not in PRESETS: raise AblateError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if int(jobs) < 1: raise AblateError(f"jobs={jobs}: run at least one run at a time (--jobs 1 or more)")
-    runs, out = plan_runs(arm_defs, seeds, out), resolve_path(out)
-    cfgs = [arm_config(preset, r['arm'], r['seed'], overrides, arm_defs[r['arm']]) for r in runs]   # bad overrides fail here, before any run
+    if isinstance(overrides, str): raise AblateError(f"overrides must be a list of key=value strings, got the string {overrides!r}: wrap it in a list")
+    if grid: runs = plan_grid(preset, arm_defs, seeds, out, overrides, grid)   # bad grid keys fail here, before any run
+    else: runs = [dict(r, overrides=list(overrides)) for r in plan_runs(arm_defs, seeds, out)]
+    out = resolve_path(out)
+    cfgs = [arm_config(preset, r['arm'], r['seed'], r['overrides'], arm_defs[r['arm']]) for r in runs]   # bad overrides fail here, before any run
     if runner is None:
         preflight(cfgs[0])
         if papermill: experiment_notebook()
@@ -518,7 +549,7 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
         say = bar.write if progress else (lambda s: None)
         todo = []
         for i, (r, c, fin) in enumerate(zip(runs, cfgs, done)):
-            r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']} seed {r['seed']}"
+            r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']}{' ' + r['label'] if r.get('label') else ''} seed {r['seed']}"
             if fin: say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update()
             else: todo.append((r, c))
         jobs = min(int(jobs), max(1, len(todo)))
@@ -528,7 +559,7 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
             say(f"{r['name']}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if runner is None and (papermill or jobs > 1) else '')
                 + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else ''))
             t = time.time()
-            return _execute(r, preset, overrides, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
+            return _execute(r, preset, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
         def report(r, res, secs):
             rec, f = res
             if f is None:
@@ -556,13 +587,171 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
                         if (r['dir']/'log.txt').exists(): say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
         bar.close()
         records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
-        res = write_results(out, records, list(arm_defs), failures, title=f"preset {preset}, seeds {', '.join(map(str, seeds))}")
+        title = f"preset {preset}, seeds {', '.join(map(str, seeds))}"
+        if grid: res = write_grid_results(out, runs, records, grid, list(arm_defs), failures, title=title)
+        else: res = write_results(out, records, list(arm_defs), failures, title=title)
         return dict(res, runs=runs, failures=failures, skipped=sum(done), records=records)
 
-# %% ../nbs/09_ablate.ipynb #08502612
+# %% ../nbs/09_ablate.ipynb #ec8e75de
+import itertools
+
 def _csv_list(s: str) -> list:
     return [x.strip() for x in s.split(',') if x.strip()]
 
+def parse_grid(specs) -> dict:
+    "{key: [values]} from 'key=v1,v2' strings (or a dict, checked); AblateError names a malformed entry."
+    if isinstance(specs, dict): items = list(specs.items())
+    else:
+        items = []
+        for s in specs:
+            k, eq, v = str(s).partition('=')
+            if not eq or not k.strip(): raise AblateError(f"--grid {s!r} must be key.sub=v1,v2,..., e.g. --grid stage1.steps=200,400")
+            items.append((k.strip(), _csv_list(v)))
+    grid = {}
+    for k, vals in items:
+        vals = [str(v) for v in vals] if isinstance(vals, (list, tuple)) else _csv_list(str(vals))
+        if not vals: raise AblateError(f"grid key {k!r} has no values: give at least one, e.g. {k}=1,2")
+        if k in grid: raise AblateError(f"grid key {k!r} is given twice: give all its values once, e.g. {k}=1,2")
+        grid[k] = vals
+    return grid
+
+def effective_config(cfg) -> dict:
+    "The config as a dict, with a disabled stage's section reduced to enabled=False: two runs equal here train the same."
+    d = to_dict(cfg)
+    for s in ('stage1', 'stage2'):
+        if not d[s]['enabled']: d[s] = {'enabled': False}
+    d.pop('preset', None)
+    return d
+
+def cell_label(cell) -> str:
+    "'stage1.steps=200' for a cell ((key, value), ...)."
+    return ','.join(f'{k}={v}' for k, v in cell)
+
+def plan_grid(preset: str, arm_defs: dict, seeds, out, overrides, grid) -> list:
+    "The runs of a grid batch, one per distinct effective config; each run lists the cells it serves (r['cells'])."
+    grid, out = parse_grid(grid), resolve_path(out)
+    cells = [tuple(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    runs, by_key = [], {}
+    for cell in cells:
+        for a, arm_ov in arm_defs.items():
+            for s in seeds:
+                cell_ov = [f'{k}={v}' for k, v in cell]
+                try: cfg = arm_config(preset, a, s, [*overrides, *cell_ov], arm_ov)
+                except ConfigError as e: raise AblateError(f"grid cell {cell_label(cell)} of arm {a!r}: {e}") from None
+                plain = arm_config(preset, a, s, overrides, arm_ov)
+                key = json.dumps(effective_config(cfg), sort_keys=True, default=str)
+                if key in by_key: by_key[key]['cells'].append(cell); continue
+                same = key == json.dumps(effective_config(plain), sort_keys=True, default=str)
+                r = dict(arm=a, seed=int(s), cells=[cell], label='' if same else cell_label(cell),
+                         dir=out/a/f'seed{s}' if same else out/a/cell_label(cell)/f'seed{s}',
+                         overrides=list(overrides) if same else [*overrides, *cell_ov])
+                by_key[key] = r; runs.append(r)
+    return runs
+
+def _grid_name(grid: dict) -> str:
+    return 'grid_' + '_'.join(grid)
+
+def _as_number(v):
+    try: return float(v)
+    except ValueError: return None
+
+def write_grid_results(out, runs: list, records: list, grid, arms: list, failures=(), title: str = '') -> dict:
+    "Per cell and arm the headline metrics, per cell each claim's paired verdict: out/grid_<keys>.{md,csv} and plots."
+    grid, out = parse_grid(grid), Path(out)
+    name = _grid_name(grid)
+    cells = [tuple(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    per_cell = {c: [] for c in cells}
+    for r in runs:
+        rec = read_metrics(r['dir'])
+        if rec is None: continue
+        rec = dict(rec, headline=headline(rec['metrics']))
+        for c in r['cells']: per_cell[c].append(rec)
+    metrics = [m for m in KEY_METRICS if any(rec['headline'].get(m) is not None for v in per_cell.values() for rec in v)]
+    claims = [c for c in CLAIMS if c['ablated'] in arms and c['baseline'] in arms]
+    buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
+    w.writerow([*grid, 'arm', 'metric', 'n', 'mean', 'std'])
+    rows, verdicts = [], {}
+    for c in cells:
+        summ = summarize(per_cell[c])
+        verdicts[c] = [verdict(cl, summ, per_cell[c]) for cl in claims]
+        for a in arms:
+            for m in metrics:
+                if (st := summ.get(a, {}).get(m)) is not None:
+                    w.writerow([*(v for _, v in c), a, m, st[2], repr(st[0]), '' if st[1] is None else repr(st[1])])
+            rows.append(f"| {cell_label(c)} | {a} | " + ' | '.join(_fmt(summ.get(a, {}).get(m)) for m in metrics) + ' |')
+        for v in verdicts[c]:
+            if v['effect'] is not None:
+                w.writerow([*(val for _, val in c), f"{v['baseline']}-{v['ablated']}", f"effect:{v['metric']}", '',
+                            repr(v['effect']), '' if v['se'] is None else repr(v['se'])])
+    _write_text(out/f'{name}.csv', buf.getvalue())
+    lines = [f"# Grid over {', '.join(grid)}{': ' + title if title else ''}", '',
+             f"{sum(len(v) for v in per_cell.values())} cell-runs from {len(records)} finished run(s); "
+             "mean ± sample std over seeds. A run that a knob does not reach serves every cell.", '',
+             '| cell | arm | ' + ' | '.join(KEY_METRICS[m][0] for m in metrics) + ' |', '|---|---|' + '---|' * len(metrics), *rows]
+    if claims:
+        lines += ['', '## Paired effects per cell', '', '| cell | ' + ' | '.join(c['claim'] for c in claims) + ' |',
+                  '|---|' + '---|' * len(claims)]
+        for c in cells:
+            cellv = [('missing' if v['effect'] is None else f"{v['effect']:+.3g} ± {v['se']:.2g} SE: **{v['status']}**"
+                      if v['se'] is not None else f"{v['effect']:+.3g}: **{v['status']}**") for v in verdicts[c]]
+            lines.append(f"| {cell_label(c)} | " + ' | '.join(cellv) + ' |')
+    if failures:
+        lines += ['', '## Failed runs', '']
+        lines += [f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})" for f in failures]
+    plot_metrics = [m for m in metrics if m in PLOT_METRICS or m in {c['metric'] for c in claims}]
+    plots = [plot_grid(per_cell, cells, m, arms, out/'plots'/f'{name}_{m}.png') for m in plot_metrics]
+    plots += [plot_grid_effect(cells, verdicts, cl, out/'plots'/f"{name}_effect_{cl['ablated']}.png") for cl in claims]
+    lines += ['', 'Plots: ' + ', '.join(f'plots/{Path(p).name}' for p in plots), '']
+    _write_text(out/f'{name}.md', '\n'.join(lines))
+    return dict(per_cell=per_cell, verdicts=verdicts, csv=out/f'{name}.csv', md=out/f'{name}.md', plots=plots)
+
+def _grid_x(cells: list):
+    "(x positions, tick labels, axis label): the values themselves for a one-key numeric grid, else the cells in order."
+    if len(cells[0]) == 1 and all(_as_number(c[0][1]) is not None for c in cells):
+        return [_as_number(c[0][1]) for c in cells], [str(c[0][1]) for c in cells], cells[0][0][0]
+    return list(range(len(cells))), [cell_label(c) for c in cells], 'grid cell'
+
+def _save_fig(fig, path):
+    import matplotlib.pyplot as plt
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + '.tmp.png'); fig.savefig(tmp, dpi=90); os.replace(tmp, path); plt.close(fig)
+    return path
+
+def plot_grid(per_cell: dict, cells: list, metric: str, arms: list, path):
+    "One headline metric against the knob: a line per arm (mean, seed-std error bars), a dot per seed."
+    import matplotlib.pyplot as plt
+    xs, ticks, xlabel = _grid_x(cells)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, a in enumerate(arms):
+        pts = [(x, [r['headline'][metric] for r in per_cell[c] if r['arm'] == a and r['headline'].get(metric) is not None])
+               for x, c in zip(xs, cells)]
+        pts = [(x, v) for x, v in pts if v]
+        if not pts: continue
+        ax.errorbar([x for x, _ in pts], [statistics.fmean(v) for _, v in pts],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], color=f'C{i}', capsize=4, marker='o', label=a)
+        for x, v in pts: ax.plot([x] * len(v), v, '.', color=f'C{i}', alpha=0.5)
+    ax.set_xticks(xs, ticks); ax.set_xlabel(xlabel)
+    ax.set_ylabel(textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9)
+    ax.legend(fontsize=8); fig.tight_layout()
+    return _save_fig(fig, path)
+
+def plot_grid_effect(cells: list, verdicts: dict, claim: dict, path):
+    "A claim's paired effect (baseline - ablated) against the knob, with 2 standard errors as error bars."
+    import matplotlib.pyplot as plt
+    xs, ticks, xlabel = _grid_x(cells)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    pts = [(x, v) for x, c in zip(xs, cells) for v in verdicts[c] if v['claim'] == claim['claim'] and v['effect'] is not None]
+    if pts:
+        ax.errorbar([x for x, _ in pts], [v['effect'] for _, v in pts], yerr=[2 * (v['se'] or 0) for _, v in pts],
+                    marker='o', capsize=4, color='C3', label=f"{claim['baseline']} - {claim['ablated']} (± 2 SE)")
+    ax.axhline(0, color='grey', lw=1, ls='--')
+    ax.set_xticks(xs, ticks); ax.set_xlabel(xlabel)
+    label = KEY_METRICS[claim['metric']][0] if claim['metric'] in KEY_METRICS else claim['metric']
+    ax.set_ylabel(textwrap.fill(f'effect on {label}', 30), fontsize=9)
+    ax.set_title(textwrap.fill(claim['claim'], 50), fontsize=9); ax.legend(fontsize=8); fig.tight_layout()
+    return _save_fig(fig, path)
+
+# %% ../nbs/09_ablate.ipynb #08502612
 def _seeds(s: str) -> list:
     try: return [int(x) for x in _csv_list(s)]
     except ValueError: raise AblateError(f"--seeds {s!r} must be comma-separated integers, e.g. --seeds 0,1,2") from None
@@ -571,17 +760,20 @@ def cli_ablate(argv=None) -> int:
     "`blip2-lab ablate`: run the ablation batch and aggregate it; non-zero exit if a run failed."
     p = argparse.ArgumentParser(prog='blip2-lab ablate', description='Run every arm x seed of the ablation lab (resumable), then aggregate.')
     p.add_argument('--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)")
-    p.add_argument('--arms', default=','.join(ARMS), help=f"comma-separated arms (default {','.join(ARMS)})")
+    p.add_argument('--arms', default=','.join(LAB_ARMS), help=f"comma-separated arms of {', '.join(ARMS)} (default {','.join(LAB_ARMS)})")
     p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds; seed s gives every arm the same data order and initial weights (default 0,1,2: the verdicts need a spread)')
     p.add_argument('--out', default=None, help='batch folder (default runs/<preset>)')
     p.add_argument('--no-papermill', action='store_true', help='run the arms in-process instead of through the experiment notebook')
     p.add_argument('--timeout', type=float, default=None, help='seconds one notebook cell may run (default: no limit)')
     p.add_argument('--jobs', type=int, default=1, help='runs side by side, each with cores/jobs torch threads (default 1; '
                    'on a 2-core CPU, 2 finishes the lab sooner: small models use a second thread poorly)')
+    p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2',
+                   help='cross a config key\'s values with the arms and seeds (repeat for more keys); results in OUT/grid_<keys>.md '
+                   'and plots, e.g. --grid stage1.steps=200,400,600 --arms full,no_stage1')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides for every run')
     a = parse_with_overrides(p, argv)
     res = ablate(a.preset, _csv_list(a.arms), _seeds(a.seeds), a.out or f'runs/{a.preset}', a.overrides,
-                 papermill=not a.no_papermill, timeout=a.timeout, jobs=a.jobs)
+                 papermill=not a.no_papermill, timeout=a.timeout, jobs=a.jobs, grid=parse_grid(a.grid) if a.grid else None)
     print(res['md'].read_text())
     for f in res['failures']:
         print(f"error: run {f['arm']} seed {f['seed']} failed: {f['ename']}: {f['evalue']}", file=sys.stderr)

@@ -19,8 +19,8 @@ __all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at
            'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions', 'constant_caption_scores',
            'constant_caption', 'blind_caption', 'vqa_items', 'question_type', 'majority_answers', 'majority_answer',
            'check_vqa_prompt', 'answer_questions', 'vqa_table', 'two_step_prompt', 'answer_from_captions', 'load_views',
-           'cached_baseline', 'evaluate_split', 'evaluate_vqa', 'results_markdown', 'plot_results', 'check_output_dir',
-           'write_results', 'save_results', 'evaluate', 'cli_eval', 'HFStage2']
+           'cached_baseline', 'evaluate_split', 'soft_prompt_tokens', 'evaluate_vqa', 'results_markdown',
+           'plot_results', 'check_output_dir', 'write_results', 'save_results', 'evaluate', 'cli_eval', 'HFStage2']
 
 # %% ../nbs/07_eval.ipynb #beb19e48
 class EvalError(Blip2LabError):
@@ -608,7 +608,15 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
     if 'vqa' in tasks:
         if gen is None: skipped['vqa'] = 'needs the stage-2 model (the LLM): pass a stage-2 checkpoint as ckpt'
         else: res['vqa'] = evaluate_vqa(gen, ds, idx, tf, run, progress, captions=llm_captions)
+    if gen is not None and hasattr(gen.model, 'soft_prompt') and idx:
+        res['cost'] = {'soft_prompt_tokens': soft_prompt_tokens(gen, ds, idx[0], tf)}
     return res, skipped
+
+@torch.no_grad()
+def soft_prompt_tokens(gen: GenerationView, ds, i: int, transform) -> int:
+    "How many soft-prompt tokens the model puts in front of the LLM's text for image `i` (32 queries for BLIP-2)."
+    m = gen.model
+    return int(m.soft_prompt(m.encode_image(transform(_image(ds, i))[None].to(gen.device))).shape[1])
 
 def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, progress: bool = True, captions: dict|None = None) -> dict:
     "Per-skill zero-shot VQA accuracy of the model (paper protocol and two-step), the blind LLM and the train-split majority answer."
@@ -616,10 +624,13 @@ def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, pro
     if not items: raise EvalError(f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)")
     preds = answer_questions(gen, ds, items, transform, run, True, progress)
     blind = cached_baseline(run, ds.split, 'blind_vqa', lambda: answer_questions(gen, ds, items, transform, run, False, progress))
-    if captions is None: captions = generate_captions(gen, ds, idx, transform, run, progress)
-    two = answer_from_captions(gen, ds, items, captions, run, progress)
+    two = [None] * len(items)
+    if run.eval.two_step:
+        if captions is None: captions = generate_captions(gen, ds, idx, transform, run, progress)
+        two = answer_from_captions(gen, ds, items, captions, run, progress)
     out = {'prompt': run.eval.vqa_prompt, 'model': vqa_table(items, preds), 'blind': vqa_table(items, blind),
-           'two_step': vqa_table(items, two), 'two_step_prompt': two_step_prompt('<caption>', '{}', run.eval.vqa_prompt),
+           **({'two_step': vqa_table(items, two), 'two_step_prompt': two_step_prompt('<caption>', '{}', run.eval.vqa_prompt)}
+              if run.eval.two_step else {}),
            'n_questions': dict(Counter(qa.skill or 'all' for _, qa in items)),
            'samples': [{'question': qa.question, 'answers': qa.answers[:3], 'skill': qa.skill, 'model': p, 'blind': b, 'two_step': t}
                        for (_, qa), p, b, t in list(zip(items, preds, blind, two))[:10]]}

@@ -13,7 +13,8 @@ from fastcore.basics import patch
 from .stage1 import global_mean, dist_info
 
 # %% auto #0
-__all__ = ['Stage2Error', 'decoder_lm_tokens', 'prepend_queries', 'lm_loss', 'split_prefix', 'encdec_lm_tokens', 'Blip2Stage2']
+__all__ = ['Stage2Error', 'decoder_lm_tokens', 'prepend_queries', 'lm_loss', 'split_prefix', 'encdec_lm_tokens', 'Blip2Stage2',
+           'ProjectorStage2', 'stage2_model']
 
 # %% ../nbs/05_stage2.ipynb #607e1283
 class Stage2Error(Blip2LabError, ValueError):
@@ -100,20 +101,26 @@ def _load_weights(src) -> dict:
     sd = torch.load(p, map_location='cpu', weights_only=True)
     return sd.get('model', sd) if isinstance(sd, dict) else sd
 
+def _frozen_backbones(cfg: Config, vision=None, llm=None, build_llm: bool = True) -> tuple:
+    "(vision, llm): the ones given, else loaded from `cfg`; Stage2Error if the LLM's kind is not cfg.llm.kind."
+    from blip2_lab.backbones import load_vision_encoder, load_llm
+    vision = vision if vision is not None else load_vision_encoder(cfg.vision)
+    if llm is None and build_llm: llm = load_llm(cfg.llm)
+    if llm is not None and llm.kind != cfg.llm.kind:
+        raise Stage2Error(f"llm.kind={cfg.llm.kind!r} but the LLM given is {llm.kind!r}: set llm.kind={llm.kind}")
+    return vision, llm
+
 class Blip2Stage2(nn.Module):
     "BLIP-2 stage 2: frozen image encoder -> Q-Former queries -> llm_proj -> frozen LLM (LM or prefix-LM loss)."
     def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
         super().__init__()
-        from blip2_lab.backbones import load_vision_encoder, load_llm
         from blip2_lab.qformer import Blip2QFormer, init_from_bert, load_qformer_tokenizer
         self.cfg = cfg
-        self.vision = vision if vision is not None else load_vision_encoder(cfg.vision)
+        self.vision, llm = _frozen_backbones(cfg, vision, llm, build_llm=False)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
         if cfg.qformer.init == 'bert':   # the Q-Former's own vocabulary decides which BERT rows it takes
             init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=load_qformer_tokenizer(cfg.qformer.tokenizer))
-        self.llm = llm if llm is not None else load_llm(cfg.llm)
-        if self.llm.kind != cfg.llm.kind:
-            raise Stage2Error(f"llm.kind={cfg.llm.kind!r} but the LLM given is {self.llm.kind!r}: set llm.kind={self.llm.kind}")
+        _, self.llm = _frozen_backbones(cfg, self.vision, llm)   # the LLM after the Q-Former: the RNG draws as before
         self.llm_proj = nn.Linear(cfg.qformer.hidden_size, self.llm.hidden_size)
         self.unused_qformer = self._freeze_text_path()
         self.generator = torch.Generator().manual_seed(cfg.stage2.seed)   # prefix-LM split points
@@ -244,3 +251,35 @@ def generate(self: Blip2Stage2, pixel_values=None, image_embeds=None,
     ids = self.llm.generate(emb, att, num_beams=num_beams, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, length_penalty=length_penalty)
     return self.llm.decode(ids)
+
+# %% ../nbs/05_stage2.ipynb #5cef8b49
+class ProjectorStage2(Blip2Stage2):
+    "Stage 2 with a projector for a connector (LLaVA): the frozen patch tokens -> LayerNorm -> linear map or two-layer MLP -> frozen LLM."
+    def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
+        nn.Module.__init__(self)
+        if cfg.connector not in ('mlp', 'linear'):
+            raise Stage2Error(f"ProjectorStage2 needs connector=mlp or linear, got {cfg.connector!r}: use Blip2Stage2 for the Q-Former")
+        self.cfg = cfg
+        self.vision, self.llm = _frozen_backbones(cfg, vision, llm)
+        w, h = self.vision.width, self.llm.hidden_size
+        self.ln_vision = nn.LayerNorm(w)
+        self.projector = (nn.Linear(w, h) if cfg.connector == 'linear'   # LLaVA
+                          else nn.Sequential(nn.Linear(w, h), nn.GELU(), nn.Linear(h, h)))   # LLaVA-1.5
+        self.unused_qformer = []
+        self.generator = torch.Generator().manual_seed(cfg.stage2.seed)
+
+    def trainable_parameters(self) -> list:
+        "What stage 2 trains here: the LayerNorm and the projector."
+        return list(self.ln_vision.parameters()) + list(self.projector.parameters())
+
+    def load_stage1(self, src) -> list:
+        raise Stage2Error(f"connector={self.cfg.connector!r} has no Q-Former to start from a stage-1 checkpoint: "
+                          "train it from its initial weights (stage1.enabled=false)")
+
+    def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        "The soft visual prompt: every patch token (CLS dropped) projected to the LLM width, (B, N_patches, llm hidden)."
+        return self.projector(self.ln_vision(image_embeds[:, 1:].to(self.ln_vision.weight.device)))
+
+def stage2_model(cfg: Config, vision=None, llm=None) -> Blip2Stage2:
+    "The stage-2 model of `cfg.connector`: Blip2Stage2 (the Q-Former) or ProjectorStage2 (mlp, linear)."
+    return (Blip2Stage2 if cfg.connector == 'qformer' else ProjectorStage2)(cfg, vision=vision, llm=llm)

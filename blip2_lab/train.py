@@ -417,13 +417,13 @@ class TrainingDiverged(Blip2LabError):
     "A loss or gradient became NaN/inf: the message names the step, the component and the last good checkpoint."
 
 def build_model(cfg: Config, stage: int, seed: int|None = None) -> nn.Module:
-    "A fresh Blip2Stage1 / Blip2Stage2 for `cfg`; with `seed`, built under that torch seed (a random encoder/LLM then comes out as in training) without disturbing the caller's RNG."
+    "A fresh Blip2Stage1 / stage-2 model (Blip2Stage2 or ProjectorStage2) for `cfg`; with `seed`, built under that torch seed (a random encoder/LLM then comes out as in training) without disturbing the caller's RNG."
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed); return build_model(cfg, stage)
     if stage == 1:
         from blip2_lab.stage1 import Blip2Stage1; return Blip2Stage1(cfg)
-    from blip2_lab.stage2 import Blip2Stage2; return Blip2Stage2(cfg)
+    from blip2_lab.stage2 import stage2_model; return stage2_model(cfg)   # the Q-Former, or a projector (cfg.connector)
 
 def build_dataset(cfg: Config, split: str = 'train', seed: int = 0):
     "(image, one caption) pairs of `cfg`'s `split` (blip2_lab.data.CaptionPairs; flips only with vision.augment), tagged with the data fingerprint (feature-cache key)."
