@@ -59,6 +59,7 @@ KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is th
     'vqa_blind':    ('blind-LLM VQA accuracy % (no image)', ('vqa.blind.overall',)),
     'vqa_two_step': ('two-step VQA accuracy % (own caption as text)', ('vqa.two_step.overall',)),
     'retrieval_r1': ('retrieval R@1 % (mean of TR@1, IR@1)', ('retrieval.itm.txt_r1', 'retrieval.itm.img_r1')),
+    'itc_r1':       ('ITC R@1 % (mean of TR@1, IR@1; no ITM rerank)', ('retrieval.itc.txt_r1', 'retrieval.itc.img_r1')),
     'i2t_r1':       ('image-to-text R@1 % (TR@1)', ('retrieval.itm.txt_r1',)),
     't2i_r1':       ('text-to-image R@1 % (IR@1)', ('retrieval.itm.img_r1',)),
     'cider':        ('caption CIDEr (stage 2)', ('caption.llm.cider',)),
@@ -68,11 +69,13 @@ KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is th
     'soft_prompt_tokens': ('soft-prompt tokens fed to the LLM', ('cost.soft_prompt_tokens',)),
     'stage2_samples_s': ('stage-2 training samples/s', ('cost.stage2_samples_per_s',)),
 }
-PLOT_METRICS = ['vqa_accuracy', 'vqa_two_step', 'i2t_r1', 't2i_r1', 'cider']  # one bar plot each
+PLOT_METRICS = ['vqa_accuracy', 'vqa_two_step', 'itc_r1', 'i2t_r1', 't2i_r1', 'cider']  # one bar plot each
 
 CLAIMS = [  # each: the paper's claim, the ablated arm, the arm it is compared with, the metric that should drop
     dict(claim='without stage 1, zero-shot VQA drops (Fig. 5)', ablated='no_stage1', baseline='full', metric='vqa_accuracy'),
-    dict(claim='without ITG, retrieval drops (Table 6)', ablated='no_itg', baseline='full', metric='retrieval_r1'),
+    # Table 6 on ITC's ranking: at the lab's budget the ITM head is not past its own threshold, and re-ranking by it
+    # lowers the full arm's R@1 (09_ablate, the departures table); ITC is what the queries learned for retrieval
+    dict(claim='without ITG, retrieval drops (Table 6)', ablated='no_itg', baseline='full', metric='itc_r1'),
 ]
 
 def headline(metrics: dict) -> dict:
