@@ -271,7 +271,10 @@ def verdict(claim: dict, summary: dict, records: list | None = None) -> dict:
         se = math.sqrt(sb**2 / nb + sa**2 / na)
     out.update(effect=eff, se=se)
     ratio = f"{eff / se:+.2g} standard errors" if se > 0 else "no seed spread at all"
-    return {**out, 'status': _judge(eff, se), 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}"}
+    status = _judge(eff, se)
+    more = ("; within 2 standard errors of no effect: more seeds narrow the standard error "
+            f"(e.g. --seeds {','.join(map(str, range(len(diffs) + 2 if out['paired'] else 5)))})") if status == 'inconclusive' else ''
+    return {**out, 'status': status, 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}{more}"}
 
 # %% ../nbs/09_ablate.ipynb #75cbf603
 BASELINE_CHECKS = [  # each: the metric, and the baselines it must beat (headline metrics)
