@@ -1,6 +1,7 @@
 # blip2_lab: the two commands a new user types (README), plus the checks CI adds.
 #   make lab    the main job: the ablation lab (lab preset), three arms x three paired seeds, end to end
 #   make test   every test: nbdev_test over all notebooks, then pytest tests/
+#   make docs   the notebooks, executed, as a static site in _docs/html (Sphinx + myst-nb)
 # Each target first builds .venv when it is missing (Python 3.11, pip and the package registries).
 SHELL := /bin/bash
 PY ?= python3
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv lab data test test-nbs test-py test-kernels sync-check ci browser-deps clean
+.PHONY: venv lab data test test-nbs test-py test-kernels sync-check ci docs test-docs browser-deps clean
 
 venv: $(STAMP)
 
@@ -29,8 +30,10 @@ $(STAMP): setup.py settings.ini constraints.txt
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) || echo "warning: no Java: pycocoevalcap's tokenizer needs it"
 	touch $(STAMP)
 
+# SEEDS=0,1,2,3,4 adds two paired seeds to a finished batch (it reuses the runs it has)
+SEEDS ?= 0,1,2
 lab: $(STAMP)
-	$(BIN)/blip2-lab ablate --preset lab --seeds 0,1,2 --out runs/lab --jobs 2
+	$(BIN)/blip2-lab ablate --preset lab --seeds $(SEEDS) --out runs/lab --jobs 2
 
 data: $(STAMP)
 	$(BIN)/blip2-lab data --preset lab --seed 0 --out data/shapesworld
@@ -58,7 +61,33 @@ sync-check: $(STAMP)
 	git diff --exit-code --stat || (echo "notebooks and library out of sync: run nbdev_export and commit" && exit 1)
 	test -z "$$(git status --porcelain --untracked-files=all -- blip2_lab nbs)" || (git status --porcelain -- blip2_lab nbs; echo "untracked files after nbdev_export" && exit 1)
 
-ci: sync-check test test-kernels
+# The docs site: every notebook executed (nbs/ as its folder, figures kept) and rendered. After
+# `make lab`, 08_viz shows the lab's full arm; BLIP2_LAB_VIZ_CKPT=<run folder> shows another run.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/site/build.py --jobs 2
+
+# Debian's Chromium, for the tests that open the site in a real browser (Playwright drives it)
+browser-deps:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+# The site opened in headless Chromium: the Q-Former's mask figure and a trained model's attention
+# map must be on their pages. Without a lab batch the viz page shows a tiny run trained here (1 min).
+TINY_RUN := _docs/tiny-run/full/seed0
+test-docs: $(DOCS_STAMP) browser-deps
+	@if [ -e runs/lab/full/seed0/stage2/final/model.safetensors ] || [ -n "$$BLIP2_LAB_VIZ_CKPT" ]; then \
+	  $(BIN)/python docs/site/build.py --jobs 2; \
+	else \
+	  test -e $(TINY_RUN)/stage2/final/model.safetensors || $(BIN)/blip2-lab run-arm --preset tiny --arm full --seed 0 --out $(TINY_RUN); \
+	  BLIP2_LAB_VIZ_CKPT=$(TINY_RUN) $(BIN)/python docs/site/build.py --jobs 2; \
+	fi
+	BLIP2_LAB_SITE_REQUIRED=1 $(BIN)/python -m pytest -q tests/test_docs_site.py
+
+ci: sync-check test test-kernels test-docs
 
 clean:
 	rm -rf $(VENV) _proc _docs

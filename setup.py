@@ -25,6 +25,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+docs_requirements = (cfg.get('docs_requirements') or '').split()   # `make docs`: the site's renderer
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -45,7 +46,7 @@ setuptools.setup(
     include_package_data=True,
     package_data=package_data,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'docs': docs_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

@@ -4,7 +4,7 @@ import re, subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = re.compile(r'\.\./shared|(?<![\w.-])shared/(?:BLIP2_NOTES|STYLE|NBDEV)')
+OUTSIDE = re.compile(r'\.\./shared|(?<![\w.-])shared/(?:BLIP2_NOTES|STYLE|NBDEV)|\bBLIP2_NOTES\b')   # the notes, by path or by name
 
 
 def tracked_text_files():
@@ -25,4 +25,5 @@ def test_no_tracked_file_points_outside_the_repo():
 
 def test_the_check_can_fail():
     assert OUTSIDE.search('see ../shared/NBDEV.md') and OUTSIDE.search('see `shared/BLIP2_NOTES.md`')
+    assert OUTSIDE.search('(Sec. 3.1; BLIP2_NOTES)')
     assert not OUTSIDE.search('shared_kv = 1; the shared/ folder of a run')
