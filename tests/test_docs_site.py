@@ -27,7 +27,7 @@ CELL_JS = """needle => {
     const out = cell.querySelector('.cell_output');
     cell.id = cell.id || 'cell-under-test';
     return {id: cell.id, widths: out ? [...out.querySelectorAll('img')].map(i => i.naturalWidth) : [],
-            text: out ? out.innerText : ''};
+            text: out ? out.innerText : '', tables: out ? out.querySelectorAll('table').length : 0};
   }
   return null;
 }"""
@@ -86,3 +86,9 @@ def test_viz_page_shows_a_trained_models_attention(site_url, browser):
     assert 'stage 2: none' not in shown, f'the model shown has no stage-2 checkpoint: {shown!r}'
     c = _cell(browser, f'{site_url}/08_viz.html', 'fig_attention = plot_query_attention(', '08_viz_attention.png')
     assert c['widths'] and max(c['widths']) > 200, f'the attention map did not render: image widths {c["widths"]}'
+
+
+def test_markdown_tables_render_as_tables(site_url, browser):
+    "display(Markdown(table)) outputs (the lab's results) are HTML tables, not lines of pipes."
+    c = _cell(browser, f'{site_url}/09a_later_models.html', "display(Markdown(table(['connector'", '09a_connectors.png')
+    assert c['tables'] == 1 and '| connector |' not in c['text'], f"the connector table did not render: {c['text'][:200]!r}"

@@ -15,6 +15,7 @@ extensions = ['myst_nb']
 nb_execution_mode = 'off'              # build.py executed every notebook already; myst-nb shows what they stored
 myst_enable_extensions = ['dollarmath', 'amsmath']
 nb_merge_streams = True                # one block per cell for its printed lines
+nb_render_markdown_format = 'myst'     # display(Markdown(...)) outputs: tables too (commonmark has none)
 suppress_warnings = ['mystnb.unknown_mime_type', 'misc.highlighting_failure']
 exclude_patterns = ['_build', '**.ipynb_checkpoints']
 
