@@ -79,6 +79,7 @@ def _worker(rank, world, port, path):
             dist.all_reduce(v); grads[k] = v / world
         res['model_grads'] = grads
         torch.save(res, f'{path}/rank{rank}.pt')
+        dist.barrier()   # no rank tears gloo down while another still talks to it (rank 0 once aborted: 'terminate called')
     finally:
         dist.destroy_process_group()
 

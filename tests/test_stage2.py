@@ -116,6 +116,7 @@ def _worker(rank, world, port, path):
             for g in grads.values(): dist.all_reduce(g); g /= world
             res[kind + '_grads'] = grads
         torch.save(res, f'{path}/rank{rank}.pt')
+        dist.barrier()   # no rank tears gloo down while another still talks to it (rank 0 once aborted: 'terminate called')
     finally:
         dist.destroy_process_group()
 
