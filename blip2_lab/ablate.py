@@ -9,12 +9,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_overrides, to_dict,
                               config_diff, save_config, repo_root, resolve_path)
+from .train import train, eta_text
+from .evaluate import evaluate
+from .config import from_dict
+from .files import folder_lock
 
 # %% auto #0
 __all__ = ['ARMS', 'LAB_ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for',
            'arm_config', 'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'stage_samples_per_s',
-           'run_arm', 'read_metrics', 'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check',
-           'claim_caveat', 'write_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
+           'run_arm', 'read_run_metrics', 'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check',
+           'claim_caveat', 'write_batch_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
            'batch_lock', 'die_with_parent', 'child_command', 'run_status', 'run_threads', 'ablate', 'parse_grid',
            'effective_config', 'cell_label', 'plan_grid', 'write_grid_results', 'plot_grid', 'plot_grid_effect',
            'cli_ablate', 'cli_run_arm']
@@ -115,11 +119,9 @@ def _versions() -> dict:
 
 # %% ../nbs/09_ablate.ipynb #865e39c6
 def _default_train():
-    from blip2_lab.train import train
     return train
 
 def _default_eval():
-    from blip2_lab.evaluate import evaluate
     return evaluate
 
 def plot_loss_curves(run_dir) -> list:
@@ -194,7 +196,7 @@ def run_arm(preset: str, arm: str, seed: int, out_dir, overrides=(), arm_overrid
     return record
 
 # %% ../nbs/09_ablate.ipynb #6522d5d6
-def read_metrics(run_dir) -> dict | None:
+def read_run_metrics(run_dir) -> dict | None:
     "The record in run_dir/metrics.json if it is a finished run's (parses, status ok), else None."
     p = Path(run_dir)/'metrics.json'
     try: rec = json.loads(p.read_text())
@@ -204,11 +206,10 @@ def read_metrics(run_dir) -> dict | None:
 
 def is_finished(run_dir, cfg, arm: str, seed: int) -> bool:
     "True if run_dir holds a finished run of this arm, seed and config; AblateError if it holds another config's."
-    rec = read_metrics(run_dir)
+    rec = read_run_metrics(run_dir)
     if rec is None: return False
     if rec['arm'] != arm or rec['seed'] != seed:
         raise AblateError(f"{run_dir} holds arm {rec['arm']!r} seed {rec['seed']}, not {arm!r} seed {seed}: use another --out")
-    from blip2_lab.config import from_dict
     try: diff = config_diff(from_dict(rec['config']), cfg)
     except Blip2LabError as e: diff = [f'(unreadable config: {e})']
     if diff:
@@ -311,7 +312,7 @@ def claim_caveat(v: dict, checks: list) -> str:
     return (f" Caveat: {v['baseline']} itself is *{rel}* its best baseline ({c['best']}), so this compares arms that"
             " do not beat what the LLM or the answer priors give without the model.")
 
-def write_results(out, records: list, arms: list, failures=(), title: str = '') -> dict:
+def write_batch_results(out, records: list, arms: list, failures=(), title: str = '') -> dict:
     "Aggregate `records` into out/results.csv, out/results.md and out/plots/*.png; return dict(summary, verdicts, paths)."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
@@ -443,7 +444,6 @@ from .config import parse_with_overrides
 @contextlib.contextmanager
 def batch_lock(out):
     "Hold the lock of batch folder `out` (out/.lock, our pid inside); AblateError if another batch holds it."
-    from blip2_lab.train import folder_lock   # the run folders' lock, without their re-entry
     out = Path(out)
     with folder_lock(out) as holder:
         if holder is not None:
@@ -475,7 +475,6 @@ def _last_row(path: Path) -> dict | None:
 
 def run_status(run_dir, cfg, rates: dict) -> str:
     "'stage 1 step 340/800, stage ETA 2m10s, run ETA 7m05s' for a running run; `rates` ({'stage2': s/step, 'eval': s}) fill in what is to come."
-    from blip2_lab.train import eta_text   # the trainer's own ETA format
     d = Path(run_dir)
     s1, s2 = _last_row(d/'stage1'/'metrics.jsonl'), _last_row(d/'stage2'/'metrics.jsonl')
     if s2 is not None or not cfg.stage1.enabled:
@@ -523,7 +522,7 @@ def _execute(r: dict, preset: str, arm_overrides: list, papermill: bool, timeout
         else:
             (runner or run_arm)(preset, r['arm'], r['seed'], r['dir'], overrides=list(overrides),
                                 arm_overrides=arm_overrides, progress=progress and not parallel)
-        rec = read_metrics(r['dir'])
+        rec = read_run_metrics(r['dir'])
         if rec is None: raise AblateError(f"the run ended without writing a valid {r['dir']/'metrics.json'}")
         return rec, None
     except KeyboardInterrupt: raise
@@ -592,10 +591,10 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
                         r = futs[fut]
                         if (r['dir']/'log.txt').exists(): say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
         bar.close()
-        records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_metrics(r['dir'])) is not None]
+        records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_run_metrics(r['dir'])) is not None]
         title = f"preset {preset}, seeds {', '.join(map(str, seeds))}"
         if grid: res = write_grid_results(out, runs, records, grid, list(arm_defs), failures, title=title)
-        else: res = write_results(out, records, list(arm_defs), failures, title=title)
+        else: res = write_batch_results(out, records, list(arm_defs), failures, title=title)
         return dict(res, runs=runs, failures=failures, skipped=sum(done), records=records)
 
 # %% ../nbs/09_ablate.ipynb #ec8e75de
@@ -668,7 +667,7 @@ def write_grid_results(out, runs: list, records: list, grid, arms: list, failure
     cells = [tuple(zip(grid, vals)) for vals in itertools.product(*grid.values())]
     per_cell = {c: [] for c in cells}
     for r in runs:
-        rec = read_metrics(r['dir'])
+        rec = read_run_metrics(r['dir'])
         if rec is None: continue
         rec = dict(rec, headline=headline(rec['metrics']))
         for c in r['cells']: per_cell[c].append(rec)

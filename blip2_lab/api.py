@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import Blip2LabError, Config, apply_overrides, get_preset, load_config, resolve_path
+from .checkpoint import checkpoint_meta
+from .evaluate import _is_hf_folder, _autocast, generate_captions, answer_questions, itc_score_matrix, load_views
+from .data import to_rgb, image_transform, QA
+from .viz import plot_query_attention, load_viz_model, query_cross_attention, attention_grid, pick_attention, VizError
 
 # %% auto #0
 __all__ = ['ApiError', 'MissingStage', 'find_checkpoints', 'open_images', 'QueryAttention', 'Blip2Pipeline', 'load']
@@ -27,7 +31,6 @@ def _is_ckpt(p: Path) -> bool:
 
 def _ckpt_stage(p: Path) -> int:
     "The stage that wrote checkpoint `p` (its trainer_state.json; 1 when absent)."
-    from blip2_lab.train import checkpoint_meta
     return int(checkpoint_meta(p)[0].get('stage', 1)) if (p/'trainer_state.json').exists() else 1
 
 def _final_of(stage_dir: Path) -> Path|None:
@@ -37,7 +40,6 @@ def _final_of(stage_dir: Path) -> Path|None:
 
 def find_checkpoints(path) -> dict:
     "{'stage1': Path|None, 'stage2': Path|None, 'hf': Path|None} for a run folder, a checkpoint folder or a Hugging Face folder."
-    from blip2_lab.evaluate import _is_hf_folder
     p = resolve_path(path)
     if not p.exists():
         raise ApiError(f"{p} does not exist: pass a run folder (e.g. runs/lab/full/seed0), a checkpoint folder "
@@ -63,7 +65,6 @@ def find_checkpoints(path) -> dict:
 def _open_image(x):
     "An RGB PIL image from a PIL image or the path of an image file."
     from PIL import Image, UnidentifiedImageError
-    from blip2_lab.data import to_rgb
     if isinstance(x, Image.Image): return to_rgb(x)
     if isinstance(x, (str, Path)):
         p = Path(x).expanduser()
@@ -82,10 +83,6 @@ def open_images(images) -> list:
     return [_open_image(x) for x in items]
 
 # %% ../nbs/11_api.ipynb #7dd1c659
-def _autocast(device):
-    from blip2_lab.evaluate import _autocast as ac
-    return ac(device)
-
 class _Images:
     "A list of PIL images dressed as the dataset evaluate's functions read (image(i), image_id(i))."
     def __init__(self, images: list): self.images = images
@@ -121,14 +118,12 @@ class QueryAttention:
 
     def plot(self, layer: int|None = None, head: int|None = None, query: int|None = None, **kw):
         "A matplotlib Figure: the image and each query's map over it, then their mean (viz.plot_query_attention)."
-        from blip2_lab.viz import plot_query_attention
         return plot_query_attention(self.viz_model, self.image, self.layer if layer is None else layer, head, query, **kw)
 
 # %% ../nbs/11_api.ipynb #730f3c9f
 class Blip2Pipeline:
     "A loaded BLIP-2: caption, ask, retrieve and attention on PIL images or image paths."
     def __init__(self, retrieval, generation, cfg: Config, checkpoints: dict):
-        from blip2_lab.data import image_transform
         self.retrieval, self.generation, self.cfg, self.checkpoints = retrieval, generation, cfg, checkpoints
         self.transform = image_transform(cfg.vision.image_size, train=False)   # the evaluation transform
         self._viz = None
@@ -153,15 +148,12 @@ class Blip2Pipeline:
 
     def caption(self, images) -> list:
         "One caption per image (the stage-2 LLM, the checkpoint's captioning prompt and beam search)."
-        from blip2_lab.evaluate import generate_captions
         gen, ims = self._need(2, 'caption'), open_images(images)
         caps = generate_captions(gen, _Images(ims), list(range(len(ims))), self.transform, self.cfg, progress=False)
         return [caps[str(i)] for i in range(len(ims))]
 
     def ask(self, images, questions) -> list:
         "Zero-shot answers: one image and many questions, many images and one question, or one question per image."
-        from blip2_lab.evaluate import answer_questions
-        from blip2_lab.data import QA
         gen = self._need(2, 'ask')
         ims, qs = open_images(images), _as_list(questions, 'questions')
         if len(ims) == 1: ims = ims * len(qs)
@@ -174,7 +166,6 @@ class Blip2Pipeline:
     @torch.no_grad()
     def retrieve(self, images, texts, itm: bool = True) -> dict:
         "ITC (and ITM) scores of every image with every text, the best text of each image and the best image of each text."
-        from blip2_lab.evaluate import itc_similarity
         view = self._need(1, 'retrieve')
         ims, texts = open_images(images), _as_list(texts, 'texts')
         dev, qf = view.device, view.qformer.eval()
@@ -183,7 +174,7 @@ class Blip2Pipeline:
         ids, mask = ids.to(dev), mask.to(dev)
         with _autocast(dev):
             embeds = view.encode_image(pv)
-            itc = itc_similarity(qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu())
+            itc = itc_score_matrix(qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu())
             probs = None
             if itm:   # every pair: image i repeated for each text
                 ni, nt = len(ims), len(texts)
@@ -197,7 +188,6 @@ class Blip2Pipeline:
 
     def attention(self, image, layer: int|None = None) -> QueryAttention:
         "The learned queries' cross-attention over the patches of one image (layer: default the first cross-attention layer)."
-        from blip2_lab.viz import load_viz_model, query_cross_attention, attention_grid, pick_attention, VizError
         ims = open_images(image)
         if len(ims) != 1: raise ApiError(f"attention takes one image, got {len(ims)}: call it once per image")
         if self._viz is None:
@@ -217,7 +207,6 @@ _MAY_OVERRIDE = ('eval.', 'data.', 'device')
 
 def load(path, stage1=None, device: str|None = None, overrides=()) -> Blip2Pipeline:
     "A `Blip2Pipeline` from a run folder (stage1/final, stage2/final), a checkpoint folder or a Hugging Face BLIP-2 folder."
-    from blip2_lab.evaluate import load_views
     ck = find_checkpoints(path)
     if stage1 is not None:
         extra = find_checkpoints(stage1)

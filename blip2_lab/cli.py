@@ -6,6 +6,7 @@
 from __future__ import annotations
 import errno, importlib, os, sys, traceback
 from .config import Blip2LabError
+from . import __version__
 
 # %% auto #0
 __all__ = ['OS_ERROR_FIXES', 'COMMANDS', 'EXAMPLES', 'os_error_message', 'examples', 'usage', 'version', 'main']
@@ -36,7 +37,7 @@ COMMANDS = {  # name: (module, function, one-line help)
     'train':              ('blip2_lab.train',    'cli_train',    'train stage 1 or stage 2: --preset P --stage 1|2 --out DIR [key=value ...]'),
     'eval':               ('blip2_lab.evaluate', 'cli_eval',     'evaluate a checkpoint: --ckpt DIR --split test|ood [--tasks ...]'),
     'bench':              ('blip2_lab.bench',    'cli_bench',    'benchmarks: bench qformer | bench stage1'),
-    'diagnose':           ('blip2_lab.stage1',   'cli_diagnose', 'what a stage-1 checkpoint learned: ITM negatives, ITG image reliance, linear probes'),
+    'diagnose':           ('blip2_lab.diagnose', 'cli_diagnose', 'what a stage-1 checkpoint learned: ITM negatives, ITG image reliance, linear probes'),
     'ablate':             ('blip2_lab.ablate',   'cli_ablate',   'run the ablation lab (papermill batches) and aggregate the results'),
     'run-arm':            ('blip2_lab.ablate',   'cli_run_arm',  'run one ablation arm in-process (no Jupyter), writing metrics.json'),
 }
@@ -72,7 +73,6 @@ def usage() -> str:
 
 def version() -> str:
     "The installed blip2_lab version."
-    from blip2_lab import __version__
     return __version__
 
 def _wants_help(rest: list) -> bool:

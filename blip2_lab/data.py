@@ -21,7 +21,7 @@ __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES'
            'changed_files', 'build_shapesworld', 'to_rgb', 'Sample', 'ImageTextDataset', 'load_shapesworld',
            'get_dataset', 'show_samples', 'load_coco_karpathy', 'load_vqav2', 'load_jsonl', 'image_transform',
            'dataset_transform', 'normalize_uint8', 'swap_left_right', 'CaptionPairs', 'VQAItems', 'collate_dicts',
-           'summarize', 'cli_data']
+           'describe_manifest', 'cli_data']
 
 # %% ../nbs/01_data.ipynb #ae9c4047
 SKILLS = ('colour', 'shape', 'count', 'spatial', 'existence', 'text')  # what a question probes
@@ -799,7 +799,7 @@ def collate_dicts(items: list[dict]) -> dict:
     return out
 
 # %% ../nbs/01_data.ipynb #f328bdb1
-def summarize(manifest: dict) -> str:
+def describe_manifest(manifest: dict) -> str:
     "A readable table of a ShapesWorld manifest."
     rows = [f"ShapesWorld v{manifest['generator_version']}  seed={manifest['seed']}  image_size={manifest['params']['image_size']}  sha256={manifest['sha256'][:16]}",
             f"{'split':<6} {'images':>7} {'captions':>9} {'questions':>9}  " + ' '.join(f'{k:>9}' for k in SKILLS)]
@@ -835,5 +835,5 @@ def cli_data(argv) -> int:
     build_shapesworld(d, out, force=a.force, quiet=a.quiet, workers=a.workers)
     print(f"reusing cached ShapesWorld at {out} (same parameters; --force rebuilds)" if cached
           else f"built ShapesWorld at {out} in {time.time() - t0:.1f}s")
-    print(summarize(read_manifest(out)))
+    print(describe_manifest(read_manifest(out)))
     return 0

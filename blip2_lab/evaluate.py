@@ -11,9 +11,13 @@ import torch
 from tqdm.auto import tqdm
 from .config import Blip2LabError, Config, apply_overrides, get_preset, resolve_device, resolve_path
 from .config import check_vqa_prompt as _check_prompt
+from .checkpoint import load_checkpoint
+from .config import to_dict, load_config
+from .data import get_dataset, image_transform
+from .interop import load_blip2, hf_raw_features
 
 # %% auto #0
-__all__ = ['TASKS', 'EvalError', 'itc_similarity', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java', 'java_quiet',
+__all__ = ['TASKS', 'EvalError', 'itc_score_matrix', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java', 'java_quiet',
            'caption_metrics', 'process_punctuation', 'process_digit_article', 'normalize_answer',
            'normalize_human_answers', 'vqa_accuracy', 'RetrievalView', 'GenerationView', 'evaluate_retrieval',
            'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions', 'constant_caption_scores',
@@ -27,13 +31,13 @@ class EvalError(Blip2LabError):
     "An evaluation problem: the message says what is missing or wrong and how to fix it."
 
 # %% ../nbs/07_eval.ipynb #e03b2047
-def itc_similarity(image_feats: torch.Tensor,  # (N_img, N_query, E) L2-normalised query embeddings
+def itc_score_matrix(image_feats: torch.Tensor,  # (N_img, N_query, E) L2-normalised query embeddings
                    text_feats: torch.Tensor,   # (N_txt, E) L2-normalised text (CLS) embeddings
                    block: int = 256,           # images per block (bounds memory at block x N_query x N_txt)
                    ) -> torch.Tensor:
     "ITC similarity (N_img, N_txt): cosine of each text with each query, max over queries, no temperature."
     if image_feats.dim() != 3 or text_feats.dim() != 2 or image_feats.shape[-1] != text_feats.shape[-1]:
-        raise EvalError(f"itc_similarity wants image_feats (N_img, N_query, E) and text_feats (N_txt, E) with the same E; "
+        raise EvalError(f"itc_score_matrix wants image_feats (N_img, N_query, E) and text_feats (N_txt, E) with the same E; "
                         f"got {tuple(image_feats.shape)} and {tuple(text_feats.shape)}")
     t = text_feats.float()
     out = [torch.einsum('iqe,te->iqt', image_feats[i:i + block].float(), t).amax(dim=1)
@@ -310,7 +314,7 @@ def evaluate_retrieval(view: RetrievalView, ds, idx: list, transform, k_test: in
     txt_feats = []
     for s in tqdm(range(0, len(texts), batch_size), desc='retrieval: texts', disable=not progress, leave=False):
         with _autocast(dev): txt_feats.append(qf.text_feat(ids[s:s + batch_size].to(dev), mask[s:s + batch_size].to(dev)).float().cpu())
-    sims = itc_similarity(img_feats, torch.cat(txt_feats))
+    sims = itc_score_matrix(img_feats, torch.cat(txt_feats))
 
     cache = torch.full(sims.shape, float('nan'))   # ITM logit of each scored pair: a pair in both top-k lists is scored once
     def itm_score(img_idx, txt_idx):
@@ -349,7 +353,7 @@ def itg_greedy_captions(view: RetrievalView, pixel_values: torch.Tensor, max_new
     tok, qf, dev = view.tokenizer, view.qformer.eval(), view.device
     bos, sep = tok.bos_token_id, tok.sep_token_id
     if bos is None or sep is None:
-        raise EvalError("the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.qformer.load_qformer_tokenizer")
+        raise EvalError("the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.bert.load_qformer_tokenizer")
     with _autocast(dev):   # the queries do not depend on the text: run them once, reuse their keys/values (as LAVIS's ITG)
         cache = qf.image_forward(view.encode_image(pixel_values.to(dev)), use_cache=True).past_key_values
     B = len(pixel_values)
@@ -501,7 +505,6 @@ def _stage_of(model) -> int:
 
 def _load_lab_ckpt(path, cfg):
     "(model, run_cfg) from a lab checkpoint; run_cfg = the checkpoint's config with data/eval/device from `cfg`."
-    from blip2_lab.train import load_checkpoint
     model, mcfg = load_checkpoint(path)
     return model, _merge_cfg(mcfg, cfg)
 
@@ -544,7 +547,6 @@ def _llm_fingerprint(run: Config):
 def cached_baseline(run: Config, split: str, what: str, compute):
     "`compute()` once per LLM, data, evaluation settings and split, kept in data/cache/eval-baselines (JSON values only)."
     import hashlib
-    from blip2_lab.config import to_dict
     fp = _llm_fingerprint(run)
     if fp is None: return compute()          # a random LLM is rebuilt per seed: nothing to share
     blob = json.dumps([what, split, to_dict(run.llm), to_dict(run.data), to_dict(run.eval), fp], sort_keys=True, default=str)
@@ -577,7 +579,6 @@ def _samples(preds: dict, refs: dict, n: int = 5) -> list:
 
 def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: bool = True) -> tuple:
     "(results, skipped) of `tasks` on one split of run.data."
-    from blip2_lab.data import get_dataset, image_transform
     ds = get_dataset(run.data, split)
     idx = list(range(min(run.eval.n_images, len(ds))))
     tf = image_transform(run.vision.image_size, train=False)
@@ -635,7 +636,6 @@ def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, pro
            'samples': [{'question': qa.question, 'answers': qa.answers[:3], 'skill': qa.skill, 'model': p, 'blind': b, 'two_step': t}
                        for (_, qa), p, b, t in list(zip(items, preds, blind, two))[:10]]}
     try:
-        from blip2_lab.data import get_dataset
         maj = majority_answers(get_dataset(run.data, 'train'))
         out['majority'] = vqa_table(items, [majority_answer(maj, qa) for _, qa in items])
     except Blip2LabError as err: out['majority_skipped'] = str(err)
@@ -789,7 +789,6 @@ def cli_eval(argv) -> int:
     ck = resolve_path(a.ckpt)
     base = None
     if (ck/'config.yaml').exists() or (ck/'final'/'config.yaml').exists():
-        from blip2_lab.config import load_config
         base = load_config(ck/'config.yaml' if (ck/'config.yaml').exists() else ck/'final'/'config.yaml')
     elif a.overrides: base = get_preset('lab')
     cfg = apply_overrides(base, a.overrides) if base is not None else None
@@ -838,7 +837,6 @@ def _hf_arch(path: Path) -> str:
 def _load_hf_views(path: Path, cfg: Config|None):
     "Views of a Hugging Face BLIP-2 folder: Q-Former (+ projection) converted by interop.load_blip2, vision tower and LLM from transformers."
     from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration
-    from blip2_lab.interop import load_blip2, hf_raw_features
     import copy
     kind = _hf_arch(path)
     ck = load_blip2(path)

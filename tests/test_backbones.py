@@ -106,7 +106,7 @@ def test_bert_matches_the_lab_qformer():
            (q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size)
     assert c.vocab_size == len(AutoTokenizer.from_pretrained(repo_root()/q.bert))
     # the lab's Q-Former reads a ShapesWorld-sized subset of BERT's vocabulary (+ [DEC]): every token has its BERT row
-    from blip2_lab.qformer import load_qformer_tokenizer, vocab_row_map
+    from blip2_lab.bert import load_qformer_tokenizer, vocab_row_map
     small = load_qformer_tokenizer(repo_root()/q.tokenizer)
     rows = vocab_row_map(small, repo_root()/q.bert)
     assert len(small) == q.vocab_size < c.vocab_size and rows is not None

@@ -21,6 +21,8 @@ WORKER = textwrap.dedent('''
     from safetensors.torch import save_file
     from blip2_lab.config import get_preset, apply_overrides
     from blip2_lab import train as T
+    from blip2_lab import checkpoint as C, distributed as D
+    from blip2_lab._toys import ToyModel, ToyDataset
 
     out, B = Path(sys.argv[1]), int(sys.argv[2])
 
@@ -31,21 +33,21 @@ WORKER = textwrap.dedent('''
 
     def make(kind, cfg):
         torch.manual_seed(0)
-        if kind == 'toy': return T.ToyModel(dropout=0.0), T.ToyDataset(64)
-        return T.build_model(cfg, 1), T.build_dataset(cfg, 'train')
+        if kind == 'toy': return ToyModel(dropout=0.0), ToyDataset(64)
+        return C.build_model(cfg, 1), T.build_dataset(cfg, 'train')
 
     def one_step(kind, cfg, B, tag):
         "Step 0 on this rank: loss components averaged over ranks, gradients averaged over ranks."
-        rank, world = T.setup_distributed(torch.device('cpu'))
+        rank, world = D.setup_distributed(torch.device('cpu'))
         model, ds = make(kind, cfg)
-        T.broadcast_parameters(model)
+        D.broadcast_parameters(model)
         if hasattr(model, 'set_generator'): model.set_generator(torch.Generator().manual_seed(0))
         model.train()
         batch = model.collate([ds[i] for i in T.batch_indices(0, len(ds), B, 0, rank, world)])
         o = model(batch)
-        names = T.trainable_named(model)
+        names = C.trainable_named(model)
         o['loss'].backward()
-        T.sync_gradients(list(names.values()))
+        D.sync_gradients(list(names.values()))
         comps = {k: v.detach().clone() for k, v in o.items() if torch.is_tensor(v) and v.ndim == 0}
         if world > 1:
             for v in comps.values(): dist.all_reduce(v); v /= world
@@ -61,7 +63,7 @@ WORKER = textwrap.dedent('''
         one_step('stage1', cfg_for(B), B, 'stage1')                           # ITC + ITM + ITG
         one_step('stage1', cfg_for(B, **{'stage1.itg_weight': 0}), B, 'stage1-itc-itm')
         T.train(cfg_for(B, **{'stage1.itg_weight': 0}), 1, out/'stage1-run', progress=False)
-    if T._world()[1] > 1: dist.destroy_process_group()
+    if D.dist_info()[1] > 1: dist.destroy_process_group()
 ''')
 
 

@@ -12,8 +12,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 from blip2_lab.config import get_preset, apply_overrides
-from blip2_lab.stage1 import (itc_loss, sample_hard_negatives, concat_all_gather, all_gather_with_grad,
-                              Blip2Stage1, Stage1Error, dist_info)
+from blip2_lab.stage1 import itc_loss, sample_hard_negatives, Blip2Stage1, Stage1Error
+from blip2_lab.distributed import concat_all_gather, all_gather_with_grad, dist_info
 
 B, NQ, E = 4, 3, 8
 TEXTS = ['a red circle left of a blue square', 'a green star above a red circle', 'two blue squares', 'a yellow triangle',

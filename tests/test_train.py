@@ -9,6 +9,10 @@ import pytest, torch
 from safetensors.torch import load_file
 from blip2_lab.config import get_preset, apply_overrides, ConfigError, Blip2LabError
 from blip2_lab import train as T
+from blip2_lab import checkpoint as C
+from blip2_lab.files import RunLocked
+from blip2_lab._toys import ToyModel, ToyDataset
+from blip2_lab.bench import bench_stage1
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
@@ -19,10 +23,10 @@ def toy_cfg(**kw):
     return apply_overrides(get_preset('tiny'), {**base, **kw})
 
 
-def toy_train(out, cfg=None, model_cls=T.ToyModel, **kw):
+def toy_train(out, cfg=None, model_cls=ToyModel, **kw):
     torch.manual_seed(0)
     m = model_cls()
-    final = T.train(cfg or toy_cfg(), 1, out, model=m, dataset=T.ToyDataset(64), progress=False, **kw)
+    final = T.train(cfg or toy_cfg(), 1, out, model=m, dataset=ToyDataset(64), progress=False, **kw)
     return m, final
 
 
@@ -78,7 +82,7 @@ def test_run_lock_second_process_refused_dead_holder_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        with pytest.raises(T.RunLocked, match=rf'{out} is in use by another run \(pid {holder.pid}\)'):
+        with pytest.raises(RunLocked, match=rf'{out} is in use by another run \(pid {holder.pid}\)'):
             toy_train(out)
     finally:
         holder.kill()                                    # SIGKILL: the holder gets no chance to clean up
@@ -89,10 +93,10 @@ def test_run_lock_second_process_refused_dead_holder_does_not_block(tmp_path):
 
 
 def test_frozen_parts_bit_identical_and_eval_mode(tmp_path):
-    torch.manual_seed(0); m = T.ToyModel()
+    torch.manual_seed(0); m = ToyModel()
     frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
     trainable = {n: p.clone() for n, p in m.named_parameters() if p.requires_grad}
-    T.train(toy_cfg(), 1, tmp_path/'r', model=m, dataset=T.ToyDataset(64), progress=False)
+    T.train(toy_cfg(), 1, tmp_path/'r', model=m, dataset=ToyDataset(64), progress=False)
     for n, p in m.named_parameters():
         if n in frozen: assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, trainable[n]) for n, p in m.named_parameters() if n in trainable)
@@ -101,7 +105,7 @@ def test_frozen_parts_bit_identical_and_eval_mode(tmp_path):
 
 
 def test_feature_cache_same_weights_encoded_once(tmp_path):
-    class Counting(T.ToyModel):
+    class Counting(ToyModel):
         calls = 0
         def encode_image(self, x):
             Counting.calls += len(x); return super().encode_image(x)
@@ -115,7 +119,7 @@ def test_feature_cache_same_weights_encoded_once(tmp_path):
 
 
 def test_nan_guard_names_step_and_component_keeps_last_good(tmp_path):
-    class NaNAt(T.ToyModel):
+    class NaNAt(ToyModel):
         n = 0
         def forward(self, b):
             o = super().forward(b); self.n += 1
@@ -136,20 +140,20 @@ def test_config_mismatch_names_fields(tmp_path):
     with pytest.raises(ConfigError, match='stage1.batch_size'):
         toy_train(tmp_path/'r', toy_cfg(**{'stage1.batch_size': 4}))
     with pytest.raises(ConfigError, match=r'qformer.num_hidden_layers \(checkpoint 2, now 3\)'):
-        T.load_checkpoint(tmp_path/'r'/'final', cfg=other, model=T.ToyModel())
+        C.load_checkpoint(tmp_path/'r'/'final', cfg=other, model=ToyModel())
 
 
 def test_ablation_switches(tmp_path):
     with pytest.raises(ConfigError, match='nothing to train'):
-        T.train(toy_cfg(**{'stage1.enabled': False}), 1, tmp_path/'x', model=T.ToyModel(), dataset=T.ToyDataset(), progress=False)
+        T.train(toy_cfg(**{'stage1.enabled': False}), 1, tmp_path/'x', model=ToyModel(), dataset=ToyDataset(), progress=False)
     with pytest.raises(Blip2LabError, match='ignores stage1'):
         toy_train(tmp_path/'w', toy_cfg(**{'stage1.itc_weight': 0.0}))
     s2 = apply_overrides(toy_cfg(), {'stage2.steps': 2})
     with pytest.raises(ConfigError, match='needs init_from'):
-        T.train(s2, 2, tmp_path/'s2', model=T.ToyModel(), dataset=T.ToyDataset(), progress=False)
+        T.train(s2, 2, tmp_path/'s2', model=ToyModel(), dataset=ToyDataset(), progress=False)
     with pytest.raises(ConfigError, match='drop --init'):
-        T.train(apply_overrides(s2, {'stage1.enabled': False}), 2, tmp_path/'s2', init_from=tmp_path, model=T.ToyModel(),
-                dataset=T.ToyDataset(), progress=False)
+        T.train(apply_overrides(s2, {'stage1.enabled': False}), 2, tmp_path/'s2', init_from=tmp_path, model=ToyModel(),
+                dataset=ToyDataset(), progress=False)
 
 
 def test_cli_errors(capsys):
@@ -186,9 +190,9 @@ def test_stage1_tiny_resume_bitwise_frozen_intact(tmp_path):
     wa, wb = load_file(str(f1/'model.safetensors')), load_file(str(f2/'model.safetensors'))
     assert wa.keys() == wb.keys()
     for k in wa: assert torch.equal(wa[k], wb[k]), k
-    m, c = T.load_checkpoint(f1)
-    fresh = T.build_model(cfg, 1, seed=cfg.stage1.seed)
-    trainable = set(T.trainable_named(m))
+    m, c = C.load_checkpoint(f1)
+    fresh = C.build_model(cfg, 1, seed=cfg.stage1.seed)
+    trainable = set(C.trainable_named(m))
     fresh_sd = dict(fresh.named_parameters())
     for n, p in m.named_parameters():
         if n not in trainable: assert torch.equal(p, fresh_sd[n]), f'frozen {n} changed'
@@ -219,8 +223,8 @@ def test_cli_tiny_refuses_mixing_survives_damage_refuses_bad_weights(tmp_path, c
     w[name] = w[name] * float('nan')
     from safetensors.torch import save_file
     save_file(w, str(out/'final'/'model.safetensors'))
-    with pytest.raises(T.BrokenCheckpoint, match=rf"model.safetensors: tensor {name} has max \|w\| = nan"):
-        T.load_checkpoint(out/'final')                   # what `blip2-lab eval` calls
+    with pytest.raises(C.BrokenCheckpoint, match=rf"model.safetensors: tensor {name} has max \|w\| = nan"):
+        C.load_checkpoint(out/'final')                   # what `blip2-lab eval` calls
 
 
 @pytest.mark.skipif(not (_has('stage1', 'Blip2Stage1') and _has('stage2', 'Blip2Stage2')), reason='models have not landed yet')
@@ -238,7 +242,7 @@ def test_stage2_starts_from_stage1(tmp_path):
 
 @pytest.mark.skipif(not _has('stage1', 'Blip2Stage1'), reason='Blip2Stage1 has not landed yet')
 def test_bench_stage1_same_losses_as_hf_built_step(tmp_path, capsys):
-    assert T.bench_stage1(['--preset', 'tiny', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--json', str(tmp_path/'b.json')]) == 0
+    assert bench_stage1(['--preset', 'tiny', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--json', str(tmp_path/'b.json')]) == 0
     res = json.loads((tmp_path/'b.json').read_text())
     assert res['ours_samples_per_s'] > 0 and res['hf_samples_per_s'] > 0
     assert all(v < 1e-5 for v in res['loss_abs_diff_eval'].values()), res['loss_abs_diff_eval']

@@ -78,7 +78,7 @@ def test_bad_inputs_name_the_fix():
 
 @pytest.fixture(scope='module')
 def stage2():
-    from blip2_lab.train import build_model
+    from blip2_lab.checkpoint import build_model
     torch.manual_seed(0)
     return build_model(get_preset('tiny'), 2, seed=0).eval()
 
@@ -110,7 +110,7 @@ def test_views_on_blip2_stage2(stage2):
 
 def test_generation_steps_on_an_encoder_decoder_llm():
     "With a T5-style LLM (llm.kind=encoder-decoder, the lab's t5-lab), the encoder and decoder stacks must switch to eager attention too."
-    from blip2_lab.train import build_model
+    from blip2_lab.checkpoint import build_model
     from blip2_lab.config import apply_overrides
     cfg = apply_overrides(get_preset('tiny'), ['llm.kind=encoder-decoder', 'llm.model=tiny-random-t5'])
     torch.manual_seed(0)

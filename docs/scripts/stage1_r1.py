@@ -5,6 +5,7 @@ import json, sys, time
 import torch
 from blip2_lab.config import get_preset, apply_overrides
 from blip2_lab import train as T
+from blip2_lab.checkpoint import load_checkpoint
 from blip2_lab.evaluate import RetrievalView, evaluate_retrieval
 from blip2_lab.data import get_dataset, image_transform
 
@@ -17,7 +18,7 @@ for k in range(every, steps + 1, every):
     t0 = time.time()
     ck = T.train(cfg, 1, out, progress=False, stop_after=k)   # resumes; returns out/step-k, or out/final at the end
     t_train += time.time() - t0
-    m, c = T.load_checkpoint(ck)
+    m, c = load_checkpoint(ck)
     itc = evaluate_retrieval(RetrievalView.from_stage1(m.eval(), c), ds, list(range(200)), tf, k_test=1,
                              progress=False)['itc']
     last = [r for r in T.read_metrics(out) if r['step'] <= k][-1]

@@ -21,9 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 NBS, SRC, OUT = ROOT/'nbs', ROOT/'_docs'/'src', ROOT/'_docs'/'html'
-PATH = ['00_config', '01_data', '02_backbones', '03_qformer', '03a_interop', '04_stage1', '05_stage2',
-        '06_train', '07_eval', '08_viz', '09_ablate', '09a_later_models', '10_bench', '11_api']   # the paper's order
-APPENDICES = ['02a_pretrain_backbones', '99_cli']
+PATH = ['00_config', '01_data', '02_backbones', '03_qformer', '03b_bert', '03a_interop', '04_stage1', '05_stage2',
+        '05a_checkpoint', '06_train', '06a_diagnose', '07_eval', '08_viz', '09_ablate', '09a_later_models', '10_bench',
+        '11_api']   # the paper's order
+APPENDICES = ['02a_pretrain_backbones', '00a_files', '00b_distributed', '05b_toys', '99_cli']
 SKIP_FLAGS = ('eval: false', 'slow', 'notest')   # what nbdev_test does not run (settings.ini: tst_flags)
 DOCS_EXECUTE = '# docs: execute'
 
