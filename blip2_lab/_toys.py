@@ -15,50 +15,81 @@ __all__ = ['ToyDataset', 'ToyModel']
 # %% ../nbs/05b_toys.ipynb #18cb4ba7
 class ToyDataset(torch.utils.data.Dataset):
     "`n` random 'images' (vectors of size `dim`) with an integer 'caption' (their class), deterministic in `seed`."
+
     def __init__(self, n=64, dim=16, n_classes=8, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(0, n_classes, (n,), generator=g)
         centres = torch.randn(n_classes, dim, generator=g)
         self.images = centres[self.labels] + 0.5 * torch.randn(n, dim, generator=g)
         self.manifest_sha = hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i): return {'image': self.images[i], 'text': int(self.labels[i]), 'image_id': i}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[i], 'text': int(self.labels[i]), 'image_id': i}
+
 
 class ToyModel(nn.Module):
     "A stand-in for Blip2Stage1: frozen encoder + frozen 'llm', trainable ln_vision/projections/temp; itc_loss over all ranks, itm_loss."
+
     def __init__(self, dim=16, width=24, n_classes=8, embed=12, dropout=0.1, seed=0):
         super().__init__()
-        self.vision = nn.Linear(dim, width)            # frozen "image encoder"
-        self.llm = nn.Linear(embed, embed)              # frozen "LLM"
-        self.ln_vision = nn.LayerNorm(width)            # trainable, as in BLIP-2
+        self.vision = nn.Linear(dim, width)  # frozen "image encoder"
+        self.llm = nn.Linear(embed, embed)  # frozen "LLM"
+        self.ln_vision = nn.LayerNorm(width)  # trainable, as in BLIP-2
         self.vision_proj = nn.Linear(width, embed)
         self.text_embed = nn.Embedding(n_classes, embed)
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.drop = nn.Dropout(dropout)
-        for m in (self.vision, self.llm): m.requires_grad_(False)
+        for m in (self.vision, self.llm):
+            m.requires_grad_(False)
         self.generator, self.n_encoded = None, 0
-    def trainable_parameters(self): return [p for p in self.parameters() if p.requires_grad]
-    def set_generator(self, g): self.generator = g
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_generator(self, g):
+        self.generator = g
+
     def train(self, mode=True):
-        super().train(mode); self.vision.eval(); self.llm.eval(); return self  # frozen parts stay in eval mode
+        super().train(mode)
+        self.vision.eval()
+        self.llm.eval()
+        return self  # frozen parts stay in eval mode
+
     def collate(self, items):
-        return {'pixel_values': torch.stack([it['image'] for it in items]),
-                'text': torch.tensor([it['text'] for it in items])}
+        return {
+            'pixel_values': torch.stack([it['image'] for it in items]),
+            'text': torch.tensor([it['text'] for it in items]),
+        }
+
     @torch.no_grad()
     def encode_image(self, pixel_values):
         self.n_encoded += len(pixel_values)
         return torch.tanh(self.vision(pixel_values))
+
     def forward(self, batch):
-        emb = batch['image_embeds'] if 'image_embeds' in batch else self.encode_image(batch['pixel_values'])
+        emb = (
+            batch['image_embeds']
+            if 'image_embeds' in batch
+            else self.encode_image(batch['pixel_values'])
+        )
         img = nn.functional.normalize(self.vision_proj(self.drop(self.ln_vision(emb))), dim=-1)
         txt = nn.functional.normalize(self.llm(self.text_embed(batch['text'])), dim=-1)
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)
         rank = dist_info()[0]
         tgt = torch.arange(len(img)) + rank * len(img)
-        itc = (nn.functional.cross_entropy(img @ txt_all.T / self.temp, tgt)
-               + nn.functional.cross_entropy(txt @ img_all.T / self.temp, tgt)) / 2
+        itc = (
+            nn.functional.cross_entropy(img @ txt_all.T / self.temp, tgt)
+            + nn.functional.cross_entropy(txt @ img_all.T / self.temp, tgt)
+        ) / 2
         g = self.generator
-        perm = torch.randperm(len(img_all), generator=g) if g is not None else torch.randperm(len(img_all))
+        perm = (
+            torch.randperm(len(img_all), generator=g)
+            if g is not None
+            else torch.randperm(len(img_all))
+        )
         neg = perm[tgt]  # a "negative" drawn for each local row from the global batch
         itm = (img * txt_all[neg]).sum(-1).pow(2).mean()
         return {'loss': itc + itm, 'itc_loss': itc, 'itm_loss': itm}

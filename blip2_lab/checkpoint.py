@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
-from .config import Config, Blip2LabError, ConfigError, load_config, save_config, config_diff, resolve_path
+from blip2_lab.config import (
+    Config,
+    Blip2LabError,
+    ConfigError,
+    load_config,
+    save_config,
+    config_diff,
+    resolve_path,
+)
 from .files import write_json_atomic
 from .stage1 import Blip2Stage1
 from .stage2 import stage2_model
@@ -24,8 +32,10 @@ __all__ = ['WEIGHT_BOUND', 'MODEL_SECTIONS', 'BrokenCheckpoint', 'load_safetenso
 # %% ../nbs/05a_checkpoint.ipynb #4af503c4
 WEIGHT_BOUND = 1e4  # a trained weight with |w| >= this (or NaN/inf) makes a checkpoint unusable
 
+
 class BrokenCheckpoint(Blip2LabError):
     "A checkpoint file that cannot be read, or that holds non-finite or out-of-range weights."
+
 
 def _read_file(path: Path, read, fix: str = ''):
     "`read(path)`, turning any failure into BrokenCheckpoint naming the file (and `fix`, what to do about it)."
@@ -33,23 +43,34 @@ def _read_file(path: Path, read, fix: str = ''):
         return read(path)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:120]}"
-        raise BrokenCheckpoint(f"{path} cannot be read ({why})" + (f": it is truncated or corrupt; {fix}" if fix else '')) from None
+        raise BrokenCheckpoint(
+            f"{path} cannot be read ({why})"
+            + (f": it is truncated or corrupt; {fix}" if fix else '')
+        ) from None
+
 
 def load_safetensors(path) -> dict:
     "`load_file(path)`, but a missing, truncated or corrupt file raises BrokenCheckpoint naming it and the fix."
     path = Path(path)
-    return _read_file(path, lambda p: load_file(str(p)),
-                      f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)')
+    return _read_file(
+        path,
+        lambda p: load_file(str(p)),
+        f'delete the checkpoint folder {path.parent} and rerun (training resumes from an earlier one)',
+    )
 
-def weights_problem(tensors: dict) -> str|None:
+
+def weights_problem(tensors: dict) -> str | None:
     "None when every floating tensor is finite with |w| < WEIGHT_BOUND; else which tensor is not and its largest |w|."
     for n, t in tensors.items():
-        if not t.is_floating_point() or t.numel() == 0: continue
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
         m = float(t.detach().abs().max())
-        if not m < WEIGHT_BOUND: return f"tensor {n} has max |w| = {m:g} (NaN, inf or >= {WEIGHT_BOUND:g})"
+        if not m < WEIGHT_BOUND:
+            return f"tensor {n} has max |w| = {m:g} (NaN, inf or >= {WEIGHT_BOUND:g})"
     return None
 
-def losses_problem(vals: dict) -> str|None:
+
+def losses_problem(vals: dict) -> str | None:
     "None when every logged loss value is finite, else which are not."
     bad = [k for k, v in vals.items() if not math.isfinite(v)]
     return f"losses {bad} are not finite" if bad else None
@@ -59,84 +80,136 @@ def trainable_named(model: nn.Module) -> dict:
     "name -> parameter for the model's trainable parameters (shared weights listed once)."
     want = {id(p) for p in model.trainable_parameters()}
     out = {n: p for n, p in model.named_parameters() if id(p) in want}
-    if not out: raise Blip2LabError(f"{type(model).__name__}.trainable_parameters() is empty: nothing to train (check which parts are frozen)")
+    if not out:
+        raise Blip2LabError(
+            f"{type(model).__name__}.trainable_parameters() is empty: nothing to train (check which parts are frozen)"
+        )
     return out
 
 # %% ../nbs/05a_checkpoint.ipynb #aa41c51b
-MODEL_SECTIONS = ('vision', 'qformer', 'llm')  # config sections that define the model's shape and frozen parts
+MODEL_SECTIONS = (
+    'vision',
+    'qformer',
+    'llm',
+)  # config sections that define the model's shape and frozen parts
 
-def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.cpu().numpy().tobytes()).decode()
 
-def _unb64(s: str) -> torch.Tensor: return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
 
 def rng_state(generator=None) -> dict:
     "This process's RNG states (python, numpy, torch CPU, CUDA, and the shared generator) as JSON-able data."
-    st = {'python': repr(random.getstate()), 'numpy': None, 'torch': _b64(torch.get_rng_state()),
-          'cuda': [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-          'generator': _b64(generator.get_state()) if generator is not None else None}
-    ns = np.random.get_state(); st['numpy'] = [ns[0], ns[1].tolist(), *ns[2:]]
+    st = {
+        'python': repr(random.getstate()),
+        'numpy': None,
+        'torch': _b64(torch.get_rng_state()),
+        'cuda': (
+            [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+        ),
+        'generator': _b64(generator.get_state()) if generator is not None else None,
+    }
+    ns = np.random.get_state()
+    st['numpy'] = [ns[0], ns[1].tolist(), *ns[2:]]
     return st
+
 
 def set_rng_state(st: dict, generator=None):
     "Restore what `rng_state` saved."
     import ast
-    v = ast.literal_eval(st['python']); random.setstate((v[0], tuple(v[1]), v[2]))
-    np.random.set_state((st['numpy'][0], np.array(st['numpy'][1], dtype=np.uint32), *st['numpy'][2:]))
+
+    v = ast.literal_eval(st['python'])
+    random.setstate((v[0], tuple(v[1]), v[2]))
+    np.random.set_state(
+        (st['numpy'][0], np.array(st['numpy'][1], dtype=np.uint32), *st['numpy'][2:])
+    )
     torch.set_rng_state(_unb64(st['torch']))
-    if st['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([_unb64(s) for s in st['cuda']])
-    if generator is not None and st.get('generator'): generator.set_state(_unb64(st['generator']))
+    if st['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in st['cuda']])
+    if generator is not None and st.get('generator'):
+        generator.set_state(_unb64(st['generator']))
+
 
 def optim_tensors(opt, names: dict) -> tuple:
     "AdamW state as {name.key: tensor} + JSON-able param-group hyper-parameters."
     pid = {id(p): n for n, p in names.items()}
     tensors = {}
     for p, s in opt.state.items():
-        for k, v in s.items(): tensors[f'{pid[id(p)]}::{k}'] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items() if k != 'params'} | {'names': [pid[id(p)] for p in g['params']]} for g in opt.param_groups]
+        for k, v in s.items():
+            tensors[f'{pid[id(p)]}::{k}'] = (
+                v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            )
+    groups = [
+        {k: v for k, v in g.items() if k != 'params'} | {'names': [pid[id(p)] for p in g['params']]}
+        for g in opt.param_groups
+    ]
     return tensors, groups
+
 
 def load_optim(opt, names: dict, tensors: dict, groups: list):
     "Restore AdamW state saved by `optim_tensors`."
     name_of = {id(p): n for n, p in names.items()}
     cur = [[name_of[id(p)] for p in g['params']] for g in opt.param_groups]
     if cur != [g['names'] for g in groups]:
-        raise Blip2LabError("the checkpoint's optimizer covers other parameters than this model trains: resume with the same config, or start a new --out")
+        raise Blip2LabError(
+            "the checkpoint's optimizer covers other parameters than this model trains: resume with the same config, or start a new --out"
+        )
     idx = {n: i for i, n in enumerate(n for g in cur for n in g)}
     state = {}
     for key, t in tensors.items():
-        n, k = key.split('::'); state.setdefault(idx[n], {})[k] = t
-    sd = opt.state_dict(); sd['state'] = state
-    for g, sg in zip(sd['param_groups'], groups): g.update({k: v for k, v in sg.items() if k != 'names'})
+        n, k = key.split('::')
+        state.setdefault(idx[n], {})[k] = t
+    sd = opt.state_dict()
+    sd['state'] = state
+    for g, sg in zip(sd['param_groups'], groups):
+        g.update({k: v for k, v in sg.items() if k != 'names'})
     opt.load_state_dict(sd)
 
 
 def save_checkpoint(folder, model, cfg: Config, state: dict, opt=None) -> Path:
     "Write a checkpoint folder atomically: model.safetensors (trainable part), optimizer.safetensors, trainer_state.json, config.yaml."
-    folder = Path(folder); tmp = folder.with_name(folder.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     names = trainable_named(model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in names.items()}, str(tmp/'model.safetensors'))
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in names.items()}, str(tmp / 'model.safetensors')
+    )
     if opt is not None:
         tensors, groups = optim_tensors(opt, names)
-        save_file(tensors, str(tmp/'optimizer.safetensors')); state = state | {'optimizer_groups': groups}
-    save_config(cfg, tmp/'config.yaml')
-    write_json_atomic(tmp/'trainer_state.json', state)
+        save_file(tensors, str(tmp / 'optimizer.safetensors'))
+        state = state | {'optimizer_groups': groups}
+    save_config(cfg, tmp / 'config.yaml')
+    write_json_atomic(tmp / 'trainer_state.json', state)
     if folder.exists():
-        old = folder.with_name(folder.name + '.old'); shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old); os.replace(tmp, folder); shutil.rmtree(old)
-    else: os.replace(tmp, folder)
+        old = folder.with_name(folder.name + '.old')
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
     return folder
+
 
 def read_weights(folder) -> dict:
     "model.safetensors of checkpoint `folder`; BrokenCheckpoint naming file and tensor when unreadable or unusable."
-    path = Path(folder)/'model.safetensors'
+    path = Path(folder) / 'model.safetensors'
     sd = load_safetensors(path)
     bad = weights_problem(sd)
     if bad:
-        raise BrokenCheckpoint(f"{path}: {bad}: these weights are unusable (a diverged run or a damaged file); "
-                               f"use an earlier checkpoint, or delete {folder} and train again")
+        raise BrokenCheckpoint(
+            f"{path}: {bad}: these weights are unusable (a diverged run or a damaged file); "
+            f"use an earlier checkpoint, or delete {folder} and train again"
+        )
     return sd
+
 
 def load_trainable(model: nn.Module, folder, strict=True) -> list:
     "Copy model.safetensors of checkpoint `folder` into the model's trainable parameters; return the names loaded."
@@ -144,40 +217,54 @@ def load_trainable(model: nn.Module, folder, strict=True) -> list:
     names = trainable_named(model)
     missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
     if strict and (missing or extra):
-        raise Blip2LabError(f"checkpoint {folder} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}: load it with the config it was trained with")
+        raise Blip2LabError(
+            f"checkpoint {folder} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}: load it with the config it was trained with"
+        )
     loaded = []
     with torch.no_grad():
         for n, t in sd.items():
             if n in names:
-                if names[n].shape != t.shape: raise Blip2LabError(f"checkpoint {folder}: {n} has shape {tuple(t.shape)}, the model {tuple(names[n].shape)}: the configs differ")
-                names[n].copy_(t); loaded.append(n)
+                if names[n].shape != t.shape:
+                    raise Blip2LabError(
+                        f"checkpoint {folder}: {n} has shape {tuple(t.shape)}, the model {tuple(names[n].shape)}: the configs differ"
+                    )
+                names[n].copy_(t)
+                loaded.append(n)
     return loaded
+
 
 def check_config_match(ckpt_cfg: Config, cfg: Config, what: str, sections=MODEL_SECTIONS):
     "Raise when `cfg` differs from the checkpoint's config in the given sections, naming every mismatched field."
     diff = config_diff(ckpt_cfg, cfg, keys=list(sections))
     if diff:
-        raise ConfigError(f"{what} was made with a different model config: {config_diff_text(ckpt_cfg, cfg, diff)}. "
-                          "Use the checkpoint's config.yaml (--config), or a new output folder")
+        raise ConfigError(
+            f"{what} was made with a different model config: {config_diff_text(ckpt_cfg, cfg, diff)}. "
+            "Use the checkpoint's config.yaml (--config), or a new output folder"
+        )
+
 
 def config_diff_text(ckpt_cfg: Config, cfg: Config, keys: list) -> str:
     "'key (checkpoint X, now Y), ...' for the first 8 `keys`."
-    f = lambda c, k: functools.reduce(getattr, k.split('.'), c)   # 'stage1.lr' -> c.stage1.lr
+    f = lambda c, k: functools.reduce(getattr, k.split('.'), c)  # 'stage1.lr' -> c.stage1.lr
     return ', '.join(f'{k} (checkpoint {f(ckpt_cfg, k)!r}, now {f(cfg, k)!r})' for k in keys[:8])
+
 
 def _read_state(path: Path) -> dict:
     "A trainer_state.json that must be a JSON object with an integer 'step'."
     st = json.loads(path.read_text())
-    if not isinstance(st, dict) or not isinstance(st.get('step'), int): raise ValueError("no integer 'step'")
+    if not isinstance(st, dict) or not isinstance(st.get('step'), int):
+        raise ValueError("no integer 'step'")
     return st
+
 
 def checkpoint_meta(folder) -> tuple:
     "(trainer state, config) of checkpoint `folder`; BrokenCheckpoint naming the file when one cannot be read."
     folder = Path(folder)
-    st = _read_file(folder/'trainer_state.json', _read_state)
-    return st, _read_file(folder/'config.yaml', load_config)
+    st = _read_file(folder / 'trainer_state.json', _read_state)
+    return st, _read_file(folder / 'config.yaml', load_config)
 
-def checkpoint_problem(folder) -> str|None:
+
+def checkpoint_problem(folder) -> str | None:
     "None when checkpoint `folder` is good (readable, weights finite and < WEIGHT_BOUND, losses finite), else why not."
     try:
         st, _ = checkpoint_meta(folder)
@@ -188,14 +275,18 @@ def checkpoint_problem(folder) -> str|None:
     return f"{folder}: its last logged {bad}" if bad else None
 
 # %% ../nbs/05a_checkpoint.ipynb #91dd654b
-def build_model(cfg: Config, stage: int, seed: int|None = None) -> nn.Module:
+def build_model(cfg: Config, stage: int, seed: int | None = None) -> nn.Module:
     "A fresh Blip2Stage1 / stage-2 model (Blip2Stage2 or ProjectorStage2) for `cfg`; with `seed`, built under that torch seed (a random encoder/LLM then comes out as in training) without disturbing the caller's RNG."
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed); return build_model(cfg, stage)
+            torch.manual_seed(seed)
+            return build_model(cfg, stage)
     if stage == 1:
         return Blip2Stage1(cfg)
-    return stage2_model(cfg)   # the Q-Former, or a projector (cfg.connector)   # the Q-Former, or a projector (cfg.connector)
+    return stage2_model(
+        cfg
+    )  # the Q-Former, or a projector (cfg.connector)   # the Q-Former, or a projector (cfg.connector)
+
 
 # ## Loading a checkpoint
 #
@@ -208,19 +299,35 @@ def build_model(cfg: Config, stage: int, seed: int|None = None) -> nn.Module:
 # that evaluation never scores garbage with exit code 0.
 
 # %% ../nbs/05a_checkpoint.ipynb #96f34b82
-def load_checkpoint(path, cfg: Config|None = None, stage: int|None = None, model: nn.Module|None = None) -> tuple:
+def load_checkpoint(
+    path, cfg: Config | None = None, stage: int | None = None, model: nn.Module | None = None
+) -> tuple:
     "(model, cfg) from a checkpoint folder (e.g. runs/s1/final); `cfg`, when given, must define the same model."
     path = resolve_path(path)
-    if path.is_dir() and not (path/'model.safetensors').exists() and (path/'final'/'model.safetensors').exists(): path = path/'final'
-    if not (path/'model.safetensors').exists() or not (path/'config.yaml').exists():
-        raise ConfigError(f"{path} is not a checkpoint folder (needs model.safetensors and config.yaml): pass e.g. runs/s1/final")
-    ck_cfg = _read_file(path/'config.yaml', load_config)
-    if cfg is not None: check_config_match(ck_cfg, cfg, f'the checkpoint {path}')
-    st = _read_file(path/'trainer_state.json', _read_state) if (path/'trainer_state.json').exists() else {}
+    if (
+        path.is_dir()
+        and not (path / 'model.safetensors').exists()
+        and (path / 'final' / 'model.safetensors').exists()
+    ):
+        path = path / 'final'
+    if not (path / 'model.safetensors').exists() or not (path / 'config.yaml').exists():
+        raise ConfigError(
+            f"{path} is not a checkpoint folder (needs model.safetensors and config.yaml): pass e.g. runs/s1/final"
+        )
+    ck_cfg = _read_file(path / 'config.yaml', load_config)
+    if cfg is not None:
+        check_config_match(ck_cfg, cfg, f'the checkpoint {path}')
+    st = (
+        _read_file(path / 'trainer_state.json', _read_state)
+        if (path / 'trainer_state.json').exists()
+        else {}
+    )
     stage = stage or st.get('stage', 1)
     cfg = cfg or ck_cfg
-    model = model if model is not None else build_model(cfg, stage, seed=(cfg.stage1 if stage == 1 else cfg.stage2).seed)
+    model = (
+        model
+        if model is not None
+        else build_model(cfg, stage, seed=(cfg.stage1 if stage == 1 else cfg.stage2).seed)
+    )
     load_trainable(model, path)
     return model.eval(), cfg
-
-

@@ -23,45 +23,89 @@ OS_ERROR_FIXES = {  # errno: what to do about it
     errno.ENOENT: 'check the path: a file or folder it names does not exist',
 }
 
+
 def os_error_message(e: OSError) -> str:
     "One line for an OSError: what the system said, the path, and how to fix it."
-    paths = ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None) or 'path not known'
+    paths = (
+        ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None) or 'path not known'
+    )
     code = errno.errorcode.get(e.errno, 'no errno')
-    fix = OS_ERROR_FIXES.get(e.errno, 'check the path, the free space and the permissions (BLIP2_LAB_DEBUG=1 shows where)')
+    fix = OS_ERROR_FIXES.get(
+        e.errno,
+        'check the path, the free space and the permissions (BLIP2_LAB_DEBUG=1 shows where)',
+    )
     return f"{e.strerror or e} [{code}]: {paths}: {fix}"
 
 # %% ../nbs/99_cli.ipynb #92f89b45
 COMMANDS = {  # name: (module, function, one-line help)
-    'data':               ('blip2_lab.data',     'cli_data',     'build (or reuse) ShapesWorld and print its summary'),
-    'pretrain-backbones': ('blip2_lab.pretrain', 'cli_pretrain', 'regenerate the embedded frozen ViT, LLMs and BERT in data/backbones'),
-    'train':              ('blip2_lab.train',    'cli_train',    'train stage 1 or stage 2: --preset P --stage 1|2 --out DIR [key=value ...]'),
-    'eval':               ('blip2_lab.evaluate', 'cli_eval',     'evaluate a checkpoint: --ckpt DIR --split test|ood [--tasks ...]'),
-    'bench':              ('blip2_lab.bench',    'cli_bench',    'benchmarks: bench qformer | bench stage1'),
-    'diagnose':           ('blip2_lab.diagnose', 'cli_diagnose', 'what a stage-1 checkpoint learned: ITM negatives, ITG image reliance, linear probes'),
-    'ablate':             ('blip2_lab.ablate',   'cli_ablate',   'run the ablation lab (papermill batches) and aggregate the results'),
-    'run-arm':            ('blip2_lab.ablate',   'cli_run_arm',  'run one ablation arm in-process (no Jupyter), writing metrics.json'),
+    'data': ('blip2_lab.data', 'cli_data', 'build (or reuse) ShapesWorld and print its summary'),
+    'pretrain-backbones': (
+        'blip2_lab.pretrain',
+        'cli_pretrain',
+        'regenerate the embedded frozen ViT, LLMs and BERT in data/backbones',
+    ),
+    'train': (
+        'blip2_lab.train',
+        'cli_train',
+        'train stage 1 or stage 2: --preset P --stage 1|2 --out DIR [key=value ...]',
+    ),
+    'eval': (
+        'blip2_lab.evaluate',
+        'cli_eval',
+        'evaluate a checkpoint: --ckpt DIR --split test|ood [--tasks ...]',
+    ),
+    'bench': ('blip2_lab.bench', 'cli_bench', 'benchmarks: bench qformer | bench stage1'),
+    'diagnose': (
+        'blip2_lab.diagnose',
+        'cli_diagnose',
+        'what a stage-1 checkpoint learned: ITM negatives, ITG image reliance, linear probes',
+    ),
+    'ablate': (
+        'blip2_lab.ablate',
+        'cli_ablate',
+        'run the ablation lab (papermill batches) and aggregate the results',
+    ),
+    'run-arm': (
+        'blip2_lab.ablate',
+        'cli_run_arm',
+        'run one ablation arm in-process (no Jupyter), writing metrics.json',
+    ),
 }
 
 EXAMPLES = {  # name: example command lines, the first one shown in `blip2-lab --help`
-    'data':               ['blip2-lab data --preset lab --seed 0 --out data/shapesworld',
-                           'blip2-lab data --preset tiny --quiet'],
-    'pretrain-backbones': ['blip2-lab pretrain-backbones --models opt --replay --dry-run',
-                           'blip2-lab pretrain-backbones --models vit --out /tmp/backbones'],
-    'train':              ['blip2-lab train --preset lab --stage 1 --out runs/s1 stage1.steps=50',
-                           'blip2-lab train --preset lab --stage 2 --init runs/s1/final --out runs/s2'],
-    'eval':               ['blip2-lab eval --ckpt runs/s2/final --stage1-ckpt runs/s1/final --split test,ood',
-                           'blip2-lab eval --ckpt runs/s1/final --tasks retrieval'],
-    'bench':              ['blip2-lab bench qformer --preset tiny lab',
-                           'blip2-lab bench stage1 --preset lab --steps 5'],
-    'diagnose':           ['blip2-lab diagnose --ckpt runs/s1/final --split test'],
-    'ablate':             ['blip2-lab ablate --preset lab --seeds 0,1,2 --out runs/lab --jobs 2',
-                           'blip2-lab ablate --preset tiny --arms full,no_stage1 --seeds 0 --out runs/tiny --no-papermill'],
-    'run-arm':            ['blip2-lab run-arm --preset tiny --arm full --seed 0 --out runs/tiny/full/seed0'],
+    'data': [
+        'blip2-lab data --preset lab --seed 0 --out data/shapesworld',
+        'blip2-lab data --preset tiny --quiet',
+    ],
+    'pretrain-backbones': [
+        'blip2-lab pretrain-backbones --models opt --replay --dry-run',
+        'blip2-lab pretrain-backbones --models vit --out /tmp/backbones',
+    ],
+    'train': [
+        'blip2-lab train --preset lab --stage 1 --out runs/s1 stage1.steps=50',
+        'blip2-lab train --preset lab --stage 2 --init runs/s1/final --out runs/s2',
+    ],
+    'eval': [
+        'blip2-lab eval --ckpt runs/s2/final --stage1-ckpt runs/s1/final --split test,ood',
+        'blip2-lab eval --ckpt runs/s1/final --tasks retrieval',
+    ],
+    'bench': [
+        'blip2-lab bench qformer --preset tiny lab',
+        'blip2-lab bench stage1 --preset lab --steps 5',
+    ],
+    'diagnose': ['blip2-lab diagnose --ckpt runs/s1/final --split test'],
+    'ablate': [
+        'blip2-lab ablate --preset lab --seeds 0,1,2 --out runs/lab --jobs 2',
+        'blip2-lab ablate --preset tiny --arms full,no_stage1 --seeds 0 --out runs/tiny --no-papermill',
+    ],
+    'run-arm': ['blip2-lab run-arm --preset tiny --arm full --seed 0 --out runs/tiny/full/seed0'],
 }
+
 
 def examples(name: str) -> str:
     "The examples block printed after a command's help."
     return '\n'.join(['', 'examples:'] + [f'  {e}' for e in EXAMPLES.get(name, [])])
+
 
 def usage() -> str:
     "The top-level help text."
@@ -71,34 +115,47 @@ def usage() -> str:
     lines += [f'  {EXAMPLES[k][0]}' for k in COMMANDS if EXAMPLES.get(k)]
     return '\n'.join(lines)
 
+
 def version() -> str:
     "The installed blip2_lab version."
     return __version__
+
 
 def _wants_help(rest: list) -> bool:
     "True when a command's arguments ask for its help."
     return any(a in ('-h', '--help') for a in rest)
 
+
 def main(argv=None) -> int:
     "Entry point of the `blip2-lab` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help', 'help'):
-        print(usage()); return 0
+        print(usage())
+        return 0
     if argv[0] in ('--version', '-V', 'version'):
-        print(f'blip2-lab {version()}'); return 0
+        print(f'blip2-lab {version()}')
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr); return 2
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
     mod, fn, _ = COMMANDS[name]
     func = getattr(importlib.import_module(mod), fn)
-    try: rc = func(rest)
-    except SystemExit as e:   # argparse: after --help (code 0), or a usage error (code 2)
-        if _wants_help(rest) and e.code in (0, None): print(examples(name)); return 0
+    try:
+        rc = func(rest)
+    except SystemExit as e:  # argparse: after --help (code 0), or a usage error (code 2)
+        if _wants_help(rest) and e.code in (0, None):
+            print(examples(name))
+            return 0
         raise
     except Blip2LabError as e:
-        print(f"error: {e}", file=sys.stderr); return 2
-    except OSError as e:   # disk full, read-only, no permission...: one line, not a traceback
-        if os.environ.get('BLIP2_LAB_DEBUG') == '1': traceback.print_exc()
-        print(f"error: {os_error_message(e)}", file=sys.stderr); return 2
-    if _wants_help(rest) and not rc: print(examples(name))   # a command that prints its help and returns
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only, no permission...: one line, not a traceback
+        if os.environ.get('BLIP2_LAB_DEBUG') == '1':
+            traceback.print_exc()
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    if _wants_help(rest) and not rc:
+        print(examples(name))  # a command that prints its help and returns
     return int(rc or 0)

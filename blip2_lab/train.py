@@ -12,16 +12,53 @@ from torch import nn
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
-from .config import (Config, Blip2LabError, ConfigError, TrainConfig, get_preset, apply_overrides,
-                              parse_with_overrides,
-                              load_config, save_config, config_diff, to_dict, resolve_device, resolve_path,
-                              repo_root)
-from .files import TrainWarning, warn, read_jsonl, append_jsonl, trim_jsonl, folder_lock, RunLocked
+from blip2_lab.config import (
+    Config,
+    Blip2LabError,
+    ConfigError,
+    TrainConfig,
+    get_preset,
+    apply_overrides,
+    parse_with_overrides,
+    load_config,
+    save_config,
+    config_diff,
+    to_dict,
+    resolve_device,
+    resolve_path,
+    repo_root,
+)
+from blip2_lab.files import (
+    TrainWarning,
+    warn,
+    read_jsonl,
+    append_jsonl,
+    trim_jsonl,
+    folder_lock,
+    RunLocked,
+)
 from .distributed import setup_distributed, dist_info, sync_gradients, broadcast_parameters
-from .checkpoint import (WEIGHT_BOUND, BrokenCheckpoint, trainable_named, rng_state, set_rng_state, optim_tensors,
-                                  load_optim, save_checkpoint, read_weights, load_trainable, check_config_match,
-                                  config_diff_text, checkpoint_meta, checkpoint_problem, load_safetensors,
-                                  weights_problem, losses_problem, build_model, load_checkpoint)
+from blip2_lab.checkpoint import (
+    WEIGHT_BOUND,
+    BrokenCheckpoint,
+    trainable_named,
+    rng_state,
+    set_rng_state,
+    optim_tensors,
+    load_optim,
+    save_checkpoint,
+    read_weights,
+    load_trainable,
+    check_config_match,
+    config_diff_text,
+    checkpoint_meta,
+    checkpoint_problem,
+    load_safetensors,
+    weights_problem,
+    losses_problem,
+    build_model,
+    load_checkpoint,
+)
 from . import data
 
 # %% auto #0
@@ -44,6 +81,7 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     leaf = name.split('.')[-1]
     return p.ndim < 2 or leaf in ('bias', 'temp') or 'norm' in name.lower() or 'ln_' in name.lower()
 
+
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     "AdamW parameter groups: decayed matrices, and the undecayed rest."
     named = trainable_named(model)
@@ -52,55 +90,82 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
 
 # %% ../nbs/06_train.ipynb #50a3ffa3
-def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list:
+def batch_indices(
+    step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> list:
     "Dataset indices rank `rank` trains on at optimiser step `step` (a pure function of its arguments)."
     gb = batch_size * world
-    if n < gb: raise ConfigError(f"the training set has {n} samples, fewer than one global batch of {gb} (batch_size x processes): lower stageN.batch_size")
+    if n < gb:
+        raise ConfigError(
+            f"the training set has {n} samples, fewer than one global batch of {gb} (batch_size x processes): lower stageN.batch_size"
+        )
     per_epoch = n // gb
     epoch, j = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    glob = perm[j * gb:(j + 1) * gb]
-    return glob[rank * batch_size:(rank + 1) * batch_size].tolist()
+    glob = perm[j * gb : (j + 1) * gb]
+    return glob[rank * batch_size : (rank + 1) * batch_size].tolist()
 
 # %% ../nbs/06_train.ipynb #0a898c98
 class FeatureCache:
     "Frozen image features per training image: `cache[indices]` -> a batch of `image_embeds`."
-    def __init__(self, feats: torch.Tensor, row_of: list): self.feats, self.row_of = feats, row_of
-    def __getitem__(self, indices): return self.feats[[self.row_of[i] for i in indices]]
+
+    def __init__(self, feats: torch.Tensor, row_of: list):
+        self.feats, self.row_of = feats, row_of
+
+    def __getitem__(self, indices):
+        return self.feats[[self.row_of[i] for i in indices]]
+
 
 def _image_key(item, i):
     "The identity of an item's image: its `image_id` when it has one (a dict key or an attribute), else its index."
-    if isinstance(item, dict): return item.get('image_id', i)
+    if isinstance(item, dict):
+        return item.get('image_id', i)
     return getattr(item, 'image_id', i)
+
 
 def _image_keys(dataset) -> list:
     "Every item's image identity (from `dataset.image_ids` when it has them: no image is decoded)."
     ids = getattr(dataset, 'image_ids', None)
-    if ids is not None and len(ids) == len(dataset): return list(ids)
+    if ids is not None and len(ids) == len(dataset):
+        return list(ids)
     return [_image_key(dataset[i], i) for i in range(len(dataset))]
+
 
 def _file_sha(p) -> str:
     p = resolve_path(p) if p else None
-    if not p or not Path(p).is_file(): return ''
+    if not p or not Path(p).is_file():
+        return ''
     h = hashlib.sha256()
     with open(p, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
     return h.hexdigest()
 
-def cache_key(cfg: Config, dataset) -> str|None:
+
+def cache_key(cfg: Config, dataset) -> str | None:
     "A key for the on-disk cache: vision config + weight hash + data manifest sha; None when the data has no manifest sha."
     sha = getattr(dataset, 'manifest_sha', None)
-    if not sha or not cfg.vision.pretrained: return None   # no manifest, or a randomly initialised encoder: memory only
-    blob = json.dumps({'vision': to_dict(cfg.vision), 'weights': _file_sha(cfg.vision.pretrained), 'data': sha}, sort_keys=True)
+    if not sha or not cfg.vision.pretrained:
+        return None  # no manifest, or a randomly initialised encoder: memory only
+    blob = json.dumps(
+        {'vision': to_dict(cfg.vision), 'weights': _file_sha(cfg.vision.pretrained), 'data': sha},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 def _without_pixels(dataset):
     "A shallow copy of `dataset` whose image transform is skipped (the cache supplies the features), when it has one."
-    if not hasattr(dataset, 'transform'): return dataset
-    ds = copy.copy(dataset); ds.transform = _no_pixels
+    if not hasattr(dataset, 'transform'):
+        return dataset
+    ds = copy.copy(dataset)
+    ds.transform = _no_pixels
     return ds
 
-def _no_pixels(image): return torch.zeros(0)
+
+def _no_pixels(image):
+    return torch.zeros(0)
+
 
 def _read_cached_features(path: Path):
     "The features stored in `path`, or None (with a warning) when the file is damaged: it is then rebuilt."
@@ -111,80 +176,135 @@ def _read_cached_features(path: Path):
         return None
     return feats
 
+
 @torch.no_grad()
-def build_feature_cache(model, dataset, device, batch_size=64, cache_dir=None, key=None, progress=True) -> FeatureCache:
+def build_feature_cache(
+    model, dataset, device, batch_size=64, cache_dir=None, key=None, progress=True
+) -> FeatureCache:
     "Run `model.encode_image` once per distinct training image (or load them from `cache_dir/key`)."
     keys = _image_keys(dataset)
     first = {}
-    for i, k in enumerate(keys): first.setdefault(k, i)
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
     uniq = list(first)
     row = {k: r for r, k in enumerate(uniq)}
     row_of = [row[k] for k in keys]
-    path = Path(cache_dir)/f'features-{key}.safetensors' if cache_dir and key else None
+    path = Path(cache_dir) / f'features-{key}.safetensors' if cache_dir and key else None
     idx = [first[k] for k in uniq]
     feats = _read_cached_features(path) if path is not None and path.exists() else None
     if feats is not None:
-        probe = model.collate([dataset[i] for i in idx[:4]])   # a stale file (other encoder weights) is caught here
-        same = len(feats) == len(uniq) and torch.allclose(model.encode_image(probe['pixel_values'].to(device)).float().cpu(), feats[:4], atol=1e-5)
-        if same: return FeatureCache(feats, row_of)
+        probe = model.collate(
+            [dataset[i] for i in idx[:4]]
+        )  # a stale file (other encoder weights) is caught here
+        same = len(feats) == len(uniq) and torch.allclose(
+            model.encode_image(probe['pixel_values'].to(device)).float().cpu(), feats[:4], atol=1e-5
+        )
+        if same:
+            return FeatureCache(feats, row_of)
     out = []
-    for s in tqdm(range(0, len(idx), batch_size), desc='caching frozen image features', disable=not progress):
-        batch = model.collate([dataset[i] for i in idx[s:s + batch_size]])
+    for s in tqdm(
+        range(0, len(idx), batch_size), desc='caching frozen image features', disable=not progress
+    ):
+        batch = model.collate([dataset[i] for i in idx[s : s + batch_size]])
         out.append(model.encode_image(batch['pixel_values'].to(device)).float().cpu())
     feats = torch.cat(out)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp')   # runs side by side (ablate --jobs) may write it at once
-        save_file({'feats': feats.contiguous()}, str(tmp)); os.replace(tmp, path)
+        tmp = path.with_name(
+            f'{path.stem}.{os.getpid()}.tmp'
+        )  # runs side by side (ablate --jobs) may write it at once
+        save_file({'feats': feats.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return FeatureCache(feats, row_of)
 
 # %% ../nbs/06_train.ipynb #8217e433
 class TrainingDiverged(Blip2LabError):
     "A loss or gradient became NaN/inf: the message names the step, the component and the last good checkpoint."
 
+
 def build_dataset(cfg: Config, split: str = 'train', seed: int = 0):
     "(image, one caption) pairs of `cfg`'s `split` (blip2_lab.data.CaptionPairs; flips only with vision.augment), tagged with the data fingerprint (feature-cache key)."
     ds = data.get_dataset(cfg.data, split)
     aug = cfg.vision.augment
-    pairs = data.CaptionPairs(ds, data.dataset_transform(ds, cfg.vision.image_size, train=aug), seed=seed, flip=aug)
+    pairs = data.CaptionPairs(
+        ds, data.dataset_transform(ds, cfg.vision.image_size, train=aug), seed=seed, flip=aug
+    )
     pairs.image_ids, pairs.manifest_sha = ds.image_ids, getattr(ds, 'fingerprint', '') or None
     return pairs
 
+
 def _stage_cfg(cfg: Config, stage: int) -> TrainConfig:
-    if stage not in (1, 2): raise ConfigError(f"stage={stage!r}: choose 1 (representation learning) or 2 (generative learning)")
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"stage={stage!r}: choose 1 (representation learning) or 2 (generative learning)"
+        )
     return cfg.stage1 if stage == 1 else cfg.stage2
+
 
 def _checkpoints(out: Path) -> list:
     "Complete checkpoint folders under `out`, oldest first."
-    cks = [p for p in out.glob('step-*') if p.is_dir() and p.name[5:].isdigit() and (p/'trainer_state.json').exists()]
+    cks = [
+        p
+        for p in out.glob('step-*')
+        if p.is_dir() and p.name[5:].isdigit() and (p / 'trainer_state.json').exists()
+    ]
     return sorted(cks, key=lambda p: int(p.name.split('-')[1]))
+
 
 def _weights_check(out: dict, tc: TrainConfig, stage: int):
     "Stage 1: the model's 'loss' must be the config-weighted sum of its components (the ablation switches)."
-    if stage != 1: return
+    if stage != 1:
+        return
     parts = {'itc_loss': tc.itc_weight, 'itm_loss': tc.itm_weight, 'itg_loss': tc.itg_weight}
     comps = {k for k in out if k.endswith('_loss')}
-    if not comps or not comps <= set(parts): return  # not a stage-1 model with these components
+    if not comps or not comps <= set(parts):
+        return  # not a stage-1 model with these components
     want = sum(w * float(out[k].detach()) for k, w in parts.items() if k in out and w)
     if not math.isclose(want, float(out['loss'].detach()), rel_tol=1e-4, abs_tol=1e-5):
-        raise Blip2LabError(f"the model's loss {float(out['loss'].detach()):.6f} is not itc_weight*itc + itm_weight*itm + itg_weight*itg = {want:.6f}: the model ignores stage1.*_weight")
+        raise Blip2LabError(
+            f"the model's loss {float(out['loss'].detach()):.6f} is not itc_weight*itc + itm_weight*itm + itg_weight*itg = {want:.6f}: the model ignores stage1.*_weight"
+        )
+
 
 def _init_stage2(model, cfg, init_from, log):
     "Stage 2 starts its Q-Former from a stage-1 checkpoint, or (stage1.enabled=false) from its initial weights."
     if not cfg.stage1.enabled:
-        if init_from: raise ConfigError("stage1.enabled=false means stage 2 starts from the Q-Former's initial weights: drop --init, or set stage1.enabled=true")
-        log('stage1.enabled=false: the Q-Former starts from its initial weights (the no-stage-1 ablation)'); return
-    if not init_from: raise ConfigError("stage 2 with stage1.enabled=true needs init_from (--init) pointing at a stage-1 checkpoint folder; or set stage1.enabled=false for the no-stage-1 ablation")
+        if init_from:
+            raise ConfigError(
+                "stage1.enabled=false means stage 2 starts from the Q-Former's initial weights: drop --init, or set stage1.enabled=true"
+            )
+        log(
+            'stage1.enabled=false: the Q-Former starts from its initial weights (the no-stage-1 ablation)'
+        )
+        return
+    if not init_from:
+        raise ConfigError(
+            "stage 2 with stage1.enabled=true needs init_from (--init) pointing at a stage-1 checkpoint folder; or set stage1.enabled=false for the no-stage-1 ablation"
+        )
     init_from = resolve_path(init_from)
-    if not (init_from/'model.safetensors').exists(): raise ConfigError(f"init_from={init_from} is not a checkpoint folder (no model.safetensors): pass e.g. runs/s1/final")
-    check_config_match(load_config(init_from/'config.yaml'), cfg, f'the stage-1 checkpoint {init_from}', ('vision', 'qformer'))
-    if hasattr(model, 'load_stage1'): loaded = model.load_stage1(read_weights(init_from))
-    else: loaded = load_trainable(model, init_from, strict=False)
-    if not loaded: raise Blip2LabError(f"no parameter of {init_from} matches the stage-2 model: is it a stage-1 checkpoint?")
+    if not (init_from / 'model.safetensors').exists():
+        raise ConfigError(
+            f"init_from={init_from} is not a checkpoint folder (no model.safetensors): pass e.g. runs/s1/final"
+        )
+    check_config_match(
+        load_config(init_from / 'config.yaml'),
+        cfg,
+        f'the stage-1 checkpoint {init_from}',
+        ('vision', 'qformer'),
+    )
+    if hasattr(model, 'load_stage1'):
+        loaded = model.load_stage1(read_weights(init_from))
+    else:
+        loaded = load_trainable(model, init_from, strict=False)
+    if not loaded:
+        raise Blip2LabError(
+            f"no parameter of {init_from} matches the stage-2 model: is it a stage-1 checkpoint?"
+        )
     log(f'stage 2 starts from the stage-1 checkpoint {init_from} ({len(loaded)} tensors)')
 
 # %% ../nbs/06_train.ipynb #f208a291
 _HELD = {}  # run folders this process holds run_lock on -> nesting depth
+
 
 @contextlib.contextmanager
 def run_lock(folder):
@@ -192,29 +312,40 @@ def run_lock(folder):
     folder = Path(folder).resolve()
     if folder in _HELD:
         _HELD[folder] += 1
-        try: yield folder
-        finally: _HELD[folder] -= 1
+        try:
+            yield folder
+        finally:
+            _HELD[folder] -= 1
         return
     with folder_lock(folder) as holder:
         if holder is not None:
-            raise RunLocked(f"{folder} is in use by another run (pid {holder}): wait for it to finish (or stop it), "
-                            "or write to another --out")
+            raise RunLocked(
+                f"{folder} is in use by another run (pid {holder}): wait for it to finish (or stop it), "
+                "or write to another --out"
+            )
         _HELD[folder] = 1
-        try: yield folder
-        finally: del _HELD[folder]
+        try:
+            yield folder
+        finally:
+            del _HELD[folder]
+
 
 def _used(out: Path) -> list:
     "Names of what an earlier run left in `out` (its lock file aside)."
     return sorted(p.name for p in out.iterdir() if p.name != '.lock') if out.is_dir() else []
 
+
 def _start_fresh(out: Path, overwrite: bool):
     "A run from step 0 needs an empty `out`: refuse a used one, or move its contents aside (`overwrite`)."
     used = _used(out)
-    if not used: return
+    if not used:
+        return
     if not overwrite:
-        raise ConfigError(f"{out} already holds a run ({', '.join(used[:5])}) and resuming is off (--no-resume): "
-                          "pick another --out, delete that folder, or pass --overwrite to move the old run aside "
-                          f"to {out.name}.old-<timestamp>")
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(used[:5])}) and resuming is off (--no-resume): "
+            "pick another --out, delete that folder, or pass --overwrite to move the old run aside "
+            f"to {out.name}.old-<timestamp>"
+        )
     stamp = time.strftime('%Y%m%d-%H%M%S')
     old = out.with_name(f'{out.name}.old-{stamp}')
     n = 1
@@ -222,20 +353,36 @@ def _start_fresh(out: Path, overwrite: bool):
         n += 1
         old = out.with_name(f'{out.name}.old-{stamp}-{n}')
     old.mkdir()
-    for name in used: os.replace(out/name, old/name)
+    for name in used:
+        os.replace(out / name, old / name)
     warn(f"--overwrite: moved the earlier run in {out} aside to {old}")
 
-RESUME_MAY_CHANGE = ('steps', 'log_every', 'ckpt_every', 'num_workers', 'cache_features')  # per stage, on resume
+
+RESUME_MAY_CHANGE = (
+    'steps',
+    'log_every',
+    'ckpt_every',
+    'num_workers',
+    'cache_features',
+)  # per stage, on resume
+
 
 def resume_diff(ckpt_cfg: Config, cfg: Config, stage: int) -> list:
     "Config keys where `cfg` differs from a checkpoint's, except those a resume may change (see the prose)."
-    free = ['device', 'eval', f'stage{3 - stage}'] + [f'stage{stage}.{k}' for k in RESUME_MAY_CHANGE]
-    return [k for k in config_diff(ckpt_cfg, cfg) if not any(k == f or k.startswith(f + '.') for f in free)]
+    free = ['device', 'eval', f'stage{3 - stage}'] + [
+        f'stage{stage}.{k}' for k in RESUME_MAY_CHANGE
+    ]
+    return [
+        k
+        for k in config_diff(ckpt_cfg, cfg)
+        if not any(k == f or k.startswith(f + '.') for f in free)
+    ]
+
 
 def _resume_candidates(out: Path) -> tuple:
     "([(folder, state, config)] of readable checkpoints, highest step first; [unreadable ones], each with a warning)."
     found, broken = [], []
-    for ck in _checkpoints(out) + ([out/'final'] if (out/'final').is_dir() else []):
+    for ck in _checkpoints(out) + ([out / 'final'] if (out / 'final').is_dir() else []):
         try:
             st, ck_cfg = checkpoint_meta(ck)
         except BrokenCheckpoint as e:
@@ -245,6 +392,7 @@ def _resume_candidates(out: Path) -> tuple:
         found.append((ck, st, ck_cfg))
     return sorted(found, key=lambda x: x[1]['step'], reverse=True), broken
 
+
 def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
     "Load the newest intact checkpoint under `out` (skipping broken ones with a warning); (step, wall_s, folder)."
     found, broken = _resume_candidates(out)
@@ -252,16 +400,20 @@ def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
         diff = resume_diff(ck_cfg, cfg, stage)
         if diff:
             may = f"stage{stage}.{{{','.join(RESUME_MAY_CHANGE)}}}, device and eval.*"
-            raise ConfigError(f"cannot resume {ck}: the config differs from the one it was trained with: "
-                              f"{config_diff_text(ck_cfg, cfg, diff)}. Rerun with its config (--config {ck/'config.yaml'}; "
-                              f"only {may} may change on resume), or start a new --out (or --overwrite)")
+            raise ConfigError(
+                f"cannot resume {ck}: the config differs from the one it was trained with: "
+                f"{config_diff_text(ck_cfg, cfg, diff)}. Rerun with its config (--config {ck/'config.yaml'}; "
+                f"only {may} may change on resume), or start a new --out (or --overwrite)"
+            )
         if st.get('world_size') != world or st.get('stage') != stage:
             was = f"stage {st.get('stage')} on {st.get('world_size')} processes"
-            raise ConfigError(f"cannot resume {ck}: it was trained as {was}, this is stage {stage} on {world}: "
-                              "use the same settings, or start a new --out (or --overwrite)")
+            raise ConfigError(
+                f"cannot resume {ck}: it was trained as {was}, this is stage {stage} on {world}: "
+                "use the same settings, or start a new --out (or --overwrite)"
+            )
         try:
             load_trainable(model, ck)
-            tensors = load_safetensors(ck/'optimizer.safetensors')
+            tensors = load_safetensors(ck / 'optimizer.safetensors')
             load_optim(opt, names, tensors, st['optimizer_groups'])
             set_rng_state(st['rng'][rank], gen)
         except (BrokenCheckpoint, KeyError, IndexError, TypeError, ValueError) as e:
@@ -272,147 +424,315 @@ def _resume(out, cfg, stage, model, opt, names, gen, rank, world, log) -> tuple:
         log(f'resumed from {ck} at step {st["step"]}')
         return st['step'], st['wall_s'], ck
     if broken:
-        raise BrokenCheckpoint(f"no intact checkpoint left in {out} (broken: {', '.join(p.name for p in broken)}): "
-                               "delete them to start over, or pass --overwrite to move the old run aside")
+        raise BrokenCheckpoint(
+            f"no intact checkpoint left in {out} (broken: {', '.join(p.name for p in broken)}): "
+            "delete them to start over, or pass --overwrite to move the old run aside"
+        )
     return 0, 0.0, None
 
-def train(cfg: Config, stage: int, out, init_from=None, resume: bool = True, progress=True, *,
-          overwrite: bool = False,  # start over, moving a run already in `out` aside to <out>.old-<timestamp>
-          model: nn.Module|None = None, dataset=None, stop_after: int|None = None, keep_last: int = 2) -> Path:
+
+def train(
+    cfg: Config,
+    stage: int,
+    out,
+    init_from=None,
+    resume: bool = True,
+    progress=True,
+    *,
+    overwrite: bool = False,  # start over, moving a run already in `out` aside to <out>.old-<timestamp>
+    model: nn.Module | None = None,
+    dataset=None,
+    stop_after: int | None = None,
+    keep_last: int = 2,
+) -> Path:
     "Train stage `stage` of `cfg` into folder `out` (locked while we run); return the final checkpoint (out/final)."
-    tc = _stage_cfg(cfg, stage)                      # this stage's TrainConfig
-    if not tc.enabled: raise ConfigError(f"stage{stage}.enabled=false: there is nothing to train; set stage{stage}.enabled=true")
+    tc = _stage_cfg(cfg, stage)  # this stage's TrainConfig
+    if not tc.enabled:
+        raise ConfigError(
+            f"stage{stage}.enabled=false: there is nothing to train; set stage{stage}.enabled=true"
+        )
     device = resolve_device(cfg)
     rank, world = setup_distributed(device)
     out = resolve_path(out)
     with run_lock(out) if rank == 0 else contextlib.nullcontext():
-        return _train(cfg, stage, tc, out, device, rank, world, init_from, resume and not overwrite, overwrite,
-                      progress, model, dataset, stop_after, keep_last)
+        return _train(
+            cfg,
+            stage,
+            tc,
+            out,
+            device,
+            rank,
+            world,
+            init_from,
+            resume and not overwrite,
+            overwrite,
+            progress,
+            model,
+            dataset,
+            stop_after,
+            keep_last,
+        )
 
-def _train(cfg, stage, tc, out, device, rank, world, init_from, resume, overwrite, progress, model, dataset,
-           stop_after, keep_last) -> Path:
+
+def _train(
+    cfg,
+    stage,
+    tc,
+    out,
+    device,
+    rank,
+    world,
+    init_from,
+    resume,
+    overwrite,
+    progress,
+    model,
+    dataset,
+    stop_after,
+    keep_last,
+) -> Path:
     "train() once the run folder is ours."
     main = rank == 0
-    if main and not resume: _start_fresh(out, overwrite)
-    if world > 1: dist.barrier()                     # the other ranks read `out` only once rank 0 has prepared it
+    if main and not resume:
+        _start_fresh(out, overwrite)
+    if world > 1:
+        dist.barrier()  # the other ranks read `out` only once rank 0 has prepared it
     log = (lambda s: tqdm.write(s)) if (main and progress) else (lambda s: None)
-    torch.manual_seed(tc.seed); random.seed(tc.seed); np.random.seed(tc.seed % 2**32)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
     model = model if model is not None else build_model(cfg, stage)
     dataset = dataset if dataset is not None else build_dataset(cfg, 'train', tc.seed)
     model.to(device)
-    if stage == 2: _init_stage2(model, cfg, init_from, log)
-    elif init_from: load_trainable(model, resolve_path(init_from)); log(f'initialised from {init_from}')
+    if stage == 2:
+        _init_stage2(model, cfg, init_from, log)
+    elif init_from:
+        load_trainable(model, resolve_path(init_from))
+        log(f'initialised from {init_from}')
     broadcast_parameters(model)
     names = trainable_named(model)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(0, tc), betas=(0.9, 0.999))
-    gen = torch.Generator(device=device).manual_seed(tc.seed)  # identical on all ranks: shared random draws
-    if hasattr(model, 'set_generator'): model.set_generator(gen)
-    torch.manual_seed(tc.seed + 1 + rank)                # dropout etc. differ per rank
+    opt = torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=lr_at(0, tc), betas=(0.9, 0.999)
+    )
+    gen = torch.Generator(device=device).manual_seed(
+        tc.seed
+    )  # identical on all ranks: shared random draws
+    if hasattr(model, 'set_generator'):
+        model.set_generator(gen)
+    torch.manual_seed(tc.seed + 1 + rank)  # dropout etc. differ per rank
     step, wall0, good = 0, 0.0, None
-    if resume: step, wall0, good = _resume(out, cfg, stage, model, opt, names, gen, rank, world, log)
-    metrics_path = out/'metrics.jsonl'
+    if resume:
+        step, wall0, good = _resume(out, cfg, stage, model, opt, names, gen, rank, world, log)
+    metrics_path = out / 'metrics.jsonl'
     if main:
-        if step == 0 and metrics_path.exists(): metrics_path.unlink()
-        trim_jsonl(metrics_path, lambda r: r['step'] <= step); save_config(cfg, out/'config.yaml')
+        if step == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        trim_jsonl(metrics_path, lambda r: r['step'] <= step)
+        save_config(cfg, out / 'config.yaml')
     cache = None
     if tc.cache_features and not cfg.vision.augment and hasattr(model, 'encode_image'):
         cdir = resolve_path('data/cache') if getattr(dataset, 'manifest_sha', None) else None
-        cache = build_feature_cache(model, dataset, device, tc.batch_size, cdir, cache_key(cfg, dataset), progress and main)
+        cache = build_feature_cache(
+            model, dataset, device, tc.batch_size, cdir, cache_key(cfg, dataset), progress and main
+        )
         dataset = _without_pixels(dataset)
-    return _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, step, wall0, rank, world,
-                 progress, stop_after, keep_last, log, good)
+    return _loop(
+        model,
+        dataset,
+        cfg,
+        tc,
+        stage,
+        out,
+        opt,
+        names,
+        gen,
+        cache,
+        device,
+        step,
+        wall0,
+        rank,
+        world,
+        progress,
+        stop_after,
+        keep_last,
+        log,
+        good,
+    )
 
 # %% ../nbs/06_train.ipynb #3fe302c0
 def _state(cfg, stage, step, wall, world, gen, n, tc):
     "trainer_state.json content (RNG states of every rank gathered to rank 0)."
     rngs = [rng_state(gen)]
     if world > 1:
-        rngs = [None] * world; dist.all_gather_object(rngs, rng_state(gen))
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(gen))
     per_epoch = n // (tc.batch_size * world)
-    return {'stage': stage, 'step': step, 'epoch': step // per_epoch, 'batch_in_epoch': step % per_epoch,
-            'samples_seen': step * tc.batch_size * world, 'world_size': world, 'wall_s': wall, 'rng': rngs,
-            'seed': tc.seed, 'torch': torch.__version__}
+    return {
+        'stage': stage,
+        'step': step,
+        'epoch': step // per_epoch,
+        'batch_in_epoch': step % per_epoch,
+        'samples_seen': step * tc.batch_size * world,
+        'world_size': world,
+        'wall_s': wall,
+        'rng': rngs,
+        'seed': tc.seed,
+        'torch': torch.__version__,
+    }
+
 
 def _plain_progress() -> bool:
     "Whether to print plain step lines: no terminal to draw a bar on (a papermill kernel writing log.txt, a pipe)."
     return not sys.stderr.isatty()
 
+
 def _line_every(tc) -> int:
     "Steps between plain step lines: about 20 per stage, never more often than the metrics."
     return max(tc.log_every, tc.steps // 20)
 
+
 def eta_text(seconds) -> str:
     "'13m36s', or '?' when not known (None or NaN)."
-    if seconds is None or seconds != seconds: return '?'
+    if seconds is None or seconds != seconds:
+        return '?'
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
 
 def step_line(stage: int, step: int, steps: int, loss: float, per: float) -> str:
     "'stage 1 step 120/800 loss 3.2100 (1.20 s/step, ETA 13m36s)' at `per` seconds a step: a line `tail -f` can follow."
     return f"stage {stage} step {step}/{steps} loss {loss:.4f} ({per:.2f} s/step, ETA {eta_text(per * (steps - step))})"
 
-def _loop(model, dataset, cfg, tc, stage, out, opt, names, gen, cache, device, step, wall0, rank, world,
-          progress, stop_after, keep_last, log, good=None):
+
+def _loop(
+    model,
+    dataset,
+    cfg,
+    tc,
+    stage,
+    out,
+    opt,
+    names,
+    gen,
+    cache,
+    device,
+    step,
+    wall0,
+    rank,
+    world,
+    progress,
+    stop_after,
+    keep_last,
+    log,
+    good=None,
+):
     "The optimiser steps; `good` is the newest good checkpoint so far (never pruned, named by the NaN guard)."
     params = list(names.values())
     amp = device.type == 'cuda' and tc.amp
-    metrics_path, main = out/'metrics.jsonl', rank == 0
-    bar = tqdm(total=tc.steps, initial=step, desc=f'stage {stage}', disable=not (progress and main), dynamic_ncols=True)
+    metrics_path, main = out / 'metrics.jsonl', rank == 0
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        desc=f'stage {stage}',
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
     t_start, last_ck, step0 = time.time() - wall0, None, step
     cks = _checkpoints(out)
     model.train()
     while step < tc.steps and (stop_after is None or step < stop_after):
         t0 = time.time()
         lr = lr_at(step, tc)
-        for g in opt.param_groups: g['lr'] = lr
+        for g in opt.param_groups:
+            g['lr'] = lr
         idx = batch_indices(step, len(dataset), tc.batch_size, tc.seed, rank, world)
-        if hasattr(dataset, 'set_epoch'): dataset.set_epoch(step // (len(dataset) // (tc.batch_size * world)))
+        if hasattr(dataset, 'set_epoch'):
+            dataset.set_epoch(step // (len(dataset) // (tc.batch_size * world)))
         batch = model.collate([dataset[i] for i in idx])
-        if cache is not None: batch['image_embeds'] = cache[idx]; batch.pop('pixel_values', None)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if cache is not None:
+            batch['image_embeds'] = cache[idx]
+            batch.pop('pixel_values', None)
+        batch = {
+            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outd = model(batch)
         comps = {k: v for k, v in outd.items() if torch.is_tensor(v) and v.ndim == 0}
         vec = torch.stack([comps[k].detach().float() for k in comps])
-        if world > 1: dist.all_reduce(vec); vec /= world
+        if world > 1:
+            dist.all_reduce(vec)
+            vec /= world
         vals = dict(zip(comps, vec.tolist()))
-        if step == 0: _weights_check(outd, tc, stage)
+        if step == 0:
+            _weights_check(outd, tc, stage)
         _guard(vals, step, good)
         opt.zero_grad(set_to_none=True)
         outd['loss'].backward()
         sync_gradients(params)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float('inf'))
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            params, tc.grad_clip if tc.grad_clip > 0 else float('inf')
+        )
         _guard({'gradient norm': float(gnorm)}, step, good)
         opt.step()
         step += 1
-        dt = time.time() - t0; sps = len(idx) * world / max(dt, 1e-9)
-        bar.update(1); bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f'{lr:.2e}', sps=f'{sps:.1f}')
+        dt = time.time() - t0
+        sps = len(idx) * world / max(dt, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f'{lr:.2e}', sps=f'{sps:.1f}')
         if main and (step % tc.log_every == 0 or step == tc.steps):
-            append_jsonl(metrics_path, {'step': step, **{k: round(v, 6) for k, v in vals.items()}, 'lr': lr,
-                                         'grad_norm': round(float(gnorm), 6), 'samples_per_s': round(sps, 2),
-                                         'wall_s': round(time.time() - t_start, 2)})
-        if progress and main and _plain_progress() and (step % _line_every(tc) == 0 or step == tc.steps):
-            per = (time.time() - t_start - wall0) / (step - step0)   # this process's own rate (a resume starts anew)
+            append_jsonl(
+                metrics_path,
+                {
+                    'step': step,
+                    **{k: round(v, 6) for k, v in vals.items()},
+                    'lr': lr,
+                    'grad_norm': round(float(gnorm), 6),
+                    'samples_per_s': round(sps, 2),
+                    'wall_s': round(time.time() - t_start, 2),
+                },
+            )
+        if (
+            progress
+            and main
+            and _plain_progress()
+            and (step % _line_every(tc) == 0 or step == tc.steps)
+        ):
+            per = (time.time() - t_start - wall0) / (
+                step - step0
+            )  # this process's own rate (a resume starts anew)
             print(step_line(stage, step, tc.steps, vals['loss'], per), flush=True)
         if step % tc.ckpt_every == 0 and step < tc.steps:
-            st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc) | {'losses': vals}
+            st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc) | {
+                'losses': vals
+            }
             if main:
-                ck = save_checkpoint(out/f'step-{step:07d}', model, cfg, st, opt)
+                ck = save_checkpoint(out / f'step-{step:07d}', model, cfg, st, opt)
                 bad = weights_problem(names) or losses_problem(vals)
-                if bad: warn(f"the checkpoint {ck} is not a good one ({bad}): it will not be named as the last good one")
-                else: good = ck
+                if bad:
+                    warn(
+                        f"the checkpoint {ck} is not a good one ({bad}): it will not be named as the last good one"
+                    )
+                else:
+                    good = ck
                 cks = _prune([c for c in cks if c != ck] + [ck], keep_last, good)
     bar.close()
     st = _state(cfg, stage, step, time.time() - t_start, world, gen, len(dataset), tc)
-    final = out/'final' if step >= tc.steps else out/f'step-{step:07d}'
-    if main: save_checkpoint(final, model, cfg, st, opt); log(f'saved {final}')
-    if world > 1: dist.barrier()
+    final = out / 'final' if step >= tc.steps else out / f'step-{step:07d}'
+    if main:
+        save_checkpoint(final, model, cfg, st, opt)
+        log(f'saved {final}')
+    if world > 1:
+        dist.barrier()
     return final
+
 
 def _prune(cks: list, keep_last: int, good) -> list:
     "Delete all but the `keep_last` newest checkpoints, never the newest good one `good`; return those kept."
     for old in cks[:-keep_last]:
-        if old != good: shutil.rmtree(old, ignore_errors=True)
+        if old != good:
+            shutil.rmtree(old, ignore_errors=True)
     return [c for c in cks[:-keep_last] if c == good] + cks[-keep_last:]
+
 
 def _guard(vals: dict, step: int, good):
     "Stop with TrainingDiverged when any value is NaN/inf, naming the newest good checkpoint `good`."
@@ -420,62 +740,101 @@ def _guard(vals: dict, step: int, good):
     if bad:
         last = str(good) if good else 'none yet'
         good_means = f"finite weights with |w| < {WEIGHT_BOUND:g}, finite losses"
-        raise TrainingDiverged(f"{', '.join(bad)} became {vals[bad[0]]} at step {step + 1}; the weights were not "
-                               f"updated and the last good checkpoint ({good_means}) is {last}. Lower the learning "
-                               "rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false), in a "
-                               "new --out (a resume refuses a changed config; stage 1 can start from that checkpoint "
-                               "with --init)")
+        raise TrainingDiverged(
+            f"{', '.join(bad)} became {vals[bad[0]]} at step {step + 1}; the weights were not "
+            f"updated and the last good checkpoint ({good_means}) is {last}. Lower the learning "
+            "rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false), in a "
+            "new --out (a resume refuses a changed config; stage 1 can start from that checkpoint "
+            "with --init)"
+        )
 
 # %% ../nbs/06_train.ipynb #e212f991
 def read_metrics(path) -> list:
     "The records of a metrics.jsonl (or of the one inside run folder `path`); a torn last line is dropped with a warning."
     path = resolve_path(path)
-    if path.is_dir(): path = path/'metrics.jsonl'
-    if not path.exists(): raise Blip2LabError(f"no metrics log at {path}: pass a run folder written by train()")
+    if path.is_dir():
+        path = path / 'metrics.jsonl'
+    if not path.exists():
+        raise Blip2LabError(f"no metrics log at {path}: pass a run folder written by train()")
     return read_jsonl(path)
 
-def plot_metrics(path, title: str|None = None):
+
+def plot_metrics(path, title: str | None = None):
     "A matplotlib Figure with one panel per loss component and the learning rate, from a run's metrics.jsonl."
     import matplotlib.pyplot as plt
+
     rows = read_metrics(path)
     keys = ['loss'] + sorted(k for k in rows[0] if k.endswith('_loss')) + ['lr']
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     steps = [r['step'] for r in rows]
     for ax, k in zip(axes[0], keys):
-        ax.plot(steps, [r.get(k, float('nan')) for r in rows]); ax.set_title(k); ax.set_xlabel('step')
-    fig.suptitle(title or str(path)); fig.tight_layout()
+        ax.plot(steps, [r.get(k, float('nan')) for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel('step')
+    fig.suptitle(title or str(path))
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/06_train.ipynb #45e6e5f2
 def _parser():
-    p = argparse.ArgumentParser(prog='blip2-lab train', description='Train BLIP-2 stage 1 or stage 2.')
+    p = argparse.ArgumentParser(
+        prog='blip2-lab train', description='Train BLIP-2 stage 1 or stage 2.'
+    )
     p.add_argument('--preset', default='lab', help='tiny | lab | gpu | paper (default lab)')
     p.add_argument('--config', help='YAML config to start from instead of the preset')
-    p.add_argument('--stage', type=int, required=True, choices=(1, 2), help='1: representation learning, 2: generative learning')
+    p.add_argument(
+        '--stage',
+        type=int,
+        required=True,
+        choices=(1, 2),
+        help='1: representation learning, 2: generative learning',
+    )
     p.add_argument('--out', required=True, help='run folder (resumed when it holds checkpoints)')
     p.add_argument('--init', help='stage 2: the stage-1 checkpoint folder to start from')
-    p.add_argument('--no-resume', action='store_true', help='start from step 0 (refused when --out already holds a run)')
-    p.add_argument('--overwrite', action='store_true',
-                   help='start from step 0, moving a run already in --out aside to <out>.old-<timestamp>')
+    p.add_argument(
+        '--no-resume',
+        action='store_true',
+        help='start from step 0 (refused when --out already holds a run)',
+    )
+    p.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='start from step 0, moving a run already in --out aside to <out>.old-<timestamp>',
+    )
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('overrides', nargs='*', help='key.sub=value config overrides, e.g. stage1.steps=50')
+    p.add_argument(
+        'overrides', nargs='*', help='key.sub=value config overrides, e.g. stage1.steps=50'
+    )
     return p
+
 
 def _warning_printer(fallback):
     "A `warnings.showwarning` printing a TrainWarning as one `warning: ...` line on stderr (others via `fallback`)."
+
     def show(message, category, filename, lineno, file=None, line=None):
-        if not issubclass(category, TrainWarning): return fallback(message, category, filename, lineno, file, line)
+        if not issubclass(category, TrainWarning):
+            return fallback(message, category, filename, lineno, file, line)
         print(f'warning: {message}', file=sys.stderr)
+
     return show
+
 
 def cli_train(argv) -> int:
     "`blip2-lab train`: parse argv, train, print the final checkpoint folder."
-    a = parse_with_overrides(_parser(), argv)   # key=value words may sit anywhere among the flags
+    a = parse_with_overrides(_parser(), argv)  # key=value words may sit anywhere among the flags
     cfg = load_config(resolve_path(a.config)) if a.config else get_preset(a.preset)
     cfg = apply_overrides(cfg, a.overrides)
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(warnings.showwarning)
-        final = train(cfg, a.stage, a.out, init_from=a.init, resume=not a.no_resume, progress=not a.no_progress,
-                      overwrite=a.overwrite)
-    if dist_info()[0] == 0: print(final)
+        final = train(
+            cfg,
+            a.stage,
+            a.out,
+            init_from=a.init,
+            resume=not a.no_resume,
+            progress=not a.no_progress,
+            overwrite=a.overwrite,
+        )
+    if dist_info()[0] == 0:
+        print(final)
     return 0

@@ -14,7 +14,12 @@ import torch
 from torch import nn
 from matplotlib.figure import Figure
 from .config import Blip2LabError
-from .qformer import Blip2QFormer, unimodal_mask, bidirectional_mask, multimodal_causal_mask
+from blip2_lab.qformer import (
+    Blip2QFormer,
+    unimodal_mask,
+    bidirectional_mask,
+    multimodal_causal_mask,
+)
 from .bert import load_qformer_tokenizer
 from .backbones import FrozenVisionEncoder, FrozenLLM
 from .data import image_transform
@@ -42,97 +47,162 @@ class VizError(Blip2LabError, ValueError):
 @dataclass
 class VizModel:
     "The parts of a BLIP-2 model the views use."
-    qformer: nn.Module                 # blip2_lab.qformer.Blip2QFormer (ln_vision, query_tokens, heads)
-    vision: nn.Module | None = None    # frozen image encoder: (B, 3, H, W) -> (B, N, width); None: pass features
-    llm: nn.Module | None = None       # blip2_lab.backbones.FrozenLLM (stage 2)
+
+    qformer: nn.Module  # blip2_lab.qformer.Blip2QFormer (ln_vision, query_tokens, heads)
+    vision: nn.Module | None = (
+        None  # frozen image encoder: (B, 3, H, W) -> (B, N, width); None: pass features
+    )
+    llm: nn.Module | None = None  # blip2_lab.backbones.FrozenLLM (stage 2)
     llm_proj: nn.Module | None = None  # query outputs -> LLM embedding width (stage 2)
-    tokenizer: object = None           # the Q-Former's BERT tokenizer (with [DEC])
-    grid: tuple | None = None          # patch grid of the image encoder (rows, cols)
-    n_prefix: int = 1                  # leading non-patch tokens of the image features (CLS)
+    tokenizer: object = None  # the Q-Former's BERT tokenizer (with [DEC])
+    grid: tuple | None = None  # patch grid of the image encoder (rows, cols)
+    n_prefix: int = 1  # leading non-patch tokens of the image features (CLS)
+
 
 def _find(model, cls, exclude=()):
     "The first submodule of `model` (itself included) that is a `cls`, skipping those inside `exclude`."
     for m in model.modules():
-        if isinstance(m, cls) and not any(m is e or any(m is s for s in e.modules()) for e in exclude if e is not None): return m
+        if isinstance(m, cls) and not any(
+            m is e or any(m is s for s in e.modules()) for e in exclude if e is not None
+        ):
+            return m
     return None
+
 
 def _find_proj(model, width_in: int, width_out: int, exclude=()):
     "A Linear width_in -> width_out outside `exclude` (the stage-2 projection into the LLM)."
     inside = {id(s) for e in exclude if e is not None for s in e.modules()}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and id(m) not in inside and (m.in_features, m.out_features) == (width_in, width_out): return m
+        if (
+            isinstance(m, nn.Linear)
+            and id(m) not in inside
+            and (m.in_features, m.out_features) == (width_in, width_out)
+        ):
+            return m
     return None
+
 
 def as_viz_model(model, **parts) -> VizModel:
     "Find the image encoder, Q-Former, LLM projection, LLM and tokenizer inside `model` (`parts` override)."
-    if isinstance(model, VizModel): return model
-    if not isinstance(model, nn.Module): raise VizError(f"expected a BLIP-2 model (nn.Module) or a VizModel, got {type(model).__name__}")
-    def given(name, find):   # a part passed by hand (modules can be falsy: test against None), else found
+    if isinstance(model, VizModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise VizError(
+            f"expected a BLIP-2 model (nn.Module) or a VizModel, got {type(model).__name__}"
+        )
+
+    def given(
+        name, find
+    ):  # a part passed by hand (modules can be falsy: test against None), else found
         return parts[name] if parts.get(name) is not None else find()
+
     qf = given('qformer', lambda: _find(model, Blip2QFormer))
-    if qf is None: raise VizError(f"no Q-Former (blip2_lab.qformer.Blip2QFormer) inside {type(model).__name__}: pass qformer=...")
+    if qf is None:
+        raise VizError(
+            f"no Q-Former (blip2_lab.qformer.Blip2QFormer) inside {type(model).__name__}: pass qformer=..."
+        )
     vision = given('vision', lambda: _find(model, FrozenVisionEncoder))
     llm = given('llm', lambda: _find(model, FrozenLLM))
-    proj = given('llm_proj', lambda: _find_proj(model, qf.cfg.hidden_size, llm.hidden_size, (qf, llm, vision)) if llm is not None else None)
-    tok = parts.get('tokenizer') or next((getattr(model, n) for n in ('qformer_tokenizer', 'tokenizer') if getattr(model, n, None) is not None
-                                         and getattr(getattr(model, n), 'bos_token', None) == '[DEC]'), None)
-    if tok is None: tok = load_qformer_tokenizer(qf.cfg.tokenizer)
-    grid = parts.get('grid') or (tuple(vision.grid) if vision is not None and hasattr(vision, 'grid') else None)
+    proj = given(
+        'llm_proj',
+        lambda: (
+            _find_proj(model, qf.cfg.hidden_size, llm.hidden_size, (qf, llm, vision))
+            if llm is not None
+            else None
+        ),
+    )
+    tok = parts.get('tokenizer') or next(
+        (
+            getattr(model, n)
+            for n in ('qformer_tokenizer', 'tokenizer')
+            if getattr(model, n, None) is not None
+            and getattr(getattr(model, n), 'bos_token', None) == '[DEC]'
+        ),
+        None,
+    )
+    if tok is None:
+        tok = load_qformer_tokenizer(qf.cfg.tokenizer)
+    grid = parts.get('grid') or (
+        tuple(vision.grid) if vision is not None and hasattr(vision, 'grid') else None
+    )
     n_prefix = parts.get('n_prefix', getattr(vision, 'num_prefix', 1))
     return VizModel(qf, vision, llm, proj, tok, grid, n_prefix)
+
 
 @contextmanager
 def _eval_mode(*modules):
     "Eval mode (no dropout) inside the block, each module's own mode restored after."
     mods = [m for m in modules if m is not None]
     modes = [m.training for m in mods]
-    for m in mods: m.eval()
-    try: yield
+    for m in mods:
+        m.eval()
+    try:
+        yield
     finally:
-        for m, t in zip(mods, modes): m.train(t)
+        for m, t in zip(mods, modes):
+            m.train(t)
 
-def _device(vm: VizModel): return vm.qformer.query_tokens.device
+
+def _device(vm: VizModel):
+    return vm.qformer.query_tokens.device
+
 
 def image_batch(vm: VizModel, images) -> torch.Tensor:
     "A (B, 3, S, S) pixel batch from one image or a list (normalised tensors, or PIL images resized here)."
-    if isinstance(images, torch.Tensor): x = images if images.dim() == 4 else images[None]
+    if isinstance(images, torch.Tensor):
+        x = images if images.dim() == 4 else images[None]
     else:
         items = images if isinstance(images, (list, tuple)) else [images]
         if any(not isinstance(i, torch.Tensor) for i in items):
             size = getattr(vm.vision, 'image_size', None)
-            if size is None: raise VizError("PIL images need the image encoder's size: give normalised tensors, or a model with its vision encoder")
+            if size is None:
+                raise VizError(
+                    "PIL images need the image encoder's size: give normalised tensors, or a model with its vision encoder"
+                )
             tf = image_transform(size, train=False)
             items = [i if isinstance(i, torch.Tensor) else tf(i) for i in items]
         x = torch.stack(items)
     return x.to(_device(vm))
 
+
 def image_features(vm: VizModel, images) -> torch.Tensor:
     "The frozen encoder's features (B, N, width) of `images` (a model without an encoder takes features as its images)."
     if vm.vision is None:
         x = torch.as_tensor(images)
-        if x.dim() == 2: x = x[None]
+        if x.dim() == 2:
+            x = x[None]
         if x.dim() != 3 or x.shape[-1] != vm.qformer.vision_width:
-            raise VizError(f"this model has no image encoder, so images must be features (B, N, {vm.qformer.vision_width}), got {tuple(x.shape)}: "
-                           "pass features, or a model that holds its vision encoder (VizModel(vision=...))")
+            raise VizError(
+                f"this model has no image encoder, so images must be features (B, N, {vm.qformer.vision_width}), got {tuple(x.shape)}: "
+                "pass features, or a model that holds its vision encoder (VizModel(vision=...))"
+            )
         return x.float().to(_device(vm))
-    with torch.no_grad(): return vm.vision(image_batch(vm, images)).float()
+    with torch.no_grad():
+        return vm.vision(image_batch(vm, images)).float()
 
 # %% ../nbs/08_viz.ipynb #91d44a53
 class HFVisionTower(nn.Module):
     "A transformers BLIP-2 vision tower as a frozen encoder: pixels -> features before post_layernorm (ln_vision's input)."
+
     def __init__(self, vision_model, image_size: int, patch_size: int):
         super().__init__()
         self.vision_model, self.image_size = vision_model, image_size
         self.grid, self.num_prefix = (image_size // patch_size,) * 2, 1
-        for p in self.parameters(): p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, pixel_values):
         got = {}
-        h = self.vision_model.post_layernorm.register_forward_hook(lambda m, i, o: got.setdefault('x', i[0]))
-        try: self.vision_model(pixel_values=pixel_values.to(next(self.parameters()).dtype))
-        finally: h.remove()
+        h = self.vision_model.post_layernorm.register_forward_hook(
+            lambda m, i, o: got.setdefault('x', i[0])
+        )
+        try:
+            self.vision_model(pixel_values=pixel_values.to(next(self.parameters()).dtype))
+        finally:
+            h.remove()
         return got['x']
+
 
 def load_viz_model(path) -> VizModel:
     "A VizModel from a lab checkpoint folder (trainer) or a Hugging Face BLIP-2 folder (save_pretrained)."
@@ -140,157 +210,261 @@ def load_viz_model(path) -> VizModel:
     if (p / 'config.json').exists():
         return _load_hf_viz_model(p)
     if not p.exists():
-        raise VizError(f"{p} does not exist: give a checkpoint folder (e.g. runs/lab/.../final) or a Hugging Face BLIP-2 folder")
+        raise VizError(
+            f"{p} does not exist: give a checkpoint folder (e.g. runs/lab/.../final) or a Hugging Face BLIP-2 folder"
+        )
     model, _ = load_checkpoint(p)
     return as_viz_model(model)
 
+
 def _load_hf_viz_model(p) -> VizModel:
     import json
-    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Blip2ForImageTextRetrieval,
+        Blip2ForConditionalGeneration,
+    )
+
     archs = ' '.join(json.loads((p / 'config.json').read_text()).get('architectures') or [])
     ck = load_blip2(p)
-    generation = 'Conditional' in archs or ('Retrieval' not in archs and ck.language_projection is not None)
-    hf = (Blip2ForConditionalGeneration if generation else Blip2ForImageTextRetrieval).from_pretrained(str(p)).eval()
-    try: tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError): tok = None
+    generation = 'Conditional' in archs or (
+        'Retrieval' not in archs and ck.language_projection is not None
+    )
+    hf = (
+        (Blip2ForConditionalGeneration if generation else Blip2ForImageTextRetrieval)
+        .from_pretrained(str(p))
+        .eval()
+    )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError):
+        tok = None
     vc = hf.config.vision_config
     vision = HFVisionTower(hf.vision_model, vc.image_size, vc.patch_size)
     if not generation:
         return VizModel(ck.model, vision, tokenizer=tok, grid=vision.grid, n_prefix=1)
-    if tok is None: raise VizError(f"{p} has no tokenizer: save the LLM's tokenizer into the folder (tokenizer.save_pretrained)")
-    kind = 'encoder-decoder' if getattr(hf.config.text_config, 'is_encoder_decoder', False) else 'decoder'
-    return VizModel(ck.model, vision, FrozenLLM(hf.language_model, tok, kind), ck.language_projection, None, vision.grid, 1)
+    if tok is None:
+        raise VizError(
+            f"{p} has no tokenizer: save the LLM's tokenizer into the folder (tokenizer.save_pretrained)"
+        )
+    kind = (
+        'encoder-decoder'
+        if getattr(hf.config.text_config, 'is_encoder_decoder', False)
+        else 'decoder'
+    )
+    return VizModel(
+        ck.model,
+        vision,
+        FrozenLLM(hf.language_model, tok, kind),
+        ck.language_projection,
+        None,
+        vision.grid,
+        1,
+    )
 
 # %% ../nbs/08_viz.ipynb #69e1a2ae
-VIZ_CKPT_ENV = 'BLIP2_LAB_VIZ_CKPT'                  # environment variable naming the model to show instead
-LAB_ARM_PREFERENCE = ('full', 'no_itg', 'no_stage1')  # fallback order between the arms of `make lab`
+VIZ_CKPT_ENV = 'BLIP2_LAB_VIZ_CKPT'  # environment variable naming the model to show instead
+LAB_ARM_PREFERENCE = (
+    'full',
+    'no_itg',
+    'no_stage1',
+)  # fallback order between the arms of `make lab`
+
 
 @dataclass
 class LabChoice:
     "The trained run the views show: its arm, seed and checkpoint folders."
-    run_dir: Path | None        # runs/lab/<arm>/seed<k> (None: a lone checkpoint folder)
-    arm: str | None             # ablation arm (from the folder name), None if unknown
-    seed: int | None            # seed (from the folder name), None if unknown
-    stage1: Path | None         # stage-1 checkpoint (trained ITC / ITM heads): the ITC and ITM views
-    stage2: Path | None         # stage-2 checkpoint (query path + llm_proj): the attention and generation views
-    source: str = 'lab batch'   # 'lab batch' (chosen in runs/lab) or VIZ_CKPT_ENV
+
+    run_dir: Path | None  # runs/lab/<arm>/seed<k> (None: a lone checkpoint folder)
+    arm: str | None  # ablation arm (from the folder name), None if unknown
+    seed: int | None  # seed (from the folder name), None if unknown
+    stage1: Path | None  # stage-1 checkpoint (trained ITC / ITM heads): the ITC and ITM views
+    stage2: (
+        Path | None
+    )  # stage-2 checkpoint (query path + llm_proj): the attention and generation views
+    source: str = 'lab batch'  # 'lab batch' (chosen in runs/lab) or VIZ_CKPT_ENV
 
     def describe(self) -> str:
         "One line: arm, seed, folder and the two checkpoints, with what is missing."
-        who = f"arm {self.arm!r}, seed {self.seed}" if self.arm is not None else 'a checkpoint outside a lab batch'
+        who = (
+            f"arm {self.arm!r}, seed {self.seed}"
+            if self.arm is not None
+            else 'a checkpoint outside a lab batch'
+        )
         s1 = str(self.stage1) if self.stage1 else 'none (ITC / ITM heads untrained)'
         s2 = str(self.stage2) if self.stage2 else 'none (llm_proj untrained)'
         return f"{who} ({self.source}): {self.run_dir or '-'}; stage 1: {s1}; stage 2: {s2}"
+
 
 def _final(stage_dir) -> Path | None:
     "stage_dir/final when it is a finished checkpoint folder, else None."
     f = Path(stage_dir) / 'final'
     return f if (f / 'model.safetensors').exists() else None
 
+
 def _run_choice(run_dir, source: str) -> LabChoice:
     "The LabChoice of one run folder <arm>/seed<k> (its finished stage-1 and stage-2 checkpoints)."
     run_dir = Path(run_dir)
     m = re.fullmatch(r'seed(\d+)', run_dir.name)
-    return LabChoice(run_dir, run_dir.parent.name if m else None, int(m[1]) if m else None,
-                     _final(run_dir / 'stage1'), _final(run_dir / 'stage2'), source)
+    return LabChoice(
+        run_dir,
+        run_dir.parent.name if m else None,
+        int(m[1]) if m else None,
+        _final(run_dir / 'stage1'),
+        _final(run_dir / 'stage2'),
+        source,
+    )
+
 
 def _best_run(root: Path, arm: str, seed: int, source: str) -> LabChoice | None:
     "The preferred run under batch folder `root` (see `choose_lab_checkpoints`), None if no run has a checkpoint."
     runs = [_run_choice(d, source) for d in sorted(root.glob('*/seed*')) if d.is_dir()]
     runs = [r for r in runs if r.seed is not None and (r.stage1 or r.stage2)]
-    if not runs: return None
+    if not runs:
+        return None
     order = {a: i for i, a in enumerate([arm] + [a for a in LAB_ARM_PREFERENCE if a != arm])}
-    return min(runs, key=lambda r: (r.arm != arm, not (r.stage1 and r.stage2), r.stage1 is None,
-                                    r.seed != seed, order.get(r.arm, len(order)), r.arm, r.seed))
+    return min(
+        runs,
+        key=lambda r: (
+            r.arm != arm,
+            not (r.stage1 and r.stage2),
+            r.stage1 is None,
+            r.seed != seed,
+            order.get(r.arm, len(order)),
+            r.arm,
+            r.seed,
+        ),
+    )
 
-def choose_lab_checkpoints(root='runs/lab',      # the lab batch folder (`make lab` writes runs/lab)
-                           arm: str = 'full',    # preferred arm
-                           seed: int = 0,        # preferred seed
-                           override=None,        # a folder that wins over the batch (the notebook passes $BLIP2_LAB_VIZ_CKPT)
-                          ) -> LabChoice | None:
+
+def choose_lab_checkpoints(
+    root='runs/lab',  # the lab batch folder (`make lab` writes runs/lab)
+    arm: str = 'full',  # preferred arm
+    seed: int = 0,  # preferred seed
+    override=None,  # a folder that wins over the batch (the notebook passes $BLIP2_LAB_VIZ_CKPT)
+) -> LabChoice | None:
     "The run whose checkpoints the views show: `override`, else `arm`/seed`seed` of the batch, else the best other run; None: no run."
-    if not override: return _best_run(resolve_path(root), arm, seed, 'lab batch')
+    if not override:
+        return _best_run(resolve_path(root), arm, seed, 'lab batch')
     p, src = resolve_path(override), VIZ_CKPT_ENV
-    if (p / 'model.safetensors').exists():           # one checkpoint folder: its stage from trainer_state.json
+    if (
+        p / 'model.safetensors'
+    ).exists():  # one checkpoint folder: its stage from trainer_state.json
         st = p / 'trainer_state.json'
         stage = json.loads(st.read_text()).get('stage', 1) if st.exists() else 1
         run = p.parent.parent if p.parent.name in ('stage1', 'stage2') else None
-        c = _run_choice(run, src) if run is not None else LabChoice(None, None, None, None, None, src)
-        if stage == 2: c.stage2 = p
-        else: c.stage1 = p
+        c = (
+            _run_choice(run, src)
+            if run is not None
+            else LabChoice(None, None, None, None, None, src)
+        )
+        if stage == 2:
+            c.stage2 = p
+        else:
+            c.stage1 = p
         return c
-    if _final(p): return choose_lab_checkpoints(override=p / 'final')
+    if _final(p):
+        return choose_lab_checkpoints(override=p / 'final')
     c = _run_choice(p, src)
-    if c.stage1 or c.stage2: return c
+    if c.stage1 or c.stage2:
+        return c
     c = _best_run(p, arm, seed, src)
     if c is None:
-        raise VizError(f"{VIZ_CKPT_ENV}={override} holds no finished checkpoint ({p}): give a run folder (runs/lab/full/seed0), "
-                       f"a checkpoint folder (runs/lab/full/seed0/stage2/final) or a batch folder (runs/lab), or unset it")
+        raise VizError(
+            f"{VIZ_CKPT_ENV}={override} holds no finished checkpoint ({p}): give a run folder (runs/lab/full/seed0), "
+            f"a checkpoint folder (runs/lab/full/seed0/stage2/final) or a batch folder (runs/lab), or unset it"
+        )
     return c
 
 # %% ../nbs/08_viz.ipynb #5a2926e7
-def cross_attention_layers(num_hidden_layers: int,  # layers of the Q-Former
-                           cross_attention_freq: int,  # cross-attention every f-th layer, from layer 0
-                          ) -> list:
+def cross_attention_layers(
+    num_hidden_layers: int,  # layers of the Q-Former
+    cross_attention_freq: int,  # cross-attention every f-th layer, from layer 0
+) -> list:
     "Indices of the Q-Former layers that cross-attend to the image: 0, f, 2f, ..."
     if num_hidden_layers < 1 or cross_attention_freq < 1:
-        raise VizError(f"num_hidden_layers={num_hidden_layers} and cross_attention_freq={cross_attention_freq} must both be >= 1")
+        raise VizError(
+            f"num_hidden_layers={num_hidden_layers} and cross_attention_freq={cross_attention_freq} must both be >= 1"
+        )
     return list(range(0, num_hidden_layers, cross_attention_freq))
 
 # %% ../nbs/08_viz.ipynb #b622e775
 def _grid_hw(grid) -> tuple:
     "A (rows, cols) pair from an int or a pair."
-    return (int(grid), int(grid)) if isinstance(grid, (int, np.integer)) else (int(grid[0]), int(grid[1]))
+    return (
+        (int(grid), int(grid))
+        if isinstance(grid, (int, np.integer))
+        else (int(grid[0]), int(grid[1]))
+    )
 
-def attention_grid(attn: torch.Tensor,  # (..., N_image_tokens): attention over the image tokens
-                   grid=None,           # patch grid (rows, cols) or its side; None: infer a square one
-                   n_prefix: int = 1,   # leading non-patch tokens to drop (CLS: 1; none: 0)
-                  ) -> torch.Tensor:
+
+def attention_grid(
+    attn: torch.Tensor,  # (..., N_image_tokens): attention over the image tokens
+    grid=None,  # patch grid (rows, cols) or its side; None: infer a square one
+    n_prefix: int = 1,  # leading non-patch tokens to drop (CLS: 1; none: 0)
+) -> torch.Tensor:
     "The attention over patch tokens as a (..., rows, cols) map, the CLS (prefix) tokens dropped."
     attn = torch.as_tensor(attn)
     n = attn.shape[-1]
     if grid is None:
         side = math.isqrt(max(n - n_prefix, 0))
         if side * side != n - n_prefix or side == 0:
-            hint = (f" ({n} is itself square: the encoder has no CLS token, pass n_prefix=0)"
-                    if math.isqrt(n) ** 2 == n else '')
-            raise VizError(f"{n} image tokens minus n_prefix={n_prefix} is not a square patch grid{hint}: "
-                           f"pass grid=(rows, cols) from the vision encoder (its .grid)")
+            hint = (
+                f" ({n} is itself square: the encoder has no CLS token, pass n_prefix=0)"
+                if math.isqrt(n) ** 2 == n
+                else ''
+            )
+            raise VizError(
+                f"{n} image tokens minus n_prefix={n_prefix} is not a square patch grid{hint}: "
+                f"pass grid=(rows, cols) from the vision encoder (its .grid)"
+            )
         grid = side
     rows, cols = _grid_hw(grid)
     if n != n_prefix + rows * cols:
-        raise VizError(f"attention has {n} image tokens but a {rows}x{cols} grid plus n_prefix={n_prefix} "
-                       f"needs {n_prefix + rows * cols}: pass the vision encoder's grid and its number of CLS tokens")
+        raise VizError(
+            f"attention has {n} image tokens but a {rows}x{cols} grid plus n_prefix={n_prefix} "
+            f"needs {n_prefix + rows * cols}: pass the vision encoder's grid and its number of CLS tokens"
+        )
     return attn[..., n_prefix:].reshape(*attn.shape[:-1], rows, cols)
 
 # %% ../nbs/08_viz.ipynb #0919d366
-def cross_attention_by_layer(cross_attentions,   # list per layer (None where absent), list per cross layer, or dict
-                             cross_layers=None,  # layer indices of a list that holds only the cross layers
-                            ) -> dict:
+def cross_attention_by_layer(
+    cross_attentions,  # list per layer (None where absent), list per cross layer, or dict
+    cross_layers=None,  # layer indices of a list that holds only the cross layers
+) -> dict:
     "A `{layer: (B, heads, Nq, N_image)}` dict from any of the forms the Q-Former may return."
-    if isinstance(cross_attentions, dict): return {int(k): v for k, v in cross_attentions.items() if v is not None}
+    if isinstance(cross_attentions, dict):
+        return {int(k): v for k, v in cross_attentions.items() if v is not None}
     ca = list(cross_attentions)
     if cross_layers is not None and len(ca) == len(cross_layers) and all(t is not None for t in ca):
         return dict(zip(map(int, cross_layers), ca))
     return {i: t for i, t in enumerate(ca) if t is not None}
 
-def pick_attention(cross_attentions,   # see `cross_attention_by_layer`
-                   layer: int,         # Q-Former layer (must have cross-attention)
-                   head: int | None = None,   # attention head; None: mean over heads
-                   query: int | None = None,  # learned query; None: mean over queries
-                   item: int = 0,             # which image of the batch
-                   cross_layers=None,
-                  ) -> torch.Tensor:
+
+def pick_attention(
+    cross_attentions,  # see `cross_attention_by_layer`
+    layer: int,  # Q-Former layer (must have cross-attention)
+    head: int | None = None,  # attention head; None: mean over heads
+    query: int | None = None,  # learned query; None: mean over queries
+    item: int = 0,  # which image of the batch
+    cross_layers=None,
+) -> torch.Tensor:
     "The cross-attention of one layer over the image tokens, (N_image,), for a head/query or their means."
     by_layer = cross_attention_by_layer(cross_attentions, cross_layers)
     if layer not in by_layer:
-        raise VizError(f"layer {layer} has no cross-attention to the image: choose one of {sorted(by_layer)} "
-                       f"(cross-attention sits in layers 0, f, 2f, ... for cross_attention_freq=f)")
+        raise VizError(
+            f"layer {layer} has no cross-attention to the image: choose one of {sorted(by_layer)} "
+            f"(cross-attention sits in layers 0, f, 2f, ... for cross_attention_freq=f)"
+        )
     a = by_layer[layer].detach().float()
-    if a.dim() != 4: raise VizError(f"cross-attention of layer {layer} has shape {tuple(a.shape)}: expected (batch, heads, queries, image tokens)")
+    if a.dim() != 4:
+        raise VizError(
+            f"cross-attention of layer {layer} has shape {tuple(a.shape)}: expected (batch, heads, queries, image tokens)"
+        )
     B, H, Q, _ = a.shape
     for name, v, n in (('item', item, B), ('head', head, H), ('query', query, Q)):
-        if v is not None and not 0 <= v < n: raise VizError(f"{name}={v} is out of range: this model has {n} (0..{n - 1})")
+        if v is not None and not 0 <= v < n:
+            raise VizError(f"{name}={v} is out of range: this model has {n} (0..{n - 1})")
     a = a[item]
     a = a.mean(0) if head is None else a[head]
     return a.mean(0) if query is None else a[query]
@@ -299,23 +473,33 @@ def pick_attention(cross_attentions,   # see `cross_attention_by_layer`
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-def image_array(image,                 # PIL image, HxWx3 array, or a normalised (3, H, W) tensor
-                mean=CLIP_MEAN, std=CLIP_STD,  # the normalisation a tensor carries (mean=0, std=1: none)
-               ) -> np.ndarray:
+
+def image_array(
+    image,  # PIL image, HxWx3 array, or a normalised (3, H, W) tensor
+    mean=CLIP_MEAN,
+    std=CLIP_STD,  # the normalisation a tensor carries (mean=0, std=1: none)
+) -> np.ndarray:
     "The image as an HxWx3 float array in [0, 1], ready for imshow."
     if isinstance(image, torch.Tensor):
         x = image.detach().float().cpu()
-        if x.dim() == 4 and x.shape[0] == 1: x = x[0]
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
         if x.dim() != 3 or x.shape[0] != 3:
-            raise VizError(f"image tensor has shape {tuple(x.shape)}: expected (3, H, W) as the image transform returns")
+            raise VizError(
+                f"image tensor has shape {tuple(x.shape)}: expected (3, H, W) as the image transform returns"
+            )
         x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
         return x.permute(1, 2, 0).clamp(0, 1).numpy()
     arr = np.asarray(image)
-    if arr.ndim == 2: arr = np.stack([arr] * 3, -1)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise VizError(f"image of shape {arr.shape}: expected an RGB PIL image, an HxWx3 array or a (3, H, W) tensor")
+        raise VizError(
+            f"image of shape {arr.shape}: expected an RGB PIL image, an HxWx3 array or a (3, H, W) tensor"
+        )
     arr = arr[..., :3].astype(np.float32)
     return arr / 255.0 if arr.max() > 1.0 else arr
+
 
 def draw_heatmap(ax, image, grid_map, alpha: float = 0.55, cmap: str = 'inferno', title: str = ''):
     "Draw `grid_map` (rows, cols) as patch cells over `image` on the matplotlib axes `ax`."
@@ -324,57 +508,90 @@ def draw_heatmap(ax, image, grid_map, alpha: float = 0.55, cmap: str = 'inferno'
     ax.imshow(img, extent=(0, w, h, 0))
     m = torch.as_tensor(grid_map).detach().float().cpu().numpy()
     ax.imshow(m, extent=(0, w, h, 0), alpha=alpha, cmap=cmap, interpolation='nearest')
-    ax.set_title(title, fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
     return ax
 
-def plot_heatmaps(image,                 # the image the maps are over
-                  maps,                  # (k, rows, cols) or (rows, cols) maps
-                  titles: Sequence[str] | None = None,  # one title per map
-                  ncols: int = 4,        # panels per row (the image itself comes first)
-                  alpha: float = 0.55, cmap: str = 'inferno',
-                  suptitle: str = '',
-                  shared_scale: bool = True,  # one colour scale [0, max of all maps], so maps compare; False: each its own
-                  cbar_label: str = 'value',  # the colour bar's label: the maps' units
-                 ) -> Figure:
+
+def plot_heatmaps(
+    image,  # the image the maps are over
+    maps,  # (k, rows, cols) or (rows, cols) maps
+    titles: Sequence[str] | None = None,  # one title per map
+    ncols: int = 4,  # panels per row (the image itself comes first)
+    alpha: float = 0.55,
+    cmap: str = 'inferno',
+    suptitle: str = '',
+    shared_scale: bool = True,  # one colour scale [0, max of all maps], so maps compare; False: each its own
+    cbar_label: str = 'value',  # the colour bar's label: the maps' units
+) -> Figure:
     "A Figure: the image, then each map drawn over it, with a colour bar (one for all maps when the scale is shared)."
     maps = torch.as_tensor(maps).detach().float().cpu()
-    if maps.dim() == 2: maps = maps[None]
-    k = maps.shape[0]; titles = list(titles or [f'map {i}' for i in range(k)])
-    n = k + 1; ncols = min(ncols, n); nrows = math.ceil(n / ncols)
+    if maps.dim() == 2:
+        maps = maps[None]
+    k = maps.shape[0]
+    titles = list(titles or [f'map {i}' for i in range(k)])
+    n = k + 1
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(2.3 * ncols + 0.8, 2.4 * nrows), layout='constrained')
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    axes[0].imshow(image_array(image)); axes[0].set_title('image', fontsize=9)
-    axes[0].set_xticks([]); axes[0].set_yticks([])
+    axes[0].imshow(image_array(image))
+    axes[0].set_title('image', fontsize=9)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
     for i in range(k):
         draw_heatmap(axes[i + 1], image, maps[i], alpha, cmap, titles[i])
-        if shared_scale: axes[i + 1].images[-1].set_clim(0.0, float(maps.max()) or 1.0)
-        else: fig.colorbar(axes[i + 1].images[-1], ax=axes[i + 1], shrink=0.8, label=cbar_label)
-    if shared_scale: fig.colorbar(axes[1].images[-1], ax=axes.tolist(), shrink=0.8, label=cbar_label)
-    for ax in axes[n:]: ax.axis('off')
-    if suptitle: fig.suptitle(suptitle, fontsize=10)
+        if shared_scale:
+            axes[i + 1].images[-1].set_clim(0.0, float(maps.max()) or 1.0)
+        else:
+            fig.colorbar(axes[i + 1].images[-1], ax=axes[i + 1], shrink=0.8, label=cbar_label)
+    if shared_scale:
+        fig.colorbar(axes[1].images[-1], ax=axes.tolist(), shrink=0.8, label=cbar_label)
+    for ax in axes[n:]:
+        ax.axis('off')
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     return fig
+
 
 def cls_share(attn: torch.Tensor, n_prefix: int = 1) -> torch.Tensor:
     "The attention mass on the prefix (CLS) keys, the part a patch heatmap does not draw: (...,) from (..., N_image)."
     return torch.as_tensor(attn).detach().float()[..., :n_prefix].sum(-1)
 
-def plot_attention(image,                # the image the attention is over
-                   attn,                 # (k, N_image) or (N_image,) attention rows over the image tokens (CLS first)
-                   titles: Sequence[str] | None = None,  # one title per row
-                   grid=None, n_prefix: int = 1,  # see `attention_grid`
-                   ncols: int = 4, alpha: float = 0.55, suptitle: str = '') -> Figure:
+
+def plot_attention(
+    image,  # the image the attention is over
+    attn,  # (k, N_image) or (N_image,) attention rows over the image tokens (CLS first)
+    titles: Sequence[str] | None = None,  # one title per row
+    grid=None,
+    n_prefix: int = 1,  # see `attention_grid`
+    ncols: int = 4,
+    alpha: float = 0.55,
+    suptitle: str = '',
+) -> Figure:
     "`plot_heatmaps` of attention rows: patch maps in attention-weight units, each title with the CLS key's (undrawn) share."
     attn = torch.as_tensor(attn).detach().float().cpu()
-    if attn.dim() == 1: attn = attn[None]
+    if attn.dim() == 1:
+        attn = attn[None]
     share = cls_share(attn, n_prefix)
     titles = list(titles or [f'row {i}' for i in range(attn.shape[0])])
     titles = [f'{t}\nCLS (not drawn): {float(s):.1%}' for t, s in zip(titles, share)]
-    return plot_heatmaps(image, attention_grid(attn, grid, n_prefix), titles, ncols=ncols, alpha=alpha,
-                         suptitle=suptitle, cbar_label='attention weight')
+    return plot_heatmaps(
+        image,
+        attention_grid(attn, grid, n_prefix),
+        titles,
+        ncols=ncols,
+        alpha=alpha,
+        suptitle=suptitle,
+        cbar_label='attention weight',
+    )
+
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     "The PNG bytes of a Figure (for ipywidgets.Image and files)."
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
     return buf.getvalue()
 
 # %% ../nbs/08_viz.ipynb #1a0ba5b5
@@ -386,64 +603,103 @@ def query_cross_attention(model, images) -> dict:
         out = vm.qformer.image_forward(feats, output_attentions=True)
     return {k: v.float().cpu() for k, v in cross_attention_by_layer(out.cross_attentions).items()}
 
-def plot_query_attention(model, image,               # one image (normalised tensor or PIL)
-                         layer: int = 0,             # a cross-attention layer (0, f, 2f, ...)
-                         head: int | None = None,    # a head, or None: mean of heads
-                         query: int | None = None,   # a query, or None: every query, then their mean
-                         alpha: float = 0.55, ncols: int = 5) -> Figure:
+
+def plot_query_attention(
+    model,
+    image,  # one image (normalised tensor or PIL)
+    layer: int = 0,  # a cross-attention layer (0, f, 2f, ...)
+    head: int | None = None,  # a head, or None: mean of heads
+    query: int | None = None,  # a query, or None: every query, then their mean
+    alpha: float = 0.55,
+    ncols: int = 5,
+) -> Figure:
     "A Figure: the query cross-attention of `layer` over `image`, CLS key dropped, one map per query (or one query)."
     vm = as_viz_model(model)
     ca = query_cross_attention(vm, image)
     qs = list(range(ca[layer].shape[2])) if query is None and layer in ca else [query]
-    rows = torch.stack([pick_attention(ca, layer, head, q) for q in qs] + ([pick_attention(ca, layer, head, None)] if query is None else []))
+    rows = torch.stack(
+        [pick_attention(ca, layer, head, q) for q in qs]
+        + ([pick_attention(ca, layer, head, None)] if query is None else [])
+    )
     titles = [f'query {q}' for q in qs] + (['mean of queries'] if query is None else [])
     hd = 'mean of heads' if head is None else f'head {head}'
-    return plot_attention(image, rows, titles, vm.grid, vm.n_prefix, ncols=ncols, alpha=alpha,
-                          suptitle=f'Q-Former cross-attention, layer {layer}, {hd}: patches only, the CLS key\'s share in each title')
+    return plot_attention(
+        image,
+        rows,
+        titles,
+        vm.grid,
+        vm.n_prefix,
+        ncols=ncols,
+        alpha=alpha,
+        suptitle=f'Q-Former cross-attention, layer {layer}, {hd}: patches only, the CLS key\'s share in each title',
+    )
 
 # %% ../nbs/08_viz.ipynb #e16fa61d
 def mask_allowed(mask) -> torch.Tensor:
     "A boolean (N, N) 'may attend' matrix from a boolean, 0/1 or additive (0 / -inf) mask."
     m = torch.as_tensor(mask).detach().cpu()
     while m.dim() > 2:
-        if m.shape[0] != 1: raise VizError(f"mask of shape {tuple(m.shape)}: pass one (N, N) mask, e.g. mask[0]")
+        if m.shape[0] != 1:
+            raise VizError(f"mask of shape {tuple(m.shape)}: pass one (N, N) mask, e.g. mask[0]")
         m = m[0]
-    if m.dtype == torch.bool: return m
+    if m.dtype == torch.bool:
+        return m
     m = m.float()
     return m == 0 if m.min() < 0 else m > 0.5
 
-MASK_CMAP = 'Greys'   # every mask drawing: 1 (may attend) dark, 0 (masked) white
 
-MASK_TITLES = {'itc': 'ITC: uni-modal', 'itm': 'ITM: bi-directional', 'itg': 'ITG: multimodal causal'}
+MASK_CMAP = 'Greys'  # every mask drawing: 1 (may attend) dark, 0 (masked) white
 
-def plot_masks(masks: dict,        # {'itc': mask, 'itm': mask, 'itg': mask}, each (N, N) over [queries; text]
-               n_query: int,       # how many of the N positions are queries (they come first)
-              ) -> Figure:
+MASK_TITLES = {
+    'itc': 'ITC: uni-modal',
+    'itm': 'ITM: bi-directional',
+    'itg': 'ITG: multimodal causal',
+}
+
+
+def plot_masks(
+    masks: dict,  # {'itc': mask, 'itm': mask, 'itg': mask}, each (N, N) over [queries; text]
+    n_query: int,  # how many of the N positions are queries (they come first)
+) -> Figure:
     "A Figure with the self-attention masks side by side (dark = may attend), labelled with the objective that uses each."
     fig = Figure(figsize=(3.2 * len(masks), 3.4), layout='constrained')
     axes = fig.subplots(1, len(masks), squeeze=False)[0]
     for ax, (name, mask) in zip(axes, masks.items()):
-        m = mask_allowed(mask).float().numpy(); n = m.shape[0]
+        m = mask_allowed(mask).float().numpy()
+        n = m.shape[0]
         ax.imshow(m, cmap=MASK_CMAP, vmin=0, vmax=1, interpolation='nearest')
-        ax.axhline(n_query - 0.5, color='tab:red', lw=1); ax.axvline(n_query - 0.5, color='tab:red', lw=1)
+        ax.axhline(n_query - 0.5, color='tab:red', lw=1)
+        ax.axvline(n_query - 0.5, color='tab:red', lw=1)
         ticks = [(n_query - 1) / 2, n_query + (n - n_query - 1) / 2]
-        ax.set_xticks(ticks, ['queries', 'text']); ax.set_yticks(ticks, ['queries', 'text'], rotation=90, va='center')
-        ax.set_xlabel('key (attended to)', fontsize=8); ax.set_ylabel('attending position', fontsize=8)
+        ax.set_xticks(ticks, ['queries', 'text'])
+        ax.set_yticks(ticks, ['queries', 'text'], rotation=90, va='center')
+        ax.set_xlabel('key (attended to)', fontsize=8)
+        ax.set_ylabel('attending position', fontsize=8)
         ax.set_title(MASK_TITLES.get(name, name), fontsize=10)
     return fig
 
 # %% ../nbs/08_viz.ipynb #33941166
 def attention_masks(num_query: int = 4, text_len: int = 6, pad: int = 1) -> dict:
     "The Q-Former's ITC / ITM / ITG self-attention masks over [queries; text] for one text with `pad` padding tokens."
-    if not 0 <= pad < text_len: raise VizError(f"pad={pad} must be in [0, text_len={text_len}): a text keeps at least its [CLS] token")
+    if not 0 <= pad < text_len:
+        raise VizError(
+            f"pad={pad} must be in [0, text_len={text_len}): a text keeps at least its [CLS] token"
+        )
     am = torch.ones(1, text_len, dtype=torch.long)
-    if pad: am[0, -pad:] = 0
-    return {'itc': unimodal_mask(num_query, am)[0], 'itm': bidirectional_mask(num_query, am)[0],
-            'itg': multimodal_causal_mask(num_query, am)[0]}
+    if pad:
+        am[0, -pad:] = 0
+    return {
+        'itc': unimodal_mask(num_query, am)[0],
+        'itm': bidirectional_mask(num_query, am)[0],
+        'itg': multimodal_causal_mask(num_query, am)[0],
+    }
 
-def show_masks(num_query: int = 4,  # queries
-               text_len: int = 6,   # text tokens (the last `pad` of them are padding)
-               pad: int = 1) -> Figure:
+
+def show_masks(
+    num_query: int = 4,  # queries
+    text_len: int = 6,  # text tokens (the last `pad` of them are padding)
+    pad: int = 1,
+) -> Figure:
     "The uni-modal, bi-directional and multimodal-causal masks side by side, every token labelled (dark = may attend)."
     masks = attention_masks(num_query, text_len, pad)
     fig = Figure(figsize=(10, 3.6), layout='constrained')
@@ -456,101 +712,157 @@ def show_masks(num_query: int = 4,  # queries
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(L), labels, fontsize=7, rotation=90)
         ax.set_yticks(range(L), labels, fontsize=7)
-        ax.axhline(num_query - .5, color='tab:red', lw=1)
-        ax.axvline(num_query - .5, color='tab:red', lw=1)
+        ax.axhline(num_query - 0.5, color='tab:red', lw=1)
+        ax.axvline(num_query - 0.5, color='tab:red', lw=1)
         ax.set_xlabel('key (attended to)', fontsize=8)
     axs[0].set_ylabel('query (attending)', fontsize=8)
     return fig
 
 # %% ../nbs/08_viz.ipynb #59872574
-def itc_winners(sim: torch.Tensor,  # (n_query, n_text) cosine similarities of one image's queries with each text
-               ) -> tuple:
+def itc_winners(
+    sim: torch.Tensor,  # (n_query, n_text) cosine similarities of one image's queries with each text
+) -> tuple:
     "The ITC image-text similarity per text (max over queries) and the index of the winning query."
     sim = torch.as_tensor(sim).float()
-    if sim.dim() != 2: raise VizError(f"similarity of shape {tuple(sim.shape)}: expected (queries, texts) for one image")
+    if sim.dim() != 2:
+        raise VizError(
+            f"similarity of shape {tuple(sim.shape)}: expected (queries, texts) for one image"
+        )
     v, i = sim.max(0)
     return v, i
 
-def plot_itc_queries(sim: torch.Tensor,     # (n_query, n_text)
-                     texts: Sequence[str],  # the texts, in column order
-                     image=None,            # optional image shown on the left
-                    ) -> Figure:
+
+def plot_itc_queries(
+    sim: torch.Tensor,  # (n_query, n_text)
+    texts: Sequence[str],  # the texts, in column order
+    image=None,  # optional image shown on the left
+) -> Figure:
     "A Figure: query x text cosine similarities, the winning query of each text boxed and its score labelled."
     sim = torch.as_tensor(sim).detach().float().cpu()
-    if sim.shape[1] != len(texts): raise VizError(f"{sim.shape[1]} similarity columns but {len(texts)} texts: pass one text per column")
+    if sim.shape[1] != len(texts):
+        raise VizError(
+            f"{sim.shape[1]} similarity columns but {len(texts)} texts: pass one text per column"
+        )
     best, who = itc_winners(sim)
-    fig = Figure(figsize=(2.6 + 1.3 * len(texts) + (2.4 if image is not None else 0), 0.25 * sim.shape[0] + 2.2), layout='constrained')
-    axes = fig.subplots(1, 2 if image is not None else 1, squeeze=False, width_ratios=[1, 2] if image is not None else None)[0]
+    fig = Figure(
+        figsize=(
+            2.6 + 1.3 * len(texts) + (2.4 if image is not None else 0),
+            0.25 * sim.shape[0] + 2.2,
+        ),
+        layout='constrained',
+    )
+    axes = fig.subplots(
+        1,
+        2 if image is not None else 1,
+        squeeze=False,
+        width_ratios=[1, 2] if image is not None else None,
+    )[0]
     if image is not None:
-        axes[0].imshow(image_array(image)); axes[0].set_xticks([]); axes[0].set_yticks([]); axes[0].set_title('image', fontsize=9)
+        axes[0].imshow(image_array(image))
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
+        axes[0].set_title('image', fontsize=9)
     ax = axes[-1]
     im = ax.imshow(sim.numpy(), aspect='auto', cmap='viridis', interpolation='nearest')
     fig.colorbar(im, ax=ax, label='cosine similarity')
     import textwrap
+
     ax.set_xticks(range(len(texts)), [textwrap.fill(t, 18) for t in texts], fontsize=7)
-    ax.set_ylabel('query'); ax.set_yticks(range(sim.shape[0]))
+    ax.set_ylabel('query')
+    ax.set_yticks(range(sim.shape[0]))
     ax.tick_params(axis='y', labelsize=6)
     from matplotlib.patches import Rectangle
+
     for j, (q, v) in enumerate(zip(who.tolist(), best.tolist())):
         ax.add_patch(Rectangle((j - 0.5, q - 0.5), 1, 1, fill=False, ec='red', lw=2))
         ax.text(j, q, f'{v:.2f}', ha='center', va='center', color='white', fontsize=7)
-    ax.set_title('ITC: similarity of each query with each text (box: the max the paper uses)', fontsize=9)
+    ax.set_title(
+        'ITC: similarity of each query with each text (box: the max the paper uses)', fontsize=9
+    )
     return fig
 
 # %% ../nbs/08_viz.ipynb #e2ba2bc9
 def _tokenize(vm: VizModel, texts, max_len: int = 32):
     "Q-Former token ids and attention mask of `texts`."
     if vm.tokenizer is None:
-        raise VizError("this model has no Q-Former tokenizer (a Hugging Face generation checkpoint has no Q-Former text path): "
-                       "use a stage-1 / retrieval checkpoint for ITC and ITM, or pass tokenizer=load_qformer_tokenizer(...)")
-    if isinstance(texts, str): texts = [texts]
+        raise VizError(
+            "this model has no Q-Former tokenizer (a Hugging Face generation checkpoint has no Q-Former text path): "
+            "use a stage-1 / retrieval checkpoint for ITC and ITM, or pass tokenizer=load_qformer_tokenizer(...)"
+        )
+    if isinstance(texts, str):
+        texts = [texts]
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
         raise VizError(f"texts must be non-empty strings, got {texts!r}")
-    enc = vm.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors='pt')
+    enc = vm.tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_len, return_tensors='pt'
+    )
     return enc.input_ids.to(_device(vm)), enc.attention_mask.to(_device(vm))
 
-def itc_query_similarity(model, image,          # one image
-                         texts: Sequence[str],  # candidate texts
-                        ) -> torch.Tensor:
+
+def itc_query_similarity(
+    model,
+    image,  # one image
+    texts: Sequence[str],  # candidate texts
+) -> torch.Tensor:
     "Cosine similarity of each learned query's ITC feature with each text's: (n_query, n_text)."
     vm = as_viz_model(model)
     feats = image_features(vm, image)[:1]
     ids, am = _tokenize(vm, texts)
     with _eval_mode(vm.qformer), torch.no_grad():
-        img = vm.qformer.image_feats(feats)[0]            # (Nq, E), L2-normalised
-        txt = vm.qformer.text_feat(ids, am)               # (T, E), L2-normalised
+        img = vm.qformer.image_feats(feats)[0]  # (Nq, E), L2-normalised
+        txt = vm.qformer.text_feat(ids, am)  # (T, E), L2-normalised
     return (img @ txt.T).float().cpu()
+
 
 def plot_itc(model, image, texts: Sequence[str]) -> Figure:
     "A Figure: `plot_itc_queries` of `itc_query_similarity(model, image, texts)`."
     return plot_itc_queries(itc_query_similarity(model, image, texts), texts, image)
 
 # %% ../nbs/08_viz.ipynb #c15cb7c4
-def visual_prompt_share(attentions,         # per LLM layer: (B, heads, q_len, k_len) attention weights
-                        n_query: int,       # number of soft-prompt positions
-                        start: int = 0,     # index of the first soft-prompt position among the keys
-                       ) -> torch.Tensor:
+def visual_prompt_share(
+    attentions,  # per LLM layer: (B, heads, q_len, k_len) attention weights
+    n_query: int,  # number of soft-prompt positions
+    start: int = 0,  # index of the first soft-prompt position among the keys
+) -> torch.Tensor:
     "Share of the last position's attention on the soft visual prompt, averaged over heads and layers: (B,)."
     if not attentions or any(a is None for a in attentions):
-        raise VizError("no attention weights: run the LLM with output_attentions=True and attn_implementation='eager'")
+        raise VizError(
+            "no attention weights: run the LLM with output_attentions=True and attn_implementation='eager'"
+        )
     shares = []
     for a in attentions:
-        a = a.detach().float()[:, :, -1, :]             # (B, heads, k_len): the newest position
-        if a.shape[-1] < start + n_query: raise VizError(f"attention over {a.shape[-1]} keys cannot hold {n_query} prompt positions from {start}: is the soft prompt in this sequence?")
-        shares.append(a[..., start:start + n_query].sum(-1) / a.sum(-1).clamp_min(1e-12))
+        a = a.detach().float()[:, :, -1, :]  # (B, heads, k_len): the newest position
+        if a.shape[-1] < start + n_query:
+            raise VizError(
+                f"attention over {a.shape[-1]} keys cannot hold {n_query} prompt positions from {start}: is the soft prompt in this sequence?"
+            )
+        shares.append(a[..., start : start + n_query].sum(-1) / a.sum(-1).clamp_min(1e-12))
     return torch.stack(shares).mean((0, 2))
 
-def plot_generation_steps(steps: Sequence[dict],  # one dict per new token: token, prob, visual_share
-                          title: str = '') -> Figure:
+
+def plot_generation_steps(
+    steps: Sequence[dict], title: str = ''  # one dict per new token: token, prob, visual_share
+) -> Figure:
     "A Figure: the generated tokens in order, bar = share of attention on the soft visual prompt, label = p(token)."
-    if not steps: raise VizError("no generation steps to plot: generate at least one token")
+    if not steps:
+        raise VizError("no generation steps to plot: generate at least one token")
     fig = Figure(figsize=(max(4, 0.7 * len(steps) + 1.5), 3), layout='constrained')
     ax = fig.subplots()
     x = range(len(steps))
     bars = ax.bar(x, [s['visual_share'] for s in steps], color='tab:purple')
-    for b, s in zip(bars, steps): ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.02, f"p={s['prob']:.2f}", ha='center', fontsize=7)
-    ax.set_xticks(list(x), [repr(s['token'])[1:-1] or '∅' for s in steps], rotation=45, ha='right', fontsize=8)
-    ax.set_ylim(0, 1.1); ax.set_ylabel('attention on visual prompt')
+    for b, s in zip(bars, steps):
+        ax.text(
+            b.get_x() + b.get_width() / 2,
+            b.get_height() + 0.02,
+            f"p={s['prob']:.2f}",
+            ha='center',
+            fontsize=7,
+        )
+    ax.set_xticks(
+        list(x), [repr(s['token'])[1:-1] or '∅' for s in steps], rotation=45, ha='right', fontsize=8
+    )
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel('attention on visual prompt')
     ax.set_title(title or 'greedy generation, token by token', fontsize=9)
     return fig
 
@@ -560,34 +872,52 @@ def _eager_attention(hf_model):
     "Eager attention inside the block (the only implementation that returns attention weights), restored after."
     # every PreTrainedModel inside (T5's encoder and decoder stacks keep configs of their own, which
     # the top-level set_attn_implementation does not reach in transformers 5)
-    subs = [m for m in hf_model.modules() if hasattr(m, 'set_attn_implementation') and hasattr(m, 'config')]
+    subs = [
+        m
+        for m in hf_model.modules()
+        if hasattr(m, 'set_attn_implementation') and hasattr(m, 'config')
+    ]
     prev = [getattr(m.config, '_attn_implementation', None) for m in subs]
     for m, p in zip(subs, prev):
-        if p != 'eager': m.set_attn_implementation('eager')
-    try: yield
+        if p != 'eager':
+            m.set_attn_implementation('eager')
+    try:
+        yield
     finally:
         for m, p in zip(subs, prev):
-            if p not in (None, 'eager'): m.set_attn_implementation(p)
+            if p not in (None, 'eager'):
+                m.set_attn_implementation(p)
+
 
 def soft_prompt(vm: VizModel, feats: torch.Tensor) -> torch.Tensor:
     "The soft visual prompt (B, Nq, LLM width): the query outputs projected into the LLM's embedding space (Sec. 3.3)."
     if vm.llm is None or vm.llm_proj is None:
-        raise VizError("this model has no LLM or no projection into it (a stage-1 model): load a stage-2 checkpoint, or pass llm= and llm_proj=")
+        raise VizError(
+            "this model has no LLM or no projection into it (a stage-1 model): load a stage-2 checkpoint, or pass llm= and llm_proj="
+        )
     return vm.llm_proj(vm.qformer.image_forward(feats).query_output).to(vm.llm.dtype)
+
 
 def _llm_inputs(vm: VizModel, feats, prompt: str):
     "Embeddings of [soft prompt; tokenizer(prompt)] (its special tokens too, e.g. OPT's bos, as Blip2Stage2.generate) and Nq."
     soft = soft_prompt(vm, feats)
     ids = torch.tensor([vm.llm.tokenizer(prompt).input_ids], dtype=torch.long, device=soft.device)
-    if ids.shape[1]: soft = torch.cat([soft, vm.llm.embed(ids).to(soft.dtype)], 1)
+    if ids.shape[1]:
+        soft = torch.cat([soft, vm.llm.embed(ids).to(soft.dtype)], 1)
     return soft, vm.qformer.num_query
 
-def generation_steps(model, image, prompt: str = '',   # text after the soft prompt (e.g. 'Question: ... Short answer:')
-                     max_new_tokens: int = 8) -> list:
+
+def generation_steps(
+    model,
+    image,
+    prompt: str = '',  # text after the soft prompt (e.g. 'Question: ... Short answer:')
+    max_new_tokens: int = 8,
+) -> list:
     "Greedy generation token by token: [{token, id, prob, visual_share}], visual_share = LLM attention on the soft prompt."
     vm = as_viz_model(model)
     feats = image_features(vm, image)[:1]
-    if vm.llm is None or vm.llm_proj is None: soft_prompt(vm, feats)     # raises the stage-1 message
+    if vm.llm is None or vm.llm_proj is None:
+        soft_prompt(vm, feats)  # raises the stage-1 message
     steps = []
     with _eval_mode(vm.qformer, vm.llm_proj), torch.no_grad(), _eager_attention(vm.llm.model):
         emb, nq = _llm_inputs(vm, feats, prompt)
@@ -598,19 +928,29 @@ def generation_steps(model, image, prompt: str = '',   # text after the soft pro
             dec = torch.tensor([[0 if start is None else start]], device=emb.device)
         for _ in range(max_new_tokens):
             if dec is None:
-                out = hf(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device), output_attentions=True)
+                out = hf(
+                    inputs_embeds=emb,
+                    attention_mask=torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device),
+                    output_attentions=True,
+                )
                 share = visual_prompt_share(out.attentions, nq)
             else:
                 out = hf(inputs_embeds=emb, decoder_input_ids=dec, output_attentions=True)
                 share = visual_prompt_share(out.cross_attentions, nq)
             p = torch.softmax(out.logits[0, -1].float(), -1)
             t = int(p.argmax())
-            steps.append(dict(token=tok.decode([t]), id=t, prob=float(p[t]), visual_share=float(share[0])))
-            if t == vm.llm.eos_token_id: break
+            steps.append(
+                dict(token=tok.decode([t]), id=t, prob=float(p[t]), visual_share=float(share[0]))
+            )
+            if t == vm.llm.eos_token_id:
+                break
             nxt = torch.tensor([[t]], device=emb.device)
-            if dec is None: emb = torch.cat([emb, vm.llm.embed(nxt).to(emb.dtype)], 1)
-            else: dec = torch.cat([dec, nxt], 1)
+            if dec is None:
+                emb = torch.cat([emb, vm.llm.embed(nxt).to(emb.dtype)], 1)
+            else:
+                dec = torch.cat([dec, nxt], 1)
     return steps
+
 
 def plot_generation(model, image, prompt: str = '', max_new_tokens: int = 8) -> Figure:
     "A Figure: `plot_generation_steps` of `generation_steps(model, image, prompt)`."
@@ -619,139 +959,248 @@ def plot_generation(model, image, prompt: str = '', max_new_tokens: int = 8) -> 
     return plot_generation_steps(steps, title=f'prompt {prompt!r} -> {text!r}')
 
 # %% ../nbs/08_viz.ipynb #8e89f8a0
-def plot_attribution(image,                       # the image
-                     patch_attr: torch.Tensor,    # (rows, cols) attribution per patch
-                     query_attr: torch.Tensor | None = None,  # (n_query,) attribution per query
-                     title: str = '', alpha: float = 0.6) -> Figure:
+def plot_attribution(
+    image,  # the image
+    patch_attr: torch.Tensor,  # (rows, cols) attribution per patch
+    query_attr: torch.Tensor | None = None,  # (n_query,) attribution per query
+    title: str = '',
+    alpha: float = 0.6,
+) -> Figure:
     "A Figure: signed patch attributions over the image, and a bar per query."
     p = torch.as_tensor(patch_attr).detach().float().cpu()
     lim = float(p.abs().max()) or 1.0
     n = 3 if query_attr is not None else 2
-    fig = Figure(figsize=(2.6 * n + (1.5 if query_attr is not None else 0), 2.8), layout='constrained')
+    fig = Figure(
+        figsize=(2.6 * n + (1.5 if query_attr is not None else 0), 2.8), layout='constrained'
+    )
     axes = fig.subplots(1, n, width_ratios=[1, 1, 1.8][:n])
-    axes[0].imshow(image_array(image)); axes[0].set_title('image', fontsize=9)
-    axes[0].set_xticks([]); axes[0].set_yticks([])
-    img = image_array(image); h, w = img.shape[:2]
+    axes[0].imshow(image_array(image))
+    axes[0].set_title('image', fontsize=9)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    img = image_array(image)
+    h, w = img.shape[:2]
     axes[1].imshow(img, extent=(0, w, h, 0))
-    im = axes[1].imshow(p.numpy(), extent=(0, w, h, 0), cmap='bwr', vmin=-lim, vmax=lim, alpha=alpha, interpolation='nearest')
-    axes[1].set_title('per patch', fontsize=9); axes[1].set_xticks([]); axes[1].set_yticks([])
+    im = axes[1].imshow(
+        p.numpy(),
+        extent=(0, w, h, 0),
+        cmap='bwr',
+        vmin=-lim,
+        vmax=lim,
+        alpha=alpha,
+        interpolation='nearest',
+    )
+    axes[1].set_title('per patch', fontsize=9)
+    axes[1].set_xticks([])
+    axes[1].set_yticks([])
     fig.colorbar(im, ax=axes[1], shrink=0.8)
     if query_attr is not None:
         q = torch.as_tensor(query_attr).detach().float().cpu().numpy()
         axes[2].bar(range(len(q)), q, color=['tab:red' if v > 0 else 'tab:blue' for v in q])
-        axes[2].axhline(0, color='k', lw=0.5); axes[2].set_xlabel('query'); axes[2].set_title('per query', fontsize=9)
-    if title: fig.suptitle(title, fontsize=10)
+        axes[2].axhline(0, color='k', lw=0.5)
+        axes[2].set_xlabel('query')
+        axes[2].set_title('per query', fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 # %% ../nbs/08_viz.ipynb #4e55b329
 @dataclass
 class Attribution:
     "Integrated-gradients attributions of one score."
-    patch: torch.Tensor   # (rows, cols) per patch token (summed over the feature width)
-    cls: float            # the prefix (CLS) tokens' share, kept apart
-    query: torch.Tensor   # (n_query,) per query
-    score: float          # the score at the image
-    baseline: float       # the score at the baseline (zero features)
-    delta: float          # captum's convergence delta of the patch attributions (completeness error)
+
+    patch: torch.Tensor  # (rows, cols) per patch token (summed over the feature width)
+    cls: float  # the prefix (CLS) tokens' share, kept apart
+    query: torch.Tensor  # (n_query,) per query
+    score: float  # the score at the image
+    baseline: float  # the score at the baseline (zero features)
+    delta: float  # captum's convergence delta of the patch attributions (completeness error)
     title: str = ''
 
-def _integrated(vm: VizModel, f, feats, layer, n_steps: int, layer_input: bool, title: str) -> Attribution:
+
+def _integrated(
+    vm: VizModel, f, feats, layer, n_steps: int, layer_input: bool, title: str
+) -> Attribution:
     "Run IG on the image features and layer IG on `layer` for the scalar function `f(features) -> (B,)`."
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
     base = torch.zeros_like(feats)
     with _eval_mode(vm.qformer, vm.llm_proj), torch.enable_grad():
-        attr, delta = IntegratedGradients(f).attribute(feats, baselines=base, n_steps=n_steps, return_convergence_delta=True)
-        la = LayerIntegratedGradients(f, layer).attribute(feats, baselines=base, n_steps=n_steps, attribute_to_layer_input=layer_input)
-        with torch.no_grad(): score, b = float(f(feats)[0]), float(f(base)[0])
+        attr, delta = IntegratedGradients(f).attribute(
+            feats, baselines=base, n_steps=n_steps, return_convergence_delta=True
+        )
+        la = LayerIntegratedGradients(f, layer).attribute(
+            feats, baselines=base, n_steps=n_steps, attribute_to_layer_input=layer_input
+        )
+        with torch.no_grad():
+            score, b = float(f(feats)[0]), float(f(base)[0])
     la = la[0] if isinstance(la, (tuple, list)) else la
     tok = attr[0].sum(-1).detach().cpu()
-    return Attribution(patch=attention_grid(tok, vm.grid, vm.n_prefix), cls=float(tok[:vm.n_prefix].sum()),
-                       query=la[0].sum(-1).detach().float().cpu(), score=score, baseline=b, delta=float(delta.abs().max()), title=title)
+    return Attribution(
+        patch=attention_grid(tok, vm.grid, vm.n_prefix),
+        cls=float(tok[: vm.n_prefix].sum()),
+        query=la[0].sum(-1).detach().float().cpu(),
+        score=score,
+        baseline=b,
+        delta=float(delta.abs().max()),
+        title=title,
+    )
 
-def itm_attribution(model, image, text: str,
-                    n_steps: int = 32,   # integration steps (more: smaller convergence delta)
-                   ) -> Attribution:
+
+def itm_attribution(
+    model,
+    image,
+    text: str,
+    n_steps: int = 32,  # integration steps (more: smaller convergence delta)
+) -> Attribution:
     "Which patches and which queries drive the ITM match log-odds of (image, text)."
     vm = as_viz_model(model)
     feats = image_features(vm, image)[:1]
     ids, am = _tokenize(vm, [text])
-    def f(x): lg = vm.qformer.itm_logits(x, ids.expand(x.shape[0], -1), am.expand(x.shape[0], -1)); return lg[:, 1] - lg[:, 0]
+
+    def f(x):
+        lg = vm.qformer.itm_logits(x, ids.expand(x.shape[0], -1), am.expand(x.shape[0], -1))
+        return lg[:, 1] - lg[:, 0]
+
     return _integrated(vm, f, feats, vm.qformer.itm_head, n_steps, True, f'ITM log-odds, {text!r}')
+
 
 def answer_attribution(model, image, prompt: str, answer: str, n_steps: int = 32) -> Attribution:
     "Which patches and which soft-prompt queries drive log p(answer | image, prompt) under the frozen decoder-only LLM."
     vm = as_viz_model(model)
     feats = image_features(vm, image)[:1]
-    if vm.llm is None or vm.llm_proj is None: soft_prompt(vm, feats)     # raises the stage-1 message
-    if vm.llm.kind != 'decoder': raise VizError("answer_attribution supports decoder-only LLMs (llm.kind='decoder'): use itm_attribution for the Q-Former alone")
+    if vm.llm is None or vm.llm_proj is None:
+        soft_prompt(vm, feats)  # raises the stage-1 message
+    if vm.llm.kind != 'decoder':
+        raise VizError(
+            "answer_attribution supports decoder-only LLMs (llm.kind='decoder'): use itm_attribution for the Q-Former alone"
+        )
     tok = vm.llm.tokenizer
     p_ids = torch.tensor([tok(prompt).input_ids], dtype=torch.long, device=_device(vm))
     p_ids = p_ids if p_ids.shape[1] else None
     a_ids = tok([answer], return_tensors='pt', add_special_tokens=False).input_ids.to(_device(vm))
-    if a_ids.shape[1] == 0: raise VizError("answer is empty: give the answer text whose log-probability to attribute")
+    if a_ids.shape[1] == 0:
+        raise VizError("answer is empty: give the answer text whose log-probability to attribute")
+
     def f(x):
         B = x.shape[0]
         soft = vm.llm_proj(vm.qformer.image_forward(x).query_output).to(vm.llm.dtype)
-        parts = [soft] + ([vm.llm.embed(p_ids).expand(B, -1, -1)] if p_ids is not None else []) + [vm.llm.embed(a_ids).expand(B, -1, -1)]
+        parts = (
+            [soft]
+            + ([vm.llm.embed(p_ids).expand(B, -1, -1)] if p_ids is not None else [])
+            + [vm.llm.embed(a_ids).expand(B, -1, -1)]
+        )
         logits = vm.llm.model(inputs_embeds=torch.cat(parts, 1)).logits.float()
         n = a_ids.shape[1]
-        logp = torch.log_softmax(logits[:, -n - 1:-1], -1)           # the positions that predict the answer tokens
+        logp = torch.log_softmax(
+            logits[:, -n - 1 : -1], -1
+        )  # the positions that predict the answer tokens
         return logp.gather(-1, a_ids.expand(B, -1)[..., None])[..., 0].sum(-1)
-    return _integrated(vm, f, feats, vm.llm_proj, n_steps, False, f'log p({answer!r} | image, {prompt!r})')
+
+    return _integrated(
+        vm, f, feats, vm.llm_proj, n_steps, False, f'log p({answer!r} | image, {prompt!r})'
+    )
+
 
 def plot_itm_attribution(model, image, text: str, n_steps: int = 32) -> Figure:
     "A Figure: `plot_attribution` of `itm_attribution(model, image, text)`."
     a = itm_attribution(model, image, text, n_steps)
-    return plot_attribution(image, a.patch, a.query, f'{a.title}: baseline {a.baseline:.3f} -> image {a.score:.3f}')
+    return plot_attribution(
+        image, a.patch, a.query, f'{a.title}: baseline {a.baseline:.3f} -> image {a.score:.3f}'
+    )
 
 # %% ../nbs/08_viz.ipynb #82002496
 def _choice_options(n: int, mean_label: str = 'mean') -> list:
-    return [(mean_label, -1)] + [(str(i), i) for i in range(n)]   # -1: the mean (ipywidgets reads None as 'no selection')
+    return [(mean_label, -1)] + [
+        (str(i), i) for i in range(n)
+    ]  # -1: the mean (ipywidgets reads None as 'no selection')
+
 
 def _caption(text: str):
     "An HTML line naming the model an explorer shows (empty: hidden)."
     import ipywidgets as W, html
+
     return W.HTML(f'<small><b>model:</b> {html.escape(text)}</small>' if text else '')
+
 
 @contextmanager
 def _busy(button, status, label: str):
     "While the block runs: `button` disabled and relabelled `label`, `status` says so; both restored after, errors included."
-    if button is None: yield; return
+    if button is None:
+        yield
+        return
     old = (button.description, button.disabled)
     button.description, button.disabled = label, True
     status.value = f'<i>{label}</i>'
-    try: yield
-    finally: button.description, button.disabled = old
+    try:
+        yield
+    finally:
+        button.description, button.disabled = old
+
 
 class AttentionExplorer:
     "Dropdowns for image / layer / head / query and an opacity slider over the query cross-attention heatmap."
-    def __init__(self, images: Sequence,        # images to choose from (tensors as the model eats them, or PIL)
-                 attention_fn,                  # attention_fn(i) -> cross-attentions of image i (see `pick_attention`)
-                 labels: Sequence[str] | None = None,  # dropdown label per image
-                 grid=None, n_prefix: int = 1, cross_layers=None,
-                 caption: str = ''):                   # which model this is (shown above the controls)
+
+    def __init__(
+        self,
+        images: Sequence,  # images to choose from (tensors as the model eats them, or PIL)
+        attention_fn,  # attention_fn(i) -> cross-attentions of image i (see `pick_attention`)
+        labels: Sequence[str] | None = None,  # dropdown label per image
+        grid=None,
+        n_prefix: int = 1,
+        cross_layers=None,
+        caption: str = '',
+    ):  # which model this is (shown above the controls)
         import ipywidgets as W
-        if len(images) == 0: raise VizError("AttentionExplorer needs at least one image")
-        self.images, self.attention_fn, self.grid, self.n_prefix, self.cross_layers = list(images), attention_fn, grid, n_prefix, cross_layers
+
+        if len(images) == 0:
+            raise VizError("AttentionExplorer needs at least one image")
+        self.images, self.attention_fn, self.grid, self.n_prefix, self.cross_layers = (
+            list(images),
+            attention_fn,
+            grid,
+            n_prefix,
+            cross_layers,
+        )
         self._cache = {}
-        first = self._attn(0); layers = sorted(first)
+        first = self._attn(0)
+        layers = sorted(first)
         _, H, Q, _ = first[layers[0]].shape
         labels = list(labels or [f'image {i}' for i in range(len(self.images))])
-        self.image = W.Dropdown(options=[(l, i) for i, l in enumerate(labels)], value=0, description='image')
-        self.layer = W.Dropdown(options=[(f'layer {l}', l) for l in layers], value=layers[0], description='layer')
-        self.head = W.Dropdown(options=_choice_options(H, 'mean of heads'), value=-1, description='head')
-        self.query = W.Dropdown(options=_choice_options(Q, 'all queries'), value=-1, description='query')
+        self.image = W.Dropdown(
+            options=[(l, i) for i, l in enumerate(labels)], value=0, description='image'
+        )
+        self.layer = W.Dropdown(
+            options=[(f'layer {l}', l) for l in layers], value=layers[0], description='layer'
+        )
+        self.head = W.Dropdown(
+            options=_choice_options(H, 'mean of heads'), value=-1, description='head'
+        )
+        self.query = W.Dropdown(
+            options=_choice_options(Q, 'all queries'), value=-1, description='query'
+        )
         self.alpha = W.FloatSlider(value=0.55, min=0.0, max=1.0, step=0.05, description='opacity')
         self.view = W.Image(format='png')
         self.status = W.HTML()
-        for w in (self.image, self.layer, self.head, self.query, self.alpha): w.observe(self._changed, names='value')
+        for w in (self.image, self.layer, self.head, self.query, self.alpha):
+            w.observe(self._changed, names='value')
         self.caption = _caption(caption)
-        self.widget = W.VBox([self.caption, W.HBox([self.image, self.layer]), W.HBox([self.head, self.query]), self.alpha, self.view, self.status])
+        self.widget = W.VBox(
+            [
+                self.caption,
+                W.HBox([self.image, self.layer]),
+                W.HBox([self.head, self.query]),
+                self.alpha,
+                self.view,
+                self.status,
+            ]
+        )
         self.widget.add_class('blip2lab-attention-explorer')
         self.update()
 
     def _attn(self, i):
-        if i not in self._cache: self._cache[i] = cross_attention_by_layer(self.attention_fn(i), self.cross_layers)
+        if i not in self._cache:
+            self._cache[i] = cross_attention_by_layer(self.attention_fn(i), self.cross_layers)
         return self._cache[i]
 
     def figure(self) -> Figure:
@@ -760,15 +1209,26 @@ class AttentionExplorer:
         layer = self.layer.value
         head, query = (None if v < 0 else v for v in (self.head.value, self.query.value))
         hd = 'mean of heads' if head is None else f'head {head}'
-        if query is None:   # every query side by side, then their mean
+        if query is None:  # every query side by side, then their mean
             Q = ca[layer].shape[2]
-            rows = torch.stack([pick_attention(ca, layer, head, q) for q in range(Q)] + [pick_attention(ca, layer, head, None)])
+            rows = torch.stack(
+                [pick_attention(ca, layer, head, q) for q in range(Q)]
+                + [pick_attention(ca, layer, head, None)]
+            )
             titles = [f'query {q}' for q in range(Q)] + ['mean of queries']
         else:
             rows = pick_attention(ca, layer, head, query)[None]
             titles = [f'query {query}']
-        return plot_attention(self.images[self.image.value], rows, titles, self.grid, self.n_prefix, ncols=5, alpha=self.alpha.value,
-                              suptitle=f'cross-attention, layer {layer}, {hd}: patches only, the CLS key\'s share in each title')
+        return plot_attention(
+            self.images[self.image.value],
+            rows,
+            titles,
+            self.grid,
+            self.n_prefix,
+            ncols=5,
+            alpha=self.alpha.value,
+            suptitle=f'cross-attention, layer {layer}, {hd}: patches only, the CLS key\'s share in each title',
+        )
 
     def summary(self) -> str:
         "One line about the current view: the attention mass on the (undrawn) CLS key and the peak patch."
@@ -776,36 +1236,54 @@ class AttentionExplorer:
         a = pick_attention(self._attn(self.image.value), self.layer.value, head, query)
         g = attention_grid(a, self.grid, self.n_prefix)
         r, c = divmod(int(g.argmax()), g.shape[-1])
-        return (f'CLS key: {float(a[:self.n_prefix].sum()):.1%} of the attention (not drawn); '
-                f'peak patch: row {r}, col {c} ({float(g.max()):.1%})')
+        return (
+            f'CLS key: {float(a[:self.n_prefix].sum()):.1%} of the attention (not drawn); '
+            f'peak patch: row {r}, col {c} ({float(g.max()):.1%})'
+        )
 
     def update(self):
         "Redraw the picture from the widgets' current values."
         self.view.value = figure_png(self.figure(), dpi=80)
         self.status.value = f'<small>{self.summary()}</small>'
 
-    def _changed(self, change): self.update()
-    def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+    def _changed(self, change):
+        self.update()
+
+    def _repr_mimebundle_(self, **kw):
+        return self.widget._repr_mimebundle_(**kw)
+
 
 class AttributionExplorer:
     "An image dropdown, a text box and a button that runs an attribution and shows `plot_attribution`."
-    def __init__(self, images: Sequence,   # images to choose from
-                 attribute_fn,             # attribute_fn(i, text) -> (patch_attr (rows, cols), query_attr (n_query,), title)
-                 texts: Sequence[str] = ('',),  # suggested texts; the first fills the box
-                 labels: Sequence[str] | None = None,
-                 caption: str = ''):            # which model this is (shown above the controls)
+
+    def __init__(
+        self,
+        images: Sequence,  # images to choose from
+        attribute_fn,  # attribute_fn(i, text) -> (patch_attr (rows, cols), query_attr (n_query,), title)
+        texts: Sequence[str] = ('',),  # suggested texts; the first fills the box
+        labels: Sequence[str] | None = None,
+        caption: str = '',
+    ):  # which model this is (shown above the controls)
         import ipywidgets as W
-        if len(images) == 0: raise VizError("AttributionExplorer needs at least one image")
+
+        if len(images) == 0:
+            raise VizError("AttributionExplorer needs at least one image")
         self.images, self.attribute_fn = list(images), attribute_fn
         labels = list(labels or [f'image {i}' for i in range(len(self.images))])
-        self.image = W.Dropdown(options=[(l, i) for i, l in enumerate(labels)], value=0, description='image')
-        self.text = W.Combobox(value=texts[0], options=list(texts), description='text', ensure_option=False)
+        self.image = W.Dropdown(
+            options=[(l, i) for i, l in enumerate(labels)], value=0, description='image'
+        )
+        self.text = W.Combobox(
+            value=texts[0], options=list(texts), description='text', ensure_option=False
+        )
         self.button = W.Button(description='Attribute', button_style='primary', icon='search')
         self.view = W.Image(format='png')
         self.status = W.HTML()
         self.button.on_click(self._clicked)
         self.caption = _caption(caption)
-        self.widget = W.VBox([self.caption, W.HBox([self.image, self.text, self.button]), self.view, self.status])
+        self.widget = W.VBox(
+            [self.caption, W.HBox([self.image, self.text, self.button]), self.view, self.status]
+        )
         self.widget.add_class('blip2lab-attribution-explorer')
         self.runs = 0
 
@@ -815,37 +1293,60 @@ class AttributionExplorer:
         return plot_attribution(self.images[self.image.value], patch, query, title)
 
     def _clicked(self, _=None):
-        with _busy(self.button, self.status, 'Attributing…'):   # integrated gradients take a while: say so
+        with _busy(
+            self.button, self.status, 'Attributing…'
+        ):  # integrated gradients take a while: say so
             try:
-                self.view.value = figure_png(self.figure(), dpi=80); self.runs += 1
+                self.view.value = figure_png(self.figure(), dpi=80)
+                self.runs += 1
                 self.status.value = f'<small>run {self.runs}: {self.text.value!r}</small>'
-            except Blip2LabError as e: self.status.value = f'<b>error:</b> {e}'
-            except Exception as e: self.status.value = f'<b>error:</b> {type(e).__name__}: {e}'; raise
+            except Blip2LabError as e:
+                self.status.value = f'<b>error:</b> {e}'
+            except Exception as e:
+                self.status.value = f'<b>error:</b> {type(e).__name__}: {e}'
+                raise
 
-    def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+    def _repr_mimebundle_(self, **kw):
+        return self.widget._repr_mimebundle_(**kw)
 
 # %% ../nbs/08_viz.ipynb #4c6e3929
 class ViewExplorer:
     "Input widgets -> `draw(**values)` -> the Figure as a PNG, redrawn on change or on a button press."
-    def __init__(self, draw,                   # draw(**{name: widget.value}) -> Figure
-                 controls: dict,               # {name: ipywidgets input widget}
-                 button: str | None = None,    # a button label: redraw only when pressed (slow views)
-                 css_class: str = 'blip2lab-view-explorer',
-                 busy: str = 'Working…',       # the button's label (disabled) while it draws
-                 caption: str = ''):           # which model this is (shown above the controls)
+
+    def __init__(
+        self,
+        draw,  # draw(**{name: widget.value}) -> Figure
+        controls: dict,  # {name: ipywidgets input widget}
+        button: str | None = None,  # a button label: redraw only when pressed (slow views)
+        css_class: str = 'blip2lab-view-explorer',
+        busy: str = 'Working…',  # the button's label (disabled) while it draws
+        caption: str = '',
+    ):  # which model this is (shown above the controls)
         import ipywidgets as W
+
         self.draw, self.controls, self.busy = draw, dict(controls), busy
         self.view, self.status = W.Image(format='png'), W.HTML()
         self.button = W.Button(description=button, button_style='primary') if button else None
-        if self.button: self.button.on_click(lambda _: self.update())
+        if self.button:
+            self.button.on_click(lambda _: self.update())
         else:
-            for w in self.controls.values(): w.observe(lambda _: self.update(), names='value')
+            for w in self.controls.values():
+                w.observe(lambda _: self.update(), names='value')
         self.caption = _caption(caption)
-        self.widget = W.VBox([self.caption, W.HBox(list(self.controls.values()) + ([self.button] if self.button else [])), self.view, self.status])
+        self.widget = W.VBox(
+            [
+                self.caption,
+                W.HBox(list(self.controls.values()) + ([self.button] if self.button else [])),
+                self.view,
+                self.status,
+            ]
+        )
         self.widget.add_class(css_class)
-        if not self.button: self.update()
+        if not self.button:
+            self.update()
 
-    def values(self) -> dict: return {k: w.value for k, w in self.controls.items()}
+    def values(self) -> dict:
+        return {k: w.value for k, w in self.controls.items()}
 
     def update(self):
         "Draw with the current values (the button busy meanwhile); a Blip2LabError is shown under the picture instead of raised."
@@ -853,43 +1354,92 @@ class ViewExplorer:
             try:
                 self.view.value = figure_png(self.draw(**self.values()), dpi=80)
                 self.status.value = ''
-            except Blip2LabError as e: self.status.value = f'<b>error:</b> {e}'
-            except Exception as e: self.status.value = f'<b>error:</b> {type(e).__name__}: {e}'; raise
+            except Blip2LabError as e:
+                self.status.value = f'<b>error:</b> {e}'
+            except Exception as e:
+                self.status.value = f'<b>error:</b> {type(e).__name__}: {e}'
+                raise
 
-    def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+    def _repr_mimebundle_(self, **kw):
+        return self.widget._repr_mimebundle_(**kw)
+
 
 def mask_explorer(num_query: int = 4, text_len: int = 6, pad: int = 1) -> ViewExplorer:
     "Sliders for `plot_masks(attention_masks(num_query, text_len, pad))`."
     import ipywidgets as W
-    ctl = dict(num_query=W.IntSlider(value=num_query, min=1, max=32, description='queries'),
-               text_len=W.IntSlider(value=text_len, min=1, max=32, description='text tokens'),
-               pad=W.IntSlider(value=pad, min=0, max=31, description='padding'))
-    return ViewExplorer(lambda num_query, text_len, pad: plot_masks(attention_masks(num_query, text_len, pad), num_query), ctl)
 
-def generation_explorer(model, images: Sequence, labels: Sequence[str] | None = None, prompt: str = '',
-                        caption: str = '') -> ViewExplorer:
+    ctl = dict(
+        num_query=W.IntSlider(value=num_query, min=1, max=32, description='queries'),
+        text_len=W.IntSlider(value=text_len, min=1, max=32, description='text tokens'),
+        pad=W.IntSlider(value=pad, min=0, max=31, description='padding'),
+    )
+    return ViewExplorer(
+        lambda num_query, text_len, pad: plot_masks(
+            attention_masks(num_query, text_len, pad), num_query
+        ),
+        ctl,
+    )
+
+
+def generation_explorer(
+    model,
+    images: Sequence,
+    labels: Sequence[str] | None = None,
+    prompt: str = '',
+    caption: str = '',
+) -> ViewExplorer:
     "Image dropdown, prompt box and length slider; **Generate** runs `plot_generation` (button shows 'Generating…' meanwhile)."
     import ipywidgets as W
+
     vm = as_viz_model(model)
     labels = list(labels or [f'image {i}' for i in range(len(images))])
-    ctl = dict(image=W.Dropdown(options=[(l, i) for i, l in enumerate(labels)], value=0, description='image'),
-               prompt=W.Text(value=prompt, description='prompt'),
-               max_new_tokens=W.IntSlider(value=8, min=1, max=30, description='tokens'))
-    return ViewExplorer(lambda image, prompt, max_new_tokens: plot_generation(vm, images[image], prompt, max_new_tokens), ctl,
-                        button='Generate', css_class='blip2lab-generation-explorer', busy='Generating…', caption=caption)
+    ctl = dict(
+        image=W.Dropdown(
+            options=[(l, i) for i, l in enumerate(labels)], value=0, description='image'
+        ),
+        prompt=W.Text(value=prompt, description='prompt'),
+        max_new_tokens=W.IntSlider(value=8, min=1, max=30, description='tokens'),
+    )
+    return ViewExplorer(
+        lambda image, prompt, max_new_tokens: plot_generation(
+            vm, images[image], prompt, max_new_tokens
+        ),
+        ctl,
+        button='Generate',
+        css_class='blip2lab-generation-explorer',
+        busy='Generating…',
+        caption=caption,
+    )
 
 # %% ../nbs/08_viz.ipynb #89733ce4
-def attention_explorer(model, images: Sequence, labels: Sequence[str] | None = None, caption: str = '') -> AttentionExplorer:
+def attention_explorer(
+    model, images: Sequence, labels: Sequence[str] | None = None, caption: str = ''
+) -> AttentionExplorer:
     "An `AttentionExplorer` over `images` for the Q-Former of `model` (cross-attention computed once per image)."
     vm = as_viz_model(model)
-    return AttentionExplorer(images, lambda i: query_cross_attention(vm, images[i]), labels, grid=vm.grid, n_prefix=vm.n_prefix,
-                             caption=caption)
+    return AttentionExplorer(
+        images,
+        lambda i: query_cross_attention(vm, images[i]),
+        labels,
+        grid=vm.grid,
+        n_prefix=vm.n_prefix,
+        caption=caption,
+    )
 
-def attribution_explorer(model, images: Sequence, texts: Sequence[str], labels: Sequence[str] | None = None,
-                         n_steps: int = 32, caption: str = '') -> AttributionExplorer:
+
+def attribution_explorer(
+    model,
+    images: Sequence,
+    texts: Sequence[str],
+    labels: Sequence[str] | None = None,
+    n_steps: int = 32,
+    caption: str = '',
+) -> AttributionExplorer:
     "An `AttributionExplorer` running `itm_attribution` of `model` for the chosen image and text."
     vm = as_viz_model(model)
+
     def run(i, text):
         a = itm_attribution(vm, images[i], text, n_steps)
         return a.patch, a.query, f'{a.title}: baseline {a.baseline:.3f} -> image {a.score:.3f}'
+
     return AttributionExplorer(images, run, list(texts), labels, caption)
