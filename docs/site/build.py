@@ -30,7 +30,7 @@ DOCS_EXECUTE = '# docs: execute'
 
 def directives(source: str) -> list[str]:
     "The nbdev directives of a cell (`#| hide` -> 'hide', `#| eval: false` -> 'eval: false')."
-    return [m.strip() for m in re.findall(r'^#\|\s*(.+)$', source, flags=re.M)]
+    return [m.strip() for m in re.findall(r'^#\s*\|\s*(.+)$', source, flags=re.M)]   # `#| x`, or `# | x` as black writes it
 
 def runs_in_docs(source: str) -> bool:
     "Whether the site executes this code cell: every cell nbdev_test runs, and `# docs: execute` cells."
