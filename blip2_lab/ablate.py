@@ -18,10 +18,10 @@ from blip2_lab.config import (
     save_config,
     repo_root,
     resolve_path,
+    from_dict,
 )
 from .train import train, eta_text
 from .evaluate import evaluate
-from .config import from_dict
 from .files import folder_lock, write_json_atomic, atomic_write, save_figure_atomic
 
 # %% auto #0

@@ -18,8 +18,8 @@ from blip2_lab.config import (
 )
 from .checkpoint import checkpoint_meta
 from blip2_lab.evaluate import (
-    _is_hf_folder,
-    _autocast,
+    is_hf_folder,
+    eval_autocast,
     generate_captions,
     answer_questions,
     itc_score_matrix,
@@ -73,7 +73,7 @@ def find_checkpoints(path) -> dict:
             "(e.g. runs/s2/final) or a Hugging Face BLIP-2 folder"
         )
     out = {'stage1': None, 'stage2': None, 'hf': None}
-    if _is_hf_folder(p):
+    if is_hf_folder(p):
         out['hf'] = p
         return out
     ck = _final_of(p)
@@ -267,7 +267,7 @@ class Blip2Pipeline:
         pv = torch.stack([self.transform(im) for im in ims]).to(dev)
         ids, mask = view.tokenize(texts)
         ids, mask = ids.to(dev), mask.to(dev)
-        with _autocast(dev):
+        with eval_autocast(dev):
             embeds = view.encode_image(pv)
             itc = itc_score_matrix(
                 qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu()

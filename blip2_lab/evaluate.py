@@ -14,25 +14,27 @@ from blip2_lab.config import (
     Config,
     apply_overrides,
     get_preset,
+    load_config,
     resolve_device,
     resolve_path,
+    to_dict,
 )
 from .config import check_vqa_prompt as _check_prompt
 from .checkpoint import load_checkpoint
 from .files import atomic_write, write_json_atomic
-from .config import to_dict, load_config
 from .data import get_dataset, image_transform
 from .interop import load_blip2, hf_raw_features
 
 # %% auto #0
 __all__ = ['TASKS', 'EvalError', 'itc_score_matrix', 'retrieval_ranks', 'recall_at_k', 'rerank_topk', 'check_java', 'java_quiet',
            'caption_metrics', 'process_punctuation', 'process_digit_article', 'normalize_answer',
-           'normalize_human_answers', 'vqa_accuracy', 'RetrievalView', 'GenerationView', 'evaluate_retrieval',
-           'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions', 'constant_caption_scores',
-           'constant_caption', 'blind_caption', 'vqa_items', 'question_type', 'majority_answers', 'majority_answer',
-           'check_vqa_prompt', 'answer_questions', 'vqa_table', 'two_step_prompt', 'answer_from_captions', 'load_views',
-           'cached_baseline', 'evaluate_split', 'soft_prompt_tokens', 'evaluate_vqa', 'results_markdown',
-           'plot_results', 'check_output_dir', 'write_results', 'save_results', 'evaluate', 'cli_eval', 'HFStage2']
+           'normalize_human_answers', 'vqa_accuracy', 'eval_autocast', 'RetrievalView', 'GenerationView',
+           'evaluate_retrieval', 'caption_prompt', 'generate_captions', 'itg_greedy_captions', 'itg_captions',
+           'constant_caption_scores', 'constant_caption', 'blind_caption', 'vqa_items', 'question_type',
+           'majority_answers', 'majority_answer', 'check_vqa_prompt', 'answer_questions', 'vqa_table',
+           'two_step_prompt', 'answer_from_captions', 'is_hf_folder', 'load_views', 'cached_baseline', 'evaluate_split',
+           'soft_prompt_tokens', 'evaluate_vqa', 'results_markdown', 'plot_results', 'check_output_dir',
+           'write_results', 'save_results', 'evaluate', 'cli_eval', 'HFStage2']
 
 # %% ../nbs/07_eval.ipynb #beb19e48
 class EvalError(Blip2LabError):
@@ -307,7 +309,7 @@ def vqa_accuracy(pred: str, answers: list) -> float:
     return sum(min((n_hit - h) / 3.0, 1.0) for h in hits) / len(hits)
 
 # %% ../nbs/07_eval.ipynb #5bd9c379
-def _autocast(device: torch.device):
+def eval_autocast(device: torch.device):
     "bf16 autocast on CUDA (as training), a no-op on CPU."
     return torch.autocast(device_type='cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
@@ -383,7 +385,7 @@ class GenerationView:
             min_new_tokens=min_new_tokens,
             length_penalty=length_penalty,
         )
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), eval_autocast(self.device):
             if use_image:
                 outs = self.model.generate(pixel_values=pv, **kw)
             else:
@@ -451,7 +453,7 @@ def evaluate_retrieval(
     qf = view.qformer.eval()
     embeds, img_feats = [], []
     for _, pv in _pixel_batches(ds, idx, transform, batch_size, 'retrieval: images', progress):
-        with _autocast(dev):
+        with eval_autocast(dev):
             e = view.encode_image(pv.to(dev))
             img_feats.append(qf.image_feats(e).float().cpu())
         embeds.append(e.cpu())
@@ -461,7 +463,7 @@ def evaluate_retrieval(
     for s in tqdm(
         range(0, len(texts), batch_size), desc='retrieval: texts', disable=not progress, leave=False
     ):
-        with _autocast(dev):
+        with eval_autocast(dev):
             txt_feats.append(
                 qf.text_feat(ids[s : s + batch_size].to(dev), mask[s : s + batch_size].to(dev))
                 .float()
@@ -477,7 +479,7 @@ def evaluate_retrieval(
         todo = cache[img_idx, txt_idx].isnan()
         if todo.any():
             i, t = img_idx[todo], txt_idx[todo]
-            with _autocast(dev):
+            with eval_autocast(dev):
                 cache[i, t] = (
                     qf.itm_logits(embeds[i].to(dev), ids[t].to(dev), mask[t].to(dev))[:, 1]
                     .float()
@@ -539,7 +541,7 @@ def itg_greedy_captions(
         raise EvalError(
             "the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.bert.load_qformer_tokenizer"
         )
-    with _autocast(
+    with eval_autocast(
         dev
     ):  # the queries do not depend on the text: run them once, reuse their keys/values (as LAVIS's ITG)
         cache = qf.image_forward(
@@ -549,7 +551,7 @@ def itg_greedy_captions(
     ids = torch.full((B, 1), bos, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        with _autocast(dev):
+        with eval_autocast(dev):
             logits = qf.itg_logits(ids, torch.ones_like(ids), query_past_key_values=cache)[
                 :, -1
             ].float()
@@ -784,7 +786,7 @@ def answer_from_captions(
 TASKS = ('retrieval', 'caption', 'vqa')
 
 
-def _is_hf_folder(p: Path) -> bool:
+def is_hf_folder(p: Path) -> bool:
     "True for a save_pretrained BLIP-2 folder (config.json of model_type blip-2)."
     try:
         return (p / 'config.json').exists() and json.loads((p / 'config.json').read_text()).get(
@@ -821,7 +823,7 @@ def _merge_cfg(mcfg: Config, cfg: Config | None) -> Config:
 
 def _views_of(path: Path, cfg: Config | None) -> tuple:
     "(RetrievalView|None, GenerationView|None, run config) of one checkpoint folder."
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         return _load_hf_views(path, cfg)
     model, run = _load_lab_ckpt(path, cfg)
     dev = resolve_device(run)

@@ -20,8 +20,8 @@ from .bert import load_qformer_tokenizer, init_from_bert
 
 # %% auto #0
 __all__ = ['Stage1Error', 'itc_similarity', 'itc_targets', 'itc_loss', 'hard_negative_mask', 'sample_hard_negatives', 'itm_batch',
-           'itm_rows', 'itm_loss', 'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'pad_to_global_length',
-           'caption_items', 'Blip2Stage1', 'plot_losses']
+           'itm_rows', 'itm_loss', 'itg_inputs', 'itg_loss', 'itg_loss_at_targets', 'image_id_tensor',
+           'pad_to_global_length', 'caption_items', 'Blip2Stage1', 'plot_losses']
 
 # %% ../nbs/04_stage1.ipynb #8ae49b03
 class Stage1Error(Blip2LabError, ValueError):
@@ -246,7 +246,7 @@ def itg_loss_at_targets(
     return global_mean(total, keep.sum())
 
 # %% ../nbs/04_stage1.ipynb #ab73813c
-def _image_id_tensor(ids) -> torch.Tensor:
+def image_id_tensor(ids) -> torch.Tensor:
     "Image ids as a long tensor (strings are mapped to stable integers)."
     import zlib
 
@@ -388,7 +388,7 @@ class Blip2Stage1(nn.Module):
             text=texts,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            image_ids=_image_id_tensor(ids),
+            image_ids=image_id_tensor(ids),
         )
 
     def _inputs(self, batch: dict):
@@ -420,7 +420,7 @@ class Blip2Stage1(nn.Module):
             image_embeds.to(dev),
             ids,
             att,
-            (None if image_ids is None else _image_id_tensor(image_ids).to(dev)),
+            (None if image_ids is None else image_id_tensor(image_ids).to(dev)),
         )
 
     def forward(self, batch: dict) -> dict:

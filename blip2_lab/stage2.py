@@ -13,7 +13,7 @@ from .distributed import global_mean, dist_info
 from .backbones import load_vision_encoder, load_llm
 from .qformer import Blip2QFormer
 from .bert import init_from_bert, load_qformer_tokenizer
-from .stage1 import caption_items, _image_id_tensor
+from .stage1 import caption_items, image_id_tensor
 
 # %% auto #0
 __all__ = ['Stage2Error', 'decoder_lm_tokens', 'prepend_queries', 'lm_loss', 'split_prefix', 'encdec_lm_tokens', 'Blip2Stage2',
@@ -294,7 +294,7 @@ class Blip2Stage2(nn.Module):
             self.cfg.stage2.seed,
             k,
         )
-        return dict(pixel_values=pv, text=texts, image_ids=_image_id_tensor(ids))
+        return dict(pixel_values=pv, text=texts, image_ids=image_id_tensor(ids))
 
     def lm_batch(self, texts: list) -> dict:
         "The LLM-side tokens of `texts`: decoder-only (input_ids, attention_mask, labels) or encoder-decoder (encoder ids/mask, labels)."

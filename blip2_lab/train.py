@@ -5,6 +5,7 @@
 # %% ../nbs/06_train.ipynb #224fc02f
 from __future__ import annotations
 import argparse, base64, contextlib, copy, functools, hashlib, io, json, math, os, random, shutil, sys, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -536,7 +537,7 @@ def _train(
             model, dataset, device, tc.batch_size, cdir, cache_key(cfg, dataset), progress and main
         )
         dataset = _without_pixels(dataset)
-    return _loop(
+    run = _Run(
         model,
         dataset,
         cfg,
@@ -548,16 +549,14 @@ def _train(
         gen,
         cache,
         device,
-        step,
-        wall0,
         rank,
         world,
         progress,
         stop_after,
         keep_last,
         log,
-        good,
     )
+    return _loop(run, step, wall0, good)
 
 # %% ../nbs/06_train.ipynb #3fe302c0
 def _state(cfg, stage, step, wall, world, gen, n, tc):
@@ -603,29 +602,54 @@ def step_line(stage: int, step: int, steps: int, loss: float, per: float) -> str
     return f"stage {stage} step {step}/{steps} loss {loss:.4f} ({per:.2f} s/step, ETA {eta_text(per * (steps - step))})"
 
 
+@dataclass
+class _Run:
+    "What a training run holds fixed while it steps: the model, its data, its optimiser, where it writes."
+
+    model: nn.Module
+    dataset: object  # what `model.collate` reads, indexed by `batch_indices`
+    cfg: Config
+    tc: TrainConfig  # this stage's section of `cfg`
+    stage: int
+    out: Path  # the run folder
+    opt: torch.optim.Optimizer
+    names: dict  # name -> trainable parameter (what checkpoints hold)
+    gen: torch.Generator  # shared by all ranks: the same random draws everywhere
+    cache: object  # the frozen-feature cache, or None
+    device: torch.device
+    rank: int
+    world: int
+    progress: bool  # a tqdm bar and step lines on rank 0
+    stop_after: int | None  # stop (resumably) after this step
+    keep_last: int  # step checkpoints kept besides the newest good one
+    log: object  # log(str): a line under the bar
+
+
 def _loop(
-    model,
-    dataset,
-    cfg,
-    tc,
-    stage,
-    out,
-    opt,
-    names,
-    gen,
-    cache,
-    device,
-    step,
-    wall0,
-    rank,
-    world,
-    progress,
-    stop_after,
-    keep_last,
-    log,
+    run: _Run,
+    step: int,  # the first step to take (0, or where a resume starts)
+    wall0: float,  # seconds the run had already trained before this start
     good=None,
-):
-    "The optimiser steps; `good` is the newest good checkpoint so far (never pruned, named by the NaN guard)."
+):  # the newest good checkpoint so far (never pruned, named by the NaN guard)
+    "The optimiser steps from `step` to the end of the stage (or `run.stop_after`); the last checkpoint written."
+    model, dataset, cfg, tc, stage, out, opt = (
+        run.model,
+        run.dataset,
+        run.cfg,
+        run.tc,
+        run.stage,
+        run.out,
+        run.opt,
+    )
+    names, gen, cache, device, rank, world = (
+        run.names,
+        run.gen,
+        run.cache,
+        run.device,
+        run.rank,
+        run.world,
+    )
+    progress, stop_after, keep_last, log = run.progress, run.stop_after, run.keep_last, run.log
     params = list(names.values())
     amp = device.type == 'cuda' and tc.amp
     metrics_path, main = out / 'metrics.jsonl', rank == 0

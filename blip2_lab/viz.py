@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from matplotlib.figure import Figure
-from .config import Blip2LabError
+from .config import Blip2LabError, resolve_path
 from blip2_lab.qformer import (
     Blip2QFormer,
     unimodal_mask,
@@ -23,7 +23,6 @@ from blip2_lab.qformer import (
 from .bert import load_qformer_tokenizer
 from .backbones import FrozenVisionEncoder, FrozenLLM
 from .data import image_transform
-from .config import resolve_path
 from .checkpoint import load_checkpoint
 from .interop import load_blip2
 
