@@ -5,6 +5,7 @@
 # %% ../nbs/02a_pretrain_backbones.ipynb #e92cb855
 from __future__ import annotations
 import argparse, hashlib, json, math, os, random, re, shlex, shutil, sys, time
+from dataclasses import dataclass
 from collections import Counter
 from pathlib import Path
 import torch
@@ -44,11 +45,12 @@ __all__ = ['BACKBONES', 'FOLDERS', 'WEIGHT_FILES', 'DOC_KINDS', 'BINDING_WORDING
            'LM_SIZES', 'LM_VOCAB', 'PretrainError', 'sha256_file', 'replace_dir', 'pretrain_lr_at', 'n_params',
            'split_qa', 'qa_prompt', 'answer_key', 'corpus_documents', 'two_part_line', 'check_binding_skills',
            'binding_lines', 'new_lm', 'lm_batch', 'pretrain_lm_loss', 'to_device', 'train_loop', 'qa_hits',
-           'qa_accuracy', 'rate_by', 'save_lm', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens', 'new_bert',
-           'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels', 'clip_features',
-           'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest', 'backbones_dir',
-           'load_manifest', 'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab', 'cli_pretrain',
-           'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown', 'binding_probe']
+           'qa_accuracy', 'rate_by', 'save_lm', 'LMRecipe', 'pretrain_lm', 'bert_tokenizer_dir', 'mask_tokens',
+           'new_bert', 'mlm_accuracy', 'masked_only_loss', 'pretrain_bert', 'WordTokenizer', 'as_pixels',
+           'clip_features', 'clip_retrieval', 'pretrain_vit', 'shapesworld_for_pretraining', 'write_manifest',
+           'backbones_dir', 'load_manifest', 'verify_backbones', 'shapesworld_texts', 'make_qformer_vocab',
+           'cli_pretrain', 'manifest_history', 'replay_argv', 'backbones_table', 'quality_bar', 'qa_breakdown',
+           'binding_probe']
 
 # %% ../nbs/02a_pretrain_backbones.ipynb #e8c8e94c
 class PretrainError(Blip2LabError):
@@ -454,29 +456,47 @@ def save_lm(model, tok, out: Path, fp16: bool = True) -> Path:
     return replace_dir(tmp, out)
 
 
+@dataclass
+class LMRecipe:
+    "How `pretrain_lm` trains a small LM: its schedule, its loss, and what each batch mixes in."
+
+    steps: int = 600  # optimiser steps
+    batch_size: int = 48  # lines per step
+    lr: float = 1e-3  # peak learning rate (linear warm-up, then cosine: pretrain_lr_at)
+    seed: int = 0
+    answer_weight: float = 0.0  # extra weight on the answer tokens' loss (pretrain_lm_loss)
+    answer_only: bool = False  # the loss is on the answer tokens alone (pretrain_lm_loss)
+    doc_frac: float = 0.0  # this share of each batch is two-part lines of `docs` (corpus_documents)
+    doc_kinds: tuple = DOC_KINDS  # ... of these kinds (two_part_line)
+    qa_frac: float = 0.5  # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
+    caption_frac: float = 0.0  # T5: share of captions written from an empty input
+    mix_frac: float = 0.0  # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
+
+
 def pretrain_lm(
-    kind: str,
-    lines,
-    out,
-    steps: int = 600,
-    batch_size: int = 48,
-    lr: float = 1e-3,
-    seed: int = 0,
-    sizes=None,
-    answer_weight: float = 0.0,
-    init=None,
+    kind: str,  # 'opt' (decoder-only) or 't5' (encoder-decoder)
+    lines,  # the corpus: one training line each
+    out,  # the folder the LM and its tokenizer are saved to
+    recipe: LMRecipe | None = None,  # schedule, loss and batch mix (default: LMRecipe())
+    *,
+    sizes=None,  # model sizes for a new LM (new_lm)
+    init=None,  # a saved LM folder to train on from, instead of from scratch
     device: str = 'cpu',
-    docs=None,
-    doc_frac: float = 0.0,  # this share of each batch is two-part lines of `docs` (corpus_documents)
-    doc_kinds=DOC_KINDS,  # ... of these kinds (two_part_line)
-    qa_frac: float = 0.5,  # T5: share of instruction pairs (the rest: prefix LM), see lm_batch
-    caption_frac: float = 0.0,  # T5: share of captions written from an empty input
-    mix=None,
-    mix_frac: float = 0.0,  # this share of each batch is drawn from lines `mix` (e.g. binding_lines)
-    answer_only: bool = False,  # the loss is on the answer tokens alone (pretrain_lm_loss)
-    tok_lines=None,
-):  # from scratch: train the tokenizer on these lines (default: `lines`)
+    docs=None,  # scenes for two-part lines (recipe.doc_frac)
+    mix=None,  # lines to mix in (recipe.mix_frac)
+    tok_lines=None,  # from scratch: train the tokenizer on these lines (default: `lines`)
+):
     "Train the small 'opt' or 't5' LM on corpus `lines` (from scratch, or on from folder `init`), save it to `out`; return (FrozenLLM reloaded, info)."
+    r = recipe or LMRecipe()
+    steps, batch_size, lr, seed = r.steps, r.batch_size, r.lr, r.seed
+    answer_weight, answer_only = r.answer_weight, r.answer_only
+    doc_frac, doc_kinds, qa_frac, caption_frac, mix_frac = (
+        r.doc_frac,
+        r.doc_kinds,
+        r.qa_frac,
+        r.caption_frac,
+        r.mix_frac,
+    )
     if mix_frac and not mix:
         raise PretrainError(
             f"mix_frac={mix_frac} needs lines to mix in (`mix`, e.g. binding_lines): got none"
@@ -1193,22 +1213,24 @@ def cli_pretrain(argv=None) -> int:
                 name,
                 main,
                 folder,
-                steps=a.lm_steps,
-                batch_size=a.batch_size,
-                lr=a.lm_lr,
-                seed=a.seed + bool(prev),
-                answer_weight=a.answer_weight,
+                LMRecipe(
+                    steps=a.lm_steps,
+                    batch_size=a.batch_size,
+                    lr=a.lm_lr,
+                    seed=a.seed + bool(prev),
+                    answer_weight=a.answer_weight,
+                    answer_only=a.answer_only,
+                    doc_frac=frac,
+                    doc_kinds=kinds,
+                    qa_frac=a.t5_qa_frac,
+                    caption_frac=a.t5_caption_frac,
+                    mix_frac=a.binding_frac,
+                ),
                 init=folder if prev else None,
                 device=device,
                 sizes=sizes,
                 docs=corpus_documents(cfg.data) if frac else None,
-                doc_frac=frac,
-                doc_kinds=kinds,
-                qa_frac=a.t5_qa_frac,
-                caption_frac=a.t5_caption_frac,
                 mix=bl if a.binding_frac else None,
-                mix_frac=a.binding_frac,
-                answer_only=a.answer_only,
                 tok_lines=None if main is d['corpus'] else d['corpus'] + main,
             )  # the tokenizer always knows the corpus's words
             if uses_binding:
