@@ -224,8 +224,8 @@ def run_arm(
     progress: bool = True,
     train_fn=None,
     eval_fn=None,
-    threads: int = 0,
-) -> dict:  # torch CPU threads for this run (0: leave torch's default)
+    threads: int = 0,  # torch CPU threads for this run (0: leave torch's default)
+) -> dict:
     "Train (each stage that is enabled) and evaluate one arm with one seed; write out_dir/metrics.json; return its record."
     t_start = time.time()
     if threads:
@@ -875,8 +875,10 @@ def ablate(
     runner=None,
     jobs: int = 1,  # runs side by side, each with cores/jobs torch threads
     status_every: float = 60,  # seconds between the progress lines of the running runs
-    grid: dict | None = None,
-) -> dict:  # {config key: [values]}: cross them with arms x seeds (see plan_grid)
+    grid: (
+        dict | None
+    ) = None,  # {config key: [values]}: cross them with arms x seeds (see plan_grid)
+) -> dict:
     "Run every arm x seed (x grid cell), skipping finished runs; aggregate into out/results.* (or out/grid_*) and plots."
     from tqdm.auto import tqdm
     from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED

@@ -145,8 +145,8 @@ def bench_qformer(
         ):
             for name, fn in (
                 ('ours', f_ours),
-                ('hf', f_hf),
-            ):  # alternate: load on the machine hits both alike
+                ('hf', f_hf),  # alternate: load on the machine hits both alike
+            ):
                 s = _step(fn, dev, amp)
                 if i >= warmup:
                     t[name].append(s)

@@ -155,8 +155,8 @@ def _kind_map(model: Blip2QFormer, kind: str) -> dict:
 def to_hf_state_dict(
     model: Blip2QFormer,
     kind: str = 'retrieval',  # 'qformer' | 'retrieval' | 'generation'
-    language_projection: nn.Linear | None = None,
-) -> dict:  # stage-2 projection (kind='generation')
+    language_projection: nn.Linear | None = None,  # stage-2 projection (kind='generation')
+) -> dict:
     "Our weights under Hugging Face's names for `kind` (tensors are detached copies)."
     sd = dict(model.named_parameters())
     out = {hf: sd[ours].detach().clone() for ours, hf in _kind_map(model, kind).items()}
@@ -172,8 +172,8 @@ def to_hf_state_dict(
 def from_hf_state_dict(
     model: Blip2QFormer,
     sd: dict,  # a HF state dict (any of the three classes)
-    language_projection: nn.Linear | None = None,
-) -> dict:  # filled from 'language_projection.*' if given
+    language_projection: nn.Linear | None = None,  # filled from 'language_projection.*' if given
+) -> dict:
     "Load Hugging Face weights into `model` (and `language_projection`); returns dict(copied, left, ignored)."
     bare = any(k.startswith('encoder.layer.') for k in sd)
     if bare:

@@ -270,8 +270,8 @@ def lm_batch(
     rng: random.Random,
     max_len: int = 96,
     qa_frac: float = 0.5,
-    caption_frac: float = 0.0,
-) -> dict:  # T5: this share of the lines is (nothing -> the line's caption)
+    caption_frac: float = 0.0,  # T5: this share of the lines is (nothing -> the line's caption)
+) -> dict:
     "A training batch of corpus `lines` for an 'opt' or 't5' LM (labels: -100 on padding; T5: `qa_frac` of the lines as instruction pairs, `caption_frac` as captions from an empty input, the rest prefix LM; two-part lines: description + question -> answer, or description + the second caption's first words -> the rest)."
     if kind == 'opt':
         enc = tok(

@@ -48,8 +48,9 @@ def _is_query(num_query: int, L: int, device):
 
 
 def unimodal_mask(
-    num_query: int, text_attention_mask  # number of query tokens in front of the text
-):  # (B, Lt) 1 = real token, 0 = padding
+    num_query: int,  # number of query tokens in front of the text
+    text_attention_mask,  # (B, Lt) 1 = real token, 0 = padding
+):
     "ITC mask (B, L, L): queries see queries, text sees text, nothing crosses."
     keys = _key_mask(num_query, text_attention_mask)
     isq = _is_query(num_query, keys.shape[1], keys.device)
@@ -83,8 +84,10 @@ class QFormerEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(
-        self, input_ids=None, query_embeds=None  # (B, Lt) token ids, or None
-    ):  # (B, Nq, D) query tokens, or None
+        self,
+        input_ids=None,  # (B, Lt) token ids, or None
+        query_embeds=None,  # (B, Nq, D) query tokens, or None
+    ):
         parts = [] if query_embeds is None else [query_embeds]
         if input_ids is not None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -126,8 +129,10 @@ class QFormerAttention(nn.Module):
         past_kv=None,  # (k, v) cached (B, H, P, D/H) keys/values to prepend
         use_cache: bool = False,  # return this block's (k, v)
         output_attentions: bool = False,  # also return (B, H, L, Lk) attention probabilities
-        keep: int | None = None,
-    ):  # only the first `keep` tokens attend (and are returned); all still serve as keys
+        keep: (
+            int | None
+        ) = None,  # only the first `keep` tokens attend (and are returned); all still serve as keys
+    ):
         q, k, v = map(self._heads, self._project(x, kv, keep))
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
@@ -246,8 +251,8 @@ class QFormer(nn.Module):
         past_key_values=None,  # cached per-layer (k, v) to prepend (ITG)
         use_cache: bool = False,
         output_attentions: bool = False,
-        keep_last: int | None = None,
-    ) -> QFormerOutput:  # last layer: only the first keep_last tokens' outputs
+        keep_last: int | None = None,  # last layer: only the first keep_last tokens' outputs
+    ) -> QFormerOutput:
         if query_embeds is None and input_ids is None:
             raise QFormerError("give query_embeds, input_ids or both")
         nq = 0 if query_embeds is None else query_embeds.shape[1]
@@ -378,8 +383,8 @@ class Blip2QFormer(nn.Module):
         self,
         cfg: QFormerConfig,  # Q-Former sizes (blip2_lab.config.QFormerConfig)
         vision_width: int,  # width of the frozen image encoder's features
-        ln_vision_eps: float = 1e-5,
-    ):  # LAVIS: 1e-5 (torch default); HF configs carry their own
+        ln_vision_eps: float = 1e-5,  # LAVIS: 1e-5 (torch default); HF configs carry their own
+    ):
         super().__init__()
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ConfigError(
@@ -445,8 +450,8 @@ class Blip2QFormer(nn.Module):
         input_ids,
         attention_mask,
         output_attentions: bool = False,
-        queries_only: bool = False,
-    ) -> QFormerOutput:  # last layer for the queries only (all ITM needs)
+        queries_only: bool = False,  # last layer for the queries only (all ITM needs)
+    ) -> QFormerOutput:
         "[queries; text] under the bi-directional mask (ITM): `.query_output`, `.text_output`."
         _check_text(self, input_ids, attention_mask)
         img = _ln_image(self, image_embeds)
@@ -469,8 +474,8 @@ class Blip2QFormer(nn.Module):
         input_ids,  # (B, Lt) starting with [DEC]
         attention_mask,  # (B, Lt)
         image_embeds=None,  # raw image features (queries recomputed), or
-        query_past_key_values=None,
-    ):  # the cache of image_forward(..., use_cache=True)
+        query_past_key_values=None,  # the cache of image_forward(..., use_cache=True)
+    ):
         "Text hidden states (B, Lt, D) under the multimodal-causal mask: what the LM head turns into next-token logits."
         _check_text(self, input_ids, attention_mask)
         if (image_embeds is None) == (query_past_key_values is None):

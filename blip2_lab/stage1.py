@@ -71,8 +71,8 @@ def itc_loss(
     text_feat: torch.Tensor,  # (B, E) normalised [CLS] features of the local captions
     temp,  # temperature (a float or a 0-d tensor, learned in the model)
     image_ids: torch.Tensor = None,  # (B,) ids of the images; same id = positive pair
-    label_smoothing: float = 0.1,
-):  # released code: 0.1
+    label_smoothing: float = 0.1,  # released code: 0.1
+):
     "ITC loss (mean of image-to-text and text-to-image CE) and the scaled similarities `sim_i2t`, `sim_t2i` (B, N)."
     _check_itc_inputs(image_feats, text_feat, image_ids)
     rank, world = dist_info()
@@ -119,8 +119,8 @@ def sample_hard_negatives(
     sim_t2i: torch.Tensor,  # (B, N) local texts vs all images
     image_ids: torch.Tensor = None,  # (B,) local or (N,) gathered image ids; same id is never a negative
     generator: torch.Generator = None,  # seeded identically on every process for reproducible draws
-    offset: int = None,
-):  # first global row of this process (default rank x B)
+    offset: int = None,  # first global row of this process (default rank x B)
+):
     "One hard negative per row: (neg_image_idx for each text, neg_text_idx for each image), indices into the N gathered items; -1 = none."
     if sim_i2t.shape != sim_t2i.shape or sim_i2t.dim() != 2:
         raise Stage1Error(
@@ -154,8 +154,8 @@ def itm_batch(
     input_ids_all,
     attention_mask_all,  # gathered (N, ...) candidates
     neg_image_idx,
-    neg_text_idx,
-):  # from sample_hard_negatives; -1 rows are dropped
+    neg_text_idx,  # from sample_hard_negatives; -1 rows are dropped
+):
     "The 3-part ITM batch (pos,pos), (pos text, neg image), (neg text, pos image): image_embeds, input_ids, attention_mask, labels."
     ok_i, ok_t = neg_image_idx >= 0, neg_text_idx >= 0
     imgs = torch.cat([image_embeds, image_embeds_all[neg_image_idx[ok_i]], image_embeds[ok_t]])
@@ -180,8 +180,8 @@ def itm_rows(
 
 def itm_loss(
     logits: torch.Tensor,  # (M, 2) pair logits, or (M, num_queries, 2) per-query logits (averaged here)
-    labels: torch.Tensor,
-):  # (M,) 1 = matched, 0 = not
+    labels: torch.Tensor,  # (M,) 1 = matched, 0 = not
+):
     "ITM loss: plain cross-entropy of the (query-averaged) 2-way logits."
     if logits.dim() == 3:
         logits = logits.mean(1)

@@ -39,8 +39,8 @@ def decoder_lm_tokens(
     tokenizer,  # the LLM's tokenizer (adds bos itself)
     targets: list,  # captions, already ending with the eos convention (FrozenLLM.with_eos)
     prompt: str = '',  # text before every caption; its tokens get no loss
-    max_len: int = 32,
-):  # max tokens per row (prompt + caption); the caption is cut
+    max_len: int = 32,  # max tokens per row (prompt + caption); the caption is cut
+):
     "input_ids, attention_mask, labels (B, T) for the decoder-only LM loss: bos/prompt and padding labels are -100."
     p_ids = tokenizer(prompt).input_ids  # bos + prompt
     if len(p_ids) >= max_len:
@@ -63,8 +63,8 @@ def prepend_queries(
     query_embeds: torch.Tensor,  # (B, Nq, H) projected query outputs (the soft visual prompt)
     text_embeds: torch.Tensor,  # (B, T, H) LLM input embeddings of the text
     attention_mask: torch.Tensor,  # (B, T)
-    labels: torch.Tensor = None,
-):  # (B, T) or None
+    labels: torch.Tensor = None,  # (B, T) or None
+):
     "inputs_embeds (B, Nq+T, H), attention_mask and labels (-100 at the query positions) with the queries in front."
     B, Nq = query_embeds.shape[:2]
     embeds = torch.cat([query_embeds.to(text_embeds.dtype), text_embeds], 1)
@@ -115,8 +115,8 @@ def encdec_lm_tokens(
     rule: str = 'random',
     generator=None,
     max_len: int = 32,
-    u=None,
-):  # one uniform number per text (the model draws them for all processes' rows)
+    u=None,  # one uniform number per text (the model draws them for all processes' rows)
+):
     "Encoder input_ids/attention_mask (prompt + prefix) and decoder labels (suffix + eos, padding -100) for the prefix LM loss."
     splits = [
         split_prefix(t, rule, generator, None if u is None else float(u[i]))
@@ -355,8 +355,8 @@ class Blip2Stage2(nn.Module):
         min_new_tokens: int = 1,
         length_penalty: float = 1.0,
         skip_image: bool = False,  # blind-LLM baseline: same prompts, no soft visual prompt
-        batch_size: int = None,
-    ) -> list:  # rows when skip_image and no prompts are given
+        batch_size: int = None,  # rows when skip_image and no prompts are given
+    ) -> list:
         "Generated texts (new tokens only, stripped), one per image / prompt."
         if not skip_image:
             if image_embeds is None:

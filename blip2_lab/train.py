@@ -629,8 +629,8 @@ def _loop(
     run: _Run,
     step: int,  # the first step to take (0, or where a resume starts)
     wall0: float,  # seconds the run had already trained before this start
-    good=None,
-):  # the newest good checkpoint so far (never pruned, named by the NaN guard)
+    good=None,  # the newest good checkpoint so far (never pruned, named by the NaN guard)
+):
     "The optimiser steps from `step` to the end of the stage (or `run.stop_after`); the last checkpoint written."
     model, dataset, cfg, tc, stage, out, opt = (
         run.model,

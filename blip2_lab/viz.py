@@ -1148,8 +1148,8 @@ class AttentionExplorer:
         grid=None,
         n_prefix: int = 1,
         cross_layers=None,
-        caption: str = '',
-    ):  # which model this is (shown above the controls)
+        caption: str = '',  # which model this is (shown above the controls)
+    ):
         import ipywidgets as W
 
         if len(images) == 0:
@@ -1261,8 +1261,8 @@ class AttributionExplorer:
         attribute_fn,  # attribute_fn(i, text) -> (patch_attr (rows, cols), query_attr (n_query,), title)
         texts: Sequence[str] = ('',),  # suggested texts; the first fills the box
         labels: Sequence[str] | None = None,
-        caption: str = '',
-    ):  # which model this is (shown above the controls)
+        caption: str = '',  # which model this is (shown above the controls)
+    ):
         import ipywidgets as W
 
         if len(images) == 0:
@@ -1319,8 +1319,8 @@ class ViewExplorer:
         button: str | None = None,  # a button label: redraw only when pressed (slow views)
         css_class: str = 'blip2lab-view-explorer',
         busy: str = 'Working…',  # the button's label (disabled) while it draws
-        caption: str = '',
-    ):  # which model this is (shown above the controls)
+        caption: str = '',  # which model this is (shown above the controls)
+    ):
         import ipywidgets as W
 
         self.draw, self.controls, self.busy = draw, dict(controls), busy
