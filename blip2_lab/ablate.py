@@ -174,14 +174,6 @@ def _versions() -> dict:
     }
 
 # %% ../nbs/09_ablate.ipynb #865e39c6
-def _default_train():
-    return train
-
-
-def _default_eval():
-    return evaluate
-
-
 def plot_loss_curves(run_dir) -> list:
     "Save each stage's loss curves (from its metrics.jsonl) as run_dir/loss_stageN.png; return the paths."
     run_dir, paths = Path(run_dir), []
@@ -240,7 +232,7 @@ def run_arm(
     arm_overrides = arm_overrides_for(arm) if arm_overrides is None else list(arm_overrides)
     out = resolve_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_fn, eval_fn = train_fn or _default_train(), eval_fn or _default_eval()
+    train_fn, eval_fn = train_fn or train, eval_fn or evaluate
     save_config(cfg, out / 'config.yaml')
     wall, stage1_ckpt = {}, None
     if cfg.stage1.enabled:

@@ -27,7 +27,7 @@ from .stage2 import stage2_model
 __all__ = ['WEIGHT_BOUND', 'MODEL_SECTIONS', 'BrokenCheckpoint', 'load_safetensors', 'weights_problem', 'losses_problem',
            'trainable_named', 'rng_state', 'set_rng_state', 'optim_tensors', 'load_optim', 'save_checkpoint',
            'read_weights', 'load_trainable', 'check_config_match', 'config_diff_text', 'checkpoint_meta',
-           'checkpoint_problem', 'build_model', 'load_checkpoint']
+           'checkpoint_problem', 'stage_config', 'build_model', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #4af503c4
 WEIGHT_BOUND = 1e4  # a trained weight with |w| >= this (or NaN/inf) makes a checkpoint unusable
@@ -275,6 +275,15 @@ def checkpoint_problem(folder) -> str | None:
     return f"{folder}: its last logged {bad}" if bad else None
 
 # %% ../nbs/05a_checkpoint.ipynb #91dd654b
+def stage_config(cfg: Config, stage: int):
+    "The TrainConfig of stage `stage` of `cfg` (1: representation learning, 2: generative learning)."
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"stage={stage!r}: choose 1 (representation learning) or 2 (generative learning)"
+        )
+    return cfg.stage1 if stage == 1 else cfg.stage2
+
+
 def build_model(cfg: Config, stage: int, seed: int | None = None) -> nn.Module:
     "A fresh Blip2Stage1 / stage-2 model (Blip2Stage2 or ProjectorStage2) for `cfg`; with `seed`, built under that torch seed (a random encoder/LLM then comes out as in training) without disturbing the caller's RNG."
     if seed is not None:
@@ -325,9 +334,7 @@ def load_checkpoint(
     stage = stage or st.get('stage', 1)
     cfg = cfg or ck_cfg
     model = (
-        model
-        if model is not None
-        else build_model(cfg, stage, seed=(cfg.stage1 if stage == 1 else cfg.stage2).seed)
+        model if model is not None else build_model(cfg, stage, seed=stage_config(cfg, stage).seed)
     )
     load_trainable(model, path)
     return model.eval(), cfg

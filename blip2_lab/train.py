@@ -40,6 +40,7 @@ from blip2_lab.files import (
 )
 from .distributed import setup_distributed, dist_info, sync_gradients, broadcast_parameters
 from blip2_lab.checkpoint import (
+    stage_config,
     WEIGHT_BOUND,
     BrokenCheckpoint,
     trainable_named,
@@ -232,14 +233,6 @@ def build_dataset(cfg: Config, split: str = 'train', seed: int = 0):
     )
     pairs.image_ids, pairs.manifest_sha = ds.image_ids, getattr(ds, 'fingerprint', '') or None
     return pairs
-
-
-def _stage_cfg(cfg: Config, stage: int) -> TrainConfig:
-    if stage not in (1, 2):
-        raise ConfigError(
-            f"stage={stage!r}: choose 1 (representation learning) or 2 (generative learning)"
-        )
-    return cfg.stage1 if stage == 1 else cfg.stage2
 
 
 def _checkpoints(out: Path) -> list:
@@ -447,7 +440,7 @@ def train(
     keep_last: int = 2,
 ) -> Path:
     "Train stage `stage` of `cfg` into folder `out` (locked while we run); return the final checkpoint (out/final)."
-    tc = _stage_cfg(cfg, stage)  # this stage's TrainConfig
+    tc = stage_config(cfg, stage)  # this stage's TrainConfig
     if not tc.enabled:
         raise ConfigError(
             f"stage{stage}.enabled=false: there is nothing to train; set stage{stage}.enabled=true"
