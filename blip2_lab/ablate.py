@@ -19,6 +19,8 @@ from blip2_lab.config import (
     repo_root,
     resolve_path,
     from_dict,
+    resolve_device,
+    precision_name,
 )
 from .train import train, eta_text
 from .evaluate import evaluate
@@ -288,6 +290,7 @@ def run_arm(
         headline=headline(metrics),
         missing=missing,
         wall_s=wall,
+        precision=precision_name(cfg, resolve_device(cfg)),  # bf16 or fp32: other computations
         checkpoints={
             'stage1': str(stage1_ckpt) if stage1_ckpt else None,
             'stage2': str(stage2_ckpt) if stage2_ckpt else None,

@@ -267,7 +267,7 @@ class Blip2Pipeline:
         pv = torch.stack([self.transform(im) for im in ims]).to(dev)
         ids, mask = view.tokenize(texts)
         ids, mask = ids.to(dev), mask.to(dev)
-        with eval_autocast(dev):
+        with eval_autocast(dev, view.cpu_bf16):
             embeds = view.encode_image(pv)
             itc = itc_score_matrix(
                 qf.image_feats(embeds).float().cpu(), qf.text_feat(ids, mask).float().cpu()

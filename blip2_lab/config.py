@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #cc2f23ad
 from __future__ import annotations
-import copy, dataclasses, json, math, re, typing
+import contextlib, copy, dataclasses, json, math, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
@@ -13,7 +13,8 @@ import yaml
 __all__ = ['DEVICE_RE', 'PRESETS', 'Blip2LabError', 'ConfigError', 'choice', 'bounded', 'DataConfig', 'VisionConfig',
            'QFormerConfig', 'LLMConfig', 'TrainConfig', 'EvalConfig', 'Config', 'validate', 'check_vqa_prompt',
            'get_preset', 'set_key', 'apply_overrides', 'parse_with_overrides', 'to_dict', 'from_dict', 'save_config',
-           'load_config', 'config_diff', 'resolve_device', 'repo_root', 'resolve_path']
+           'load_config', 'config_diff', 'resolve_device', 'cpu_has_bf16', 'uses_bf16', 'precision_name',
+           'bf16_autocast', 'repo_root', 'resolve_path']
 
 # %% ../nbs/00_config.ipynb #1a90b44e
 class Blip2LabError(Exception):
@@ -160,7 +161,7 @@ class TrainConfig:
     seed: int = bounded(0, 0, 2**32 - 1)  # run seed: same seed, same weights (on CPU); 0..2**32-1
     log_every: int = bounded(10, 1)  # steps between metric lines
     ckpt_every: int = bounded(100, 1)  # steps between checkpoints
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    amp: bool = True  # bf16 autocast on GPU (on a CPU: Config.cpu_bf16)
     cache_features: bool = (
         True  # compute frozen image features once and reuse them (needs vision.augment off)
     )
@@ -193,6 +194,7 @@ class EvalConfig:
 class Config:
     preset: str = 'lab'  # name of the preset this config started from
     device: str = 'auto'  # auto | cpu | cuda | cuda:N | mps
+    cpu_bf16: bool = False  # on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16): train and evaluate under bf16 autocast, as on GPU; any other CPU stays fp32
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
@@ -354,6 +356,9 @@ def _lab() -> Config:
     )
     # ITM reranking costs one Q-Former pass per pair: the lab reranks the top 16 of 200 test images.
     c.eval = EvalConfig(n_images=200, k_test=16)
+    # bf16 autocast where the CPU has it natively (the paper trains in mixed precision too): half the
+    # time of a run, so the lab affords the seeds its verdicts need (09_ablate, the departures table).
+    c.cpu_bf16 = True
     return c
 
 
@@ -611,6 +616,46 @@ def resolve_device(cfg_or_name='auto'):
             f"device={name!r} asked for, but torch sees no GPU: use device=cpu or device=auto"
         )
     return torch.device(name)
+
+# %% ../nbs/00_config.ipynb #f19b26a9
+def cpu_has_bf16() -> bool:
+    "Whether this CPU computes in bf16 natively, as PyTorch's oneDNN backend reports it."
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def uses_bf16(
+    device,  # the torch.device the run computes on
+    cpu_bf16: bool,  # Config.cpu_bf16
+    amp: bool = True,  # stageN.amp (evaluation: True)
+) -> bool:
+    "Whether to compute under bf16 autocast: on CUDA when `amp`; on a CPU when `amp`, `cpu_bf16` and the CPU has native bf16."
+    if device.type == 'cuda':
+        return amp
+    return device.type == 'cpu' and amp and cpu_bf16 and cpu_has_bf16()
+
+
+def precision_name(cfg: Config, device) -> str:
+    "'bf16' or 'fp32': what `uses_bf16` decides for a run of `cfg`, as the run records it."
+    return 'bf16' if uses_bf16(device, cfg.cpu_bf16) else 'fp32'
+
+
+def bf16_autocast(device, enabled: bool):
+    "A context: bf16 autocast on `device` when `enabled` (on a CPU with the math attention kernel), else nothing."
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not enabled:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if device.type == 'cpu':
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 # %% ../nbs/00_config.ipynb #230bb34e
 def repo_root() -> Path:

@@ -18,6 +18,8 @@ from blip2_lab.config import (
     resolve_device,
     resolve_path,
     to_dict,
+    uses_bf16,
+    bf16_autocast,
 )
 from .config import check_vqa_prompt as _check_prompt
 from .checkpoint import load_checkpoint
@@ -309,9 +311,9 @@ def vqa_accuracy(pred: str, answers: list) -> float:
     return sum(min((n_hit - h) / 3.0, 1.0) for h in hits) / len(hits)
 
 # %% ../nbs/07_eval.ipynb #5bd9c379
-def eval_autocast(device: torch.device):
-    "bf16 autocast on CUDA (as training), a no-op on CPU."
-    return torch.autocast(device_type='cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
+def eval_autocast(device: torch.device, cpu_bf16: bool = False):
+    "bf16 autocast on CUDA (as training), and on a CPU when `cpu_bf16` (Config.cpu_bf16) and the CPU has native bf16; else nothing."
+    return bf16_autocast(device, uses_bf16(device, cpu_bf16))
 
 
 class RetrievalView:
@@ -324,6 +326,7 @@ class RetrievalView:
         tokenizer,  # its BERT tokenizer with the [DEC] bos token
         max_text_len: int = 32,  # text tokens (cfg.data.max_text_len)
         device=None,
+        cpu_bf16: bool = False,  # bf16 autocast on a CPU with native bf16 (Config.cpu_bf16)
     ):
         self.encode_image, self.qformer, self.tokenizer, self.max_text_len = (
             encode_image,
@@ -334,11 +337,18 @@ class RetrievalView:
         self.device = (
             torch.device(device) if device is not None else next(qformer.parameters()).device
         )
+        self.cpu_bf16 = cpu_bf16
 
     @classmethod
     def from_stage1(cls, model, cfg: Config):
         "The view of a `blip2_lab.stage1.Blip2Stage1`."
-        return cls(model.encode_image, model.qformer, model.tokenizer, cfg.data.max_text_len)
+        return cls(
+            model.encode_image,
+            model.qformer,
+            model.tokenizer,
+            cfg.data.max_text_len,
+            cpu_bf16=cfg.cpu_bf16,
+        )
 
     def tokenize(self, texts: list):
         "input_ids, attention_mask for `texts` (padded to the longest, truncated at max_text_len)."
@@ -360,8 +370,9 @@ class GenerationView:
         model,  # an object with Blip2Stage2's generate(...)
         kind: str = 'decoder',  # 'decoder' or 'encoder-decoder' (recorded with the results)
         device=None,
+        cpu_bf16: bool = False,  # bf16 autocast on a CPU with native bf16 (Config.cpu_bf16)
     ):
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.cpu_bf16 = model, kind, cpu_bf16
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -385,7 +396,7 @@ class GenerationView:
             min_new_tokens=min_new_tokens,
             length_penalty=length_penalty,
         )
-        with torch.no_grad(), eval_autocast(self.device):
+        with torch.no_grad(), eval_autocast(self.device, self.cpu_bf16):
             if use_image:
                 outs = self.model.generate(pixel_values=pv, **kw)
             else:
@@ -449,11 +460,11 @@ def evaluate_retrieval(
         img2txt.append(list(range(len(texts), len(texts) + len(caps))))
         txt2img += [n] * len(caps)
         texts += caps
-    dev = view.device
+    dev, bf16 = view.device, view.cpu_bf16
     qf = view.qformer.eval()
     embeds, img_feats = [], []
     for _, pv in _pixel_batches(ds, idx, transform, batch_size, 'retrieval: images', progress):
-        with eval_autocast(dev):
+        with eval_autocast(dev, bf16):
             e = view.encode_image(pv.to(dev))
             img_feats.append(qf.image_feats(e).float().cpu())
         embeds.append(e.cpu())
@@ -463,7 +474,7 @@ def evaluate_retrieval(
     for s in tqdm(
         range(0, len(texts), batch_size), desc='retrieval: texts', disable=not progress, leave=False
     ):
-        with eval_autocast(dev):
+        with eval_autocast(dev, bf16):
             txt_feats.append(
                 qf.text_feat(ids[s : s + batch_size].to(dev), mask[s : s + batch_size].to(dev))
                 .float()
@@ -479,7 +490,7 @@ def evaluate_retrieval(
         todo = cache[img_idx, txt_idx].isnan()
         if todo.any():
             i, t = img_idx[todo], txt_idx[todo]
-            with eval_autocast(dev):
+            with eval_autocast(dev, bf16):
                 cache[i, t] = (
                     qf.itm_logits(embeds[i].to(dev), ids[t].to(dev), mask[t].to(dev))[:, 1]
                     .float()
@@ -542,7 +553,7 @@ def itg_greedy_captions(
             "the Q-Former tokenizer has no [DEC] bos or [SEP] token: load it with blip2_lab.bert.load_qformer_tokenizer"
         )
     with eval_autocast(
-        dev
+        dev, view.cpu_bf16
     ):  # the queries do not depend on the text: run them once, reuse their keys/values (as LAVIS's ITG)
         cache = qf.image_forward(
             view.encode_image(pixel_values.to(dev)), use_cache=True
@@ -551,7 +562,7 @@ def itg_greedy_captions(
     ids = torch.full((B, 1), bos, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        with eval_autocast(dev):
+        with eval_autocast(dev, view.cpu_bf16):
             logits = qf.itg_logits(ids, torch.ones_like(ids), query_past_key_values=cache)[
                 :, -1
             ].float()
@@ -813,10 +824,11 @@ def _merge_cfg(mcfg: Config, cfg: Config | None) -> Config:
 
     run = copy.deepcopy(mcfg)
     if cfg is not None:
-        run.data, run.eval, run.device = (
+        run.data, run.eval, run.device, run.cpu_bf16 = (
             copy.deepcopy(cfg.data),
             copy.deepcopy(cfg.eval),
             cfg.device,
+            cfg.cpu_bf16,
         )
     return run
 
@@ -830,7 +842,7 @@ def _views_of(path: Path, cfg: Config | None) -> tuple:
     model.to(dev).eval()
     if _stage_of(model) == 1:
         return RetrievalView.from_stage1(model, run), None, run
-    return None, GenerationView(model, run.llm.kind, dev), run
+    return None, GenerationView(model, run.llm.kind, dev, cpu_bf16=run.cpu_bf16), run
 
 
 def load_views(ckpt, cfg: Config | None = None, stage1_ckpt=None) -> tuple:

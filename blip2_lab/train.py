@@ -28,6 +28,8 @@ from blip2_lab.config import (
     resolve_device,
     resolve_path,
     repo_root,
+    uses_bf16,
+    bf16_autocast,
 )
 from blip2_lab.files import (
     TrainWarning,
@@ -644,7 +646,7 @@ def _loop(
     )
     progress, stop_after, keep_last, log = run.progress, run.stop_after, run.keep_last, run.log
     params = list(names.values())
-    amp = device.type == 'cuda' and tc.amp
+    amp = uses_bf16(device, run.cfg.cpu_bf16, tc.amp)
     metrics_path, main = out / 'metrics.jsonl', rank == 0
     bar = tqdm(
         total=tc.steps,
@@ -672,7 +674,7 @@ def _loop(
             k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()
         }
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(device, amp):
             outd = model(batch)
         comps = {k: v for k, v in outd.items() if torch.is_tensor(v) and v.ndim == 0}
         vec = torch.stack([comps[k].detach().float() for k in comps])
@@ -760,7 +762,7 @@ def _guard(vals: dict, step: int, good):
         raise TrainingDiverged(
             f"{', '.join(bad)} became {vals[bad[0]]} at step {step + 1}; the weights were not "
             f"updated and the last good checkpoint ({good_means}) is {last}. Lower the learning "
-            "rate (stageN.lr), keep stageN.grad_clip on, or turn AMP off (stageN.amp=false), in a "
+            "rate (stageN.lr), keep stageN.grad_clip on, or turn bf16 off (stageN.amp=false), in a "
             "new --out (a resume refuses a changed config; stage 1 can start from that checkpoint "
             "with --init)"
         )
