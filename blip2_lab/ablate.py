@@ -622,8 +622,12 @@ def plan_runs(arms, seeds, out) -> list:
 
 def _papermill_run(run: dict, params: dict, timeout=None):
     "Execute the experiment notebook for one run; its output notebook and log stay in the run folder."
+    import logging
     import papermill as pm
 
+    # papermill lays out the parameters cell with black when black is installed (a dev tool here);
+    # black 26 no longer has the name it calls, and its warning would cut into the progress lines
+    logging.getLogger('papermill.translators').setLevel(logging.ERROR)
     d = run['dir']
     d.mkdir(parents=True, exist_ok=True)
     with open(d / 'log.txt', 'w') as log:
