@@ -644,18 +644,18 @@ def precision_name(cfg: Config, device) -> str:
     return 'bf16' if uses_bf16(device, cfg.cpu_bf16) else 'fp32'
 
 
+@contextlib.contextmanager
 def bf16_autocast(device, enabled: bool):
     "A context: bf16 autocast on `device` when `enabled` (on a CPU with the math attention kernel), else nothing."
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if not enabled:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if device.type == 'cpu':
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+            if device.type == 'cpu':
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield
 
 # %% ../nbs/00_config.ipynb #230bb34e
 def repo_root() -> Path:
